@@ -1,0 +1,534 @@
+"""A bidirectional diffusion transformer (DiT) in penzai, ported from SEDD's DiT.
+
+Read top to bottom: axes -> config and presets -> parameters and initialisers -> small layers
+(embedding, adaLN, scaled residual) -> attention -> MLP -> block -> model -> helpers.
+
+Named axes (every activation and parameter carries names, never positions):
+  "batch", "seq" (query positions), "kv_seq" (key positions inside attention), "embedding"
+  (residual stream), "heads", "projection" (per-head q/k/v), "neurons" (MLP hidden),
+  "vocabulary", "blocks" (LayerStack axis of stacked block parameters), "cond" (adaLN
+  conditioning vector), "cond_hidden", "frequencies" (sinusoidal noise-level features).
+
+Calling convention: ``model(tokens, mask_rate=r)`` with tokens a NamedArray int32 {"batch",
+"seq"} and the side input mask_rate a NamedArray float32 {"batch"} (= 1 - alpha_t, used only
+with adaln=True) returns logits {"batch", "seq", "vocabulary"} with exactly vocab_size
+entries. Inside the model the embedding and output tables are padded to a multiple of
+``vocab_multiple`` so that "vocabulary" can be sharded; padded rows are never read out.
+
+Parameters (label = path; "blocks" is a leading stacked axis; fan-in axes listed first):
+  path                         axes (fan-in | fan-out)                 init (standard)
+  dit/embed                    vocabulary | embedding                  N(0, 1)
+  dit/cond/in                  frequencies | cond_hidden               N(0, 1/fan_in)  [adaln]
+  dit/cond/in_bias             | cond_hidden                           0               [adaln]
+  dit/cond/out                 cond_hidden | cond                      N(0, 1/fan_in)  [adaln]
+  dit/cond/out_bias            | cond                                  0               [adaln]
+  dit/blocks/attn/norm         blocks, | embedding  (gain vector)      1
+  dit/blocks/attn/{shift,scale,gate}  blocks, cond | embedding         0               [adaln]
+  dit/blocks/attn/{query,key,value}   blocks, embedding | heads, projection   N(0, 1/fan_in)
+  dit/blocks/attn/output       blocks, heads, projection | embedding   N(0, 1/fan_in)
+  dit/blocks/mlp/norm          blocks, | embedding  (gain vector)      1
+  dit/blocks/mlp/{shift,scale,gate}   blocks, cond | embedding         0               [adaln]
+  dit/blocks/mlp/up            blocks, embedding | neurons             N(0, 1/fan_in)
+  dit/blocks/mlp/down          blocks, neurons | embedding             N(0, 1/fan_in)
+  dit/out/norm                 | embedding  (gain vector)              1
+  dit/out/{shift,scale}        cond | embedding                        0               [adaln]
+  dit/out/unembed              embedding | vocabulary                  0
+The embedding table is a lookup: its "vocabulary" axis is the (one-hot) input axis.
+``FAN_IN_AXES`` below holds this split for code that needs it (modular norms, muP).
+
+arch="modula": GELU / 1.1289 (its largest slope, so the MLP nonlinearity is 1-Lipschitz),
+attention scores scaled 1/d_head, residual updates x <- (1 - 1/R) x + (1/R) f(x) with
+R = 2 n_layers, matrices initialised orthogonal and scaled to RMS->RMS operator norm 1
+(spectral norm sqrt(fan_out / fan_in)), embedding rows normalised to RMS 1; the output layer
+and adaLN modulations stay zero. mup_base_width (muP): logits times base_width / d_model and
+attention scores 1/d_head; initialisation unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+# Which axes of each parameter are inputs (fan-in); the remaining non-"blocks" axes are outputs.
+FAN_IN_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocabulary",),
+    "cond/in": ("frequencies",),
+    "cond/out": ("cond_hidden",),
+    "shift": ("cond",),
+    "scale": ("cond",),
+    "gate": ("cond",),
+    "query": ("embedding",),
+    "key": ("embedding",),
+    "value": ("embedding",),
+    "attn/output": ("heads", "projection"),
+    "up": ("embedding",),
+    "down": ("neurons",),
+    "unembed": ("embedding",),
+}
+GELU_MAX_SLOPE = 1.1289  # max_x d/dx gelu(x) (attained near x = 2.4): makes GELU/1.1289 1-Lipschitz
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shape and variant of the DiT."""
+
+    vocab_size: int = 2050
+    """Number of token ids (GPT-2 trimmed ids + end-of-text + mask)."""
+    d_model: int
+    """Width of the residual stream ("embedding" axis)."""
+    n_layers: int
+    """Number of transformer blocks (size of the "blocks" axis)."""
+    n_heads: int
+    """Attention heads; d_model must be divisible by n_heads."""
+    mlp_ratio: int = 4
+    """MLP hidden width ("neurons") as a multiple of d_model."""
+    cond_dim: int = 128
+    """Width of the adaLN conditioning vector (only used with adaln=True)."""
+    adaln: bool = False
+    """Condition every block on the mask rate with adaLN shift/scale/gate (SEDD style)."""
+    arch: str = "standard"
+    """"standard" or "modula" (well-normed variant, see module docstring)."""
+    dtype: str = "float32"
+    """"float32" or "bfloat16": dtype of parameters and activations (softmax in float32)."""
+    mup_base_width: int | None = None
+    """If set, muP output multiplier base_width / d_model and 1/d_head attention scaling."""
+    rope_wavelength: float = 10_000.0
+    """Maximum wavelength of the rotary position embedding."""
+    norm_eps: float = 1e-6
+    """Epsilon of the RMS normalisation."""
+    vocab_multiple: int = 128
+    """Internal tables are padded to a multiple of this so "vocabulary" shards evenly."""
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def padded_vocab(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    def validate(self) -> ModelConfig:
+        if self.d_model % self.n_heads or self.d_head % 2:
+            raise ValueError(
+                f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} into an "
+                "even head size (RoPE rotates pairs); pick e.g. n_heads=d_model // 64."
+            )
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch={self.arch!r} is not one of {sorted(ARCHS)}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}.")
+        if min(self.vocab_size, self.d_model, self.n_layers, self.vocab_multiple) < 1:
+            raise ValueError(f"sizes must be positive, got {self}.")
+        return self
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(d_model=32, n_layers=2, n_heads=2, cond_dim=16),
+    "cpu": ModelConfig(d_model=128, n_layers=3, n_heads=4),
+    "small": ModelConfig(d_model=256, n_layers=3, n_heads=4),
+    "medium": ModelConfig(d_model=384, n_layers=4, n_heads=6),
+    "big": ModelConfig(d_model=512, n_layers=6, n_heads=8),
+}
+
+
+def make_config(preset: str = "cpu", **overrides) -> ModelConfig:
+    """Preset by name, with any ModelConfig field overridden (None values are ignored)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not one of {list(PRESETS)}.")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(PRESETS[preset], **overrides).validate()
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _init_normal(key, shape, n_in, dtype):
+    """N(0, 1/fan_in) with fan_in = prod(shape[:n_in])."""
+    fan_in = math.prod(shape[:n_in])
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype) / math.sqrt(fan_in)
+
+
+def _init_orthogonal(key, shape, n_in, dtype):
+    """Semi-orthogonal [fan_in, fan_out] matrix scaled to RMS->RMS operator norm 1."""
+    fan_in, fan_out = math.prod(shape[:n_in]), math.prod(shape[n_in:])
+    w = jax.nn.initializers.orthogonal()(key, (fan_in, fan_out), jnp.float32)
+    return (w * math.sqrt(fan_out / fan_in)).reshape(shape).astype(dtype)
+
+
+def _init_embed_rms1(key, shape, n_in, dtype):
+    """Embedding rows (one per token) normalised to RMS 1."""
+    w = jax.random.normal(key, shape, jnp.float32)
+    return (w * jax.lax.rsqrt(jnp.mean(w**2, axis=-1, keepdims=True))).astype(dtype)
+
+
+INITS: dict[str, Callable] = {
+    "normal": _init_normal,
+    "unit_normal": lambda key, shape, n_in, dtype: jax.random.normal(key, shape, dtype),
+    "orthogonal": _init_orthogonal,
+    "embed_rms1": _init_embed_rms1,
+    "zeros": lambda key, shape, n_in, dtype: jnp.zeros(shape, dtype),
+    "ones": lambda key, shape, n_in, dtype: jnp.ones(shape, dtype),
+}
+
+
+def _param(name: str, key, config: ModelConfig, in_axes: dict, out_axes: dict, init: str):
+    """A pz.Parameter labelled exactly `name` with axes in_axes + out_axes."""
+    if init == "normal" and config.arch == "modula":
+        init = "orthogonal"
+    shape = (*in_axes.values(), *out_axes.values())
+    value = INITS[init](
+        pz.nn.derive_param_key(key, name), shape, len(in_axes), DTYPES[config.dtype]
+    )
+    return pz.Parameter(value=pz.nx.wrap(value).tag(*in_axes, *out_axes), label=name)
+
+
+def _linear(name, key, config, in_axes, out_axes, init="normal") -> pz.nn.Linear:
+    return pz.nn.Linear(
+        weights=_param(name, key, config, in_axes, out_axes, init),
+        in_axis_names=tuple(in_axes),
+        out_axis_names=tuple(out_axes),
+    )
+
+
+def _rms_norm(name, key, config) -> pz.nn.RMSLayerNorm:
+    """RMS standardisation over "embedding" times a learned gain (penzai's RMSLayerNorm)."""
+    w = _param(name, key, config, {}, {"embedding": config.d_model}, init="ones")
+    gain = pz.nn.Linear(weights=w, in_axis_names=(), out_axis_names=())  # parallel over axis
+    eps = jnp.asarray(config.norm_eps, DTYPES[config.dtype])
+    return pz.nn.RMSLayerNorm([pz.nn.RMSStandardize(across="embedding", epsilon=eps), gain])
+
+
+# ----------------------------------------------------------------------------- small layers
+
+
+@pz.pytree_dataclass
+class Embed(pz.nn.Layer):
+    """Token embedding by ONE indexing op (table[ids]); penzai's lookup vmaps per token."""
+
+    table: pz.nn.ParameterLike[pz.nx.NamedArray]  # {"vocabulary", "embedding"}
+
+    def __call__(self, tokens: pz.nx.NamedArray, **_side) -> pz.nx.NamedArray:
+        names = tuple(tokens.named_shape)
+        table = self.table.value.unwrap("vocabulary", "embedding")
+        return pz.nx.wrap(table[tokens.unwrap(*names)]).tag(*names, "embedding")
+
+
+@pz.pytree_dataclass
+class AdaLNModulate(pz.nn.Layer):
+    """x * (1 + scale(c)) + shift(c), c = side input "cond" {"batch", "cond"}."""
+
+    shift: pz.nn.Layer
+    scale: pz.nn.Layer
+
+    def __call__(self, x: pz.nx.NamedArray, **side) -> pz.nx.NamedArray:
+        c = side["cond"]
+        return x * (1 + self.scale(c)) + self.shift(c)
+
+
+@pz.pytree_dataclass
+class AdaLNGate(pz.nn.Layer):
+    """x * gate(c), c = side input "cond"; zero at init so each block starts as identity."""
+
+    gate: pz.nn.Layer
+
+    def __call__(self, x: pz.nx.NamedArray, **side) -> pz.nx.NamedArray:
+        return x * self.gate(side["cond"])
+
+
+@pz.pytree_dataclass
+class ScaledResidual(pz.nn.Layer):
+    """x <- (1 - alpha) x + alpha f(x): the modula depth-scaled residual."""
+
+    delta: pz.nn.Layer
+    alpha: float = dataclasses.field(metadata={"pytree_node": False})
+
+    def __call__(self, x, **side):
+        return (1 - self.alpha) * x + self.alpha * self.delta(x, **side)
+
+
+@pz.pytree_dataclass
+class SoftmaxF32(pz.nn.Layer):
+    """Softmax over `axis` computed in float32, returned in the input dtype."""
+
+    axis: str = dataclasses.field(metadata={"pytree_node": False})
+
+    def __call__(self, x: pz.nx.NamedArray, **_side) -> pz.nx.NamedArray:
+        y = pz.nx.nmap(jax.nn.softmax)(x.astype(jnp.float32).untag(self.axis))
+        return y.tag(self.axis).astype(x.dtype)
+
+
+@pz.pytree_dataclass
+class TrimVocab(pz.nn.Layer):
+    """Drops the internal padding rows of "vocabulary"."""
+
+    size: int = dataclasses.field(metadata={"pytree_node": False})
+
+    def __call__(self, x: pz.nx.NamedArray, **_side) -> pz.nx.NamedArray:
+        if x.named_shape["vocabulary"] == self.size:
+            return x
+        return x[{"vocabulary": pz.slice[: self.size]}]
+
+
+def _pre(name, key, config) -> list[pz.nn.Layer]:
+    """Pre-branch norm, with adaLN shift/scale when enabled."""
+    layers = [_rms_norm(f"{name}/norm", key, config)]
+    if config.adaln:
+        cond, emb = {"cond": config.cond_dim}, {"embedding": config.d_model}
+        shift = _linear(f"{name}/shift", key, config, cond, emb, init="zeros")
+        scale = _linear(f"{name}/scale", key, config, cond, emb, init="zeros")
+        layers.append(AdaLNModulate(shift=shift, scale=scale))
+    return layers
+
+
+def _post(name, key, config) -> list[pz.nn.Layer]:
+    """adaLN gate at the end of a residual branch (nothing without adaLN)."""
+    if not config.adaln:
+        return []
+    cond, emb = {"cond": config.cond_dim}, {"embedding": config.d_model}
+    return [AdaLNGate(gate=_linear(f"{name}/gate", key, config, cond, emb, init="zeros"))]
+
+
+def _residual(branch: list[pz.nn.Layer], config: ModelConfig) -> pz.nn.Layer:
+    return ARCHS[config.arch]["residual"](pz.nn.Sequential(branch), config)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def build_attention(name: str, key, config: ModelConfig) -> pz.nn.Attention:
+    """Bidirectional multi-head attention with RoPE on queries and keys (no mask)."""
+    emb, hp = {"embedding": config.d_model}, {"heads": config.n_heads, "projection": config.d_head}
+    dt = DTYPES[config.dtype]
+    rope = pz.nn.ApplyRoPE(
+        embedding_axis="projection",
+        max_wavelength=config.rope_wavelength,
+        positions_input_name="token_positions",
+    )
+    one_over_d = config.arch == "modula" or config.mup_base_width is not None
+    q_scale = 1.0 / config.d_head if one_over_d else config.d_head**-0.5
+    softmax = SoftmaxF32("kv_seq") if dt != jnp.float32 else pz.nn.Softmax("kv_seq")
+    return pz.nn.Attention(
+        input_to_query=pz.nn.Sequential(
+            [
+                _linear(f"{name}/query", key, config, emb, hp),
+                rope,
+                pz.nn.ConstantRescale(by=jnp.asarray(q_scale, dt)),
+            ]
+        ),
+        input_to_key=pz.nn.Sequential([_linear(f"{name}/key", key, config, emb, hp), rope]),
+        input_to_value=_linear(f"{name}/value", key, config, emb, hp),
+        query_key_to_attn=pz.nn.Sequential(
+            [
+                pz.nn.NamedEinsum(
+                    (
+                        {"seq": "q", "heads": "h", "projection": "p"},
+                        {"seq": "k", "heads": "h", "projection": "p"},
+                    ),
+                    {"heads": "h", "seq": "q", "kv_seq": "k"},
+                ),
+                softmax,
+            ]
+        ),
+        attn_value_to_output=pz.nn.Sequential(
+            [
+                pz.nn.NamedEinsum(
+                    (
+                        {"seq": "q", "heads": "h", "kv_seq": "k"},
+                        {"seq": "k", "heads": "h", "projection": "p"},
+                    ),
+                    {"seq": "q", "heads": "h", "projection": "p"},
+                ),
+                _linear(f"{name}/output", key, config, hp, emb),
+            ]
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------- MLP and block
+
+
+def build_mlp(name: str, key, config: ModelConfig) -> pz.nn.Sequential:
+    """Linear up -> GELU (tanh approximation, as SEDD) -> Linear down."""
+    emb, neurons = {"embedding": config.d_model}, {"neurons": config.mlp_ratio * config.d_model}
+    return pz.nn.Sequential(
+        [
+            _linear(f"{name}/up", key, config, emb, neurons),
+            pz.nn.Elementwise(ARCHS[config.arch]["gelu"]),
+            _linear(f"{name}/down", key, config, neurons, emb),
+        ]
+    )
+
+
+def build_block(name: str, init_base_rng, config: ModelConfig) -> pz.nn.Sequential:
+    """One DiT block: attention and MLP residual branches, each pre-normed (and adaLN'd)."""
+    key = init_base_rng
+    attn = [*_pre(f"{name}/attn", key, config), build_attention(f"{name}/attn", key, config)]
+    mlp = [*_pre(f"{name}/mlp", key, config), build_mlp(f"{name}/mlp", key, config)]
+    return pz.nn.Sequential(
+        [
+            _residual(attn + _post(f"{name}/attn", key, config), config),
+            _residual(mlp + _post(f"{name}/mlp", key, config), config),
+        ]
+    )
+
+
+ARCHS: dict[str, dict[str, Callable]] = {
+    "standard": {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+        "residual": lambda branch, config: pz.nn.Residual(branch),
+    },
+    "modula": {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=True) / GELU_MAX_SLOPE,
+        "residual": lambda branch, config: ScaledResidual(
+            delta=branch, alpha=1.0 / (2 * config.n_layers)
+        ),
+    },
+}
+
+
+# ----------------------------------------------------------------------------- the model
+
+N_FREQUENCIES = 256  # sinusoidal features of the mask rate (SEDD's frequency_embedding_size)
+
+
+def noise_features(mask_rate: pz.nx.NamedArray, n: int = N_FREQUENCIES) -> pz.nx.NamedArray:
+    """Sinusoidal features {"batch", "frequencies"} of mask_rate in [0, 1] (scaled by 1000)."""
+    freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(n // 2) / (n // 2))
+
+    def feats(r):
+        args = 1000.0 * r * freqs
+        return jnp.concatenate([jnp.cos(args), jnp.sin(args)])
+
+    return pz.nx.nmap(feats)(mask_rate.astype(jnp.float32)).tag("frequencies")
+
+
+def build_cond(name: str, key, config: ModelConfig) -> pz.nn.Sequential:
+    """SEDD's TimestepEmbedder followed by SiLU: features -> MLP -> SiLU -> "cond"."""
+    hid, cond = {"cond_hidden": config.cond_dim}, {"cond": config.cond_dim}
+    return pz.nn.Sequential(
+        [
+            _linear(f"{name}/in", key, config, {"frequencies": N_FREQUENCIES}, hid),
+            pz.nn.AddBias(_param(f"{name}/in_bias", key, config, {}, hid, "zeros"), ()),
+            pz.nn.Elementwise(jax.nn.silu),
+            _linear(f"{name}/out", key, config, hid, cond),
+            pz.nn.AddBias(_param(f"{name}/out_bias", key, config, {}, cond, "zeros"), ()),
+            pz.nn.Elementwise(jax.nn.silu),
+        ]
+    )
+
+
+@pz.pytree_dataclass
+class DiT(pz.nn.Layer):
+    """tokens {"batch","seq"} (+ side input mask_rate {"batch"}) -> logits {..., "vocabulary"}."""
+
+    embed: Embed
+    cond: pz.nn.Layer | None
+    blocks: pz.nn.LayerStack
+    head: pz.nn.Sequential
+    config: ModelConfig = dataclasses.field(metadata={"pytree_node": False})
+
+    def __call__(self, tokens: pz.nx.NamedArray, /, **side_inputs) -> pz.nx.NamedArray:
+        side = {"token_positions": pz.nx.arange("seq", tokens.named_shape["seq"])}
+        if self.cond is not None:
+            if side_inputs.get("mask_rate") is None:
+                raise ValueError("this model has adaln=True: call it as model(tokens, mask_rate=r)")
+            side["cond"] = self.cond(noise_features(side_inputs["mask_rate"]))
+            side["cond"] = side["cond"].astype(DTYPES[self.config.dtype])
+        x = self.embed(tokens)
+        x = self.blocks(x, **side)
+        return self.head(x, **side)
+
+
+def build_model(config: ModelConfig, key: jax.Array) -> DiT:
+    """Builds the DiT with freshly initialised parameters (labels as in the module docstring)."""
+    config.validate()
+    emb, vocab = {"embedding": config.d_model}, {"vocabulary": config.padded_vocab}
+    embed_init = "embed_rms1" if config.arch == "modula" else "unit_normal"
+    head = [*_pre("dit/out", key, config)]
+    head.append(_linear("dit/out/unembed", key, config, emb, vocab, init="zeros"))
+    if config.mup_base_width is not None:
+        mult = config.mup_base_width / config.d_model
+        head.append(pz.nn.ConstantRescale(by=jnp.asarray(mult, DTYPES[config.dtype])))
+    head.append(TrimVocab(config.vocab_size))
+    return DiT(
+        embed=Embed(table=_param("dit/embed", key, config, vocab, emb, embed_init)),
+        cond=build_cond("dit/cond", key, config) if config.adaln else None,
+        blocks=pz.nn.LayerStack.from_sublayer_builder(
+            builder=build_block,
+            stack_axis="blocks",
+            stack_axis_size=config.n_layers,
+            init_base_rng=key,
+            builder_kwargs=dict(name="dit/blocks", config=config),
+        ),
+        head=pz.nn.Sequential(head),
+        config=config,
+    )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def apply_logits(model: DiT, tokens: jax.Array, mask_rate: jax.Array) -> jax.Array:
+    """int32 [B, L], float32 [B] -> float32 logits [B, L, V]."""
+    out = model(
+        pz.nx.wrap(tokens).tag("batch", "seq"),
+        mask_rate=pz.nx.wrap(mask_rate).tag("batch"),
+    )
+    return out.unwrap("batch", "seq", "vocabulary").astype(jnp.float32)
+
+
+def make_denoise_fn(model: DiT, *, mask_id: int) -> Callable[[jax.Array], jax.Array]:
+    """tokens int32 [B, L] -> logits [B, L, V]; the mask rate is each row's mask fraction."""
+
+    def denoise(tokens: jax.Array) -> jax.Array:
+        mask_rate = jnp.mean((tokens == mask_id).astype(jnp.float32), axis=-1)
+        return apply_logits(model, tokens, mask_rate)
+
+    return denoise
+
+
+def params_dict(model: pz.nn.Layer) -> dict[str, pz.nx.NamedArray]:
+    """{label: value} of every parameter (stacked block parameters keep the "blocks" axis)."""
+    _, params = pz.unbind_params(model)
+    return {p.label: p.value for p in params}
+
+
+def count_params(model: pz.nn.Layer) -> int:
+    """Number of stored parameter scalars (including vocabulary padding rows)."""
+    return sum(int(v.data_array.size) for v in params_dict(model).values())
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Forward matmul FLOPs per token (2 per multiply-add), attention scores and logits included.
+
+    Per-sequence work (the adaLN conditioning) is divided by seq_len; logits use the padded
+    vocabulary, which is what is computed.
+    """
+    d, L = config.d_model, seq_len
+    per_block = 2 * (4 * d * d + 2 * config.mlp_ratio * d * d) + 2 * 2 * L * d  # qkvo, mlp, attn
+    total = config.n_layers * per_block + 2 * d * config.padded_vocab
+    if config.adaln:
+        c = config.cond_dim
+        per_seq = 2 * (N_FREQUENCIES * c + c * c) + 2 * c * d * (6 * config.n_layers + 2)
+        total += per_seq / L
+    return float(total)
+
+
+def show_model(model: pz.nn.Layer, path: str | None = None) -> str:
+    """Renders the model with treescope; writes standalone HTML to `path` if given."""
+    import treescope
+
+    html = treescope.render_to_html(model, roundtrip_mode=False)
+    if path is not None:
+        with open(path, "w") as f:
+            f.write(html)
+    return html
