@@ -1,0 +1,570 @@
+"""Gradio page that animates masked-diffusion unmasking from jif checkpoints.
+
+    python app.py                          # newest checkpoint under runs/, http://127.0.0.1:7860
+    python app.py --root runs --checkpoint runs/tiny --port 7861
+    python app.py --host 0.0.0.0 --share   # other machines / a public link: only when asked
+
+The page samples with `jif.sampling.sample(..., return_trajectory=True)` and then plays the
+stored trajectory frame by frame: masked positions are placeholders, the tokens revealed at
+the current step are coloured by the model's confidence, earlier tokens are plain. A slider
+replays any step afterwards without sampling again. All model maths lives in
+`jif.sampling` and `jif.checkpoint`; this file only loads, calls, caches and draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import os
+import sys
+import threading
+import time
+import traceback
+from collections import OrderedDict
+
+import gradio as gr
+import jax
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from jif import checkpoint as ckpt  # noqa: E402
+from jif import sampling  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AppConfig:
+    """Command-line options of `python app.py`."""
+
+    root: str = "runs"
+    """Training output folder (a run folder or a folder of runs); the picker reads only here."""
+    checkpoint: str | None = None
+    """Run folder or step folder to open first; default: the newest checkpoint under root."""
+    host: str = "127.0.0.1"
+    """Interface to serve on; 127.0.0.1 keeps the page on this machine."""
+    port: int = 7860
+    """TCP port of the page."""
+    share: bool = False
+    """Ask gradio for a public share link (off unless given)."""
+    ema: bool = True
+    """Use the EMA weights of each checkpoint (--no-ema for the raw weights)."""
+
+
+# Limits on what a visitor may ask for; each is checked with a message that names the fix.
+MAX_STEPS = 2000
+MAX_SAMPLES = 8
+MAX_CACHED_MODELS = 4
+DEFAULT_TEMPLATE = "Once upon a time, [MASK:40]"
+MASK_GLYPH = "\u2591\u2591"  # placeholder drawn for a masked position
+PLACEHOLDER_CLASS = "jif-mask"  # every placeholder span carries this class
+
+
+def train_command(root: str) -> str:
+    """The exact command that writes a first checkpoint where this app looks for one."""
+    return f"python -m jif.train --preset tiny --steps 300 --out {os.path.join(root, 'tiny')}"
+
+
+def no_checkpoint_message(root: str) -> str:
+    return (
+        f"No checkpoint found under `{root}`. Train one with:\n\n"
+        f"    {train_command(root)}\n\n"
+        "then press 'Rescan checkpoints' (or restart the app)."
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoint picker: only paths listed under the root (or the one given with --checkpoint)
+# ----------------------------------------------------------------------------------------
+
+
+def _is_inside(path: str, root: str) -> bool:
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return path == root or path.startswith(root + os.sep)
+
+
+def checkpoint_label(info) -> str:
+    """One picker line: run, step, data source, validation NELBO."""
+    nelbo = "n/a" if info.val_nelbo is None else f"{info.val_nelbo:.3f}"
+    run = os.path.basename(os.path.normpath(info.run_dir))
+    return f"{run} · step {info.step} · data {info.data} · val NELBO {nelbo}"
+
+
+def scan_checkpoints(root: str) -> list[tuple[str, str]]:
+    """[(label, path)] for every checkpoint under root, newest first; [] when none or unreadable."""
+    if not os.path.isdir(root):
+        return []
+    try:
+        infos = ckpt.list_checkpoints(root)
+    except (OSError, ValueError) as e:  # an unreadable folder must not take the page down
+        print(f"[app] could not list checkpoints under {root}: {e}", file=sys.stderr)
+        return []
+    return [(checkpoint_label(i), str(i.path)) for i in infos if _is_inside(str(i.path), root)]
+
+
+# ----------------------------------------------------------------------------------------
+# Caches: loaded models and jitted samplers (a second Generate does not recompile)
+# ----------------------------------------------------------------------------------------
+
+
+class _LRU:
+    """A small thread-safe least-recently-used cache: get_or_make(key, make)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self._key_locks: dict = {}
+
+    def get_or_make(self, key, make):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:  # two visitors asking for the same model load it once
+            with self._lock:
+                if key in self._items:
+                    return self._items[key]
+            value = make()
+            with self._lock:
+                self._items[key] = value
+                while len(self._items) > self.capacity:
+                    self._items.popitem(last=False)
+                self._key_locks.pop(key, None)
+            return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Trajectory:
+    """Everything the page needs to draw any step again without sampling.
+
+    reveal_step: int32 [B, L], the first frame that shows each position (0 for the tokens
+      given by the template, 1..n_steps for generated ones).
+    confidence: float32 [B, L], probability of the revealed token under the distribution it
+      was drawn from (1 for template tokens).
+    tokens: int32 [B, L], the final tokens. pieces: per sample, the text of each position.
+    texts: the decoded samples. scores: jif.stories.check_text per sample, or None.
+    """
+
+    tokens: np.ndarray
+    reveal_step: np.ndarray
+    confidence: np.ndarray
+    pieces: list[list[str]]
+    n_steps: int
+    eot_id: int
+    mask_id: int
+    texts: list[str]
+    scores: list | None
+
+
+def frame_tokens(traj: Trajectory, step: int) -> np.ndarray:
+    """Tokens int32 [B, L] shown after `step` steps: masks where nothing is revealed yet."""
+    return np.where(traj.reveal_step <= step, traj.tokens, traj.mask_id).astype(np.int32)
+
+
+def from_sample_result(result, tokenizer, *, data: str) -> Trajectory:
+    """jif.sampling.SampleResult (with its trajectory) -> the page's Trajectory.
+
+    The sampler records the 0-based step at which each position was revealed (-1 for fixed
+    tokens); the page counts frames, frame 0 being the template, so a token revealed at
+    sampler step s first shows in frame s + 1 (`jif.sampling.replay(traj, tokens, s + 1)`).
+    """
+    tokens = np.asarray(result.tokens, np.int32)
+    sampled = result.trajectory
+    texts = [tokenizer.decode(row) for row in tokens]
+    scores = None
+    if data == "stories":
+        from jif.stories import check_text
+
+        scores = [check_text(t.replace("<|endoftext|>", " ").strip()) for t in texts]
+    return Trajectory(
+        tokens=tokens,
+        reveal_step=np.asarray(sampled.reveal_step, np.int32) + 1,
+        confidence=np.asarray(sampled.prob, np.float32),
+        pieces=[[tokenizer.decode([int(t)]) for t in row] for row in tokens],
+        n_steps=int(np.asarray(sampled.counts).shape[1]),
+        eot_id=tokenizer.eot_id,
+        mask_id=tokenizer.mask_id,
+        texts=texts,
+        scores=scores,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Drawing: HTML for the text, matplotlib for the per-step plot
+# ----------------------------------------------------------------------------------------
+
+
+def _confidence_colour(c: float) -> str:
+    """Red (0) through yellow to green (1), light enough to read black text on."""
+    hue = 120.0 * float(np.clip(c, 0.0, 1.0))
+    return f"hsl({hue:.0f}, 85%, 72%)"
+
+
+def render_step(traj: Trajectory, step: int) -> str:
+    """HTML of every sample as it stood after `step` steps (0 = the template)."""
+    blocks = []
+    for b, pieces in enumerate(traj.pieces):
+        spans = []
+        for pos, piece in enumerate(pieces):
+            when = int(traj.reveal_step[b, pos])
+            if when > step:
+                spans.append(
+                    f'<span class="{PLACEHOLDER_CLASS}" style="color:#9aa0a6;'
+                    f'letter-spacing:-1px">{MASK_GLYPH}</span> '
+                )
+                continue
+            is_eot = int(traj.tokens[b, pos]) == traj.eot_id
+            text = html.escape(piece)
+            if is_eot:
+                text = '<span style="color:#9aa0a6;font-size:80%">⏎</span><br>'
+            if when == step and step > 0:
+                c = float(traj.confidence[b, pos])
+                spans.append(
+                    f'<span class="jif-new" title="confidence {c:.2f}" style="background:'
+                    f'{_confidence_colour(c)};border-radius:3px">{text}</span>'
+                )
+            else:
+                spans.append(f"<span>{text}</span>")
+        blocks.append(
+            '<div class="jif-sample" style="white-space:pre-wrap;font-family:ui-monospace,'
+            "monospace;font-size:15px;line-height:1.6;padding:8px;margin-bottom:8px;"
+            f'border:1px solid #ddd;border-radius:6px"><b>#{b + 1}</b> ' + "".join(spans) + "</div>"
+        )
+    legend = (
+        '<div style="font-size:12px;color:#666;margin-bottom:6px">'
+        f"step {step} / {traj.n_steps} · {MASK_GLYPH} masked · newly revealed coloured by "
+        f'confidence: <span style="background:{_confidence_colour(0.1)}">low</span> '
+        f'<span style="background:{_confidence_colour(0.5)}">mid</span> '
+        f'<span style="background:{_confidence_colour(0.95)}">high</span></div>'
+    )
+    return legend + "".join(blocks)
+
+
+def step_statistics(traj: Trajectory) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps [S], tokens revealed per step [S] summed over samples, mean confidence [S])."""
+    steps = np.arange(1, traj.n_steps + 1)
+    revealed = np.array([(traj.reveal_step == s).sum() for s in steps])
+    conf = np.array(
+        [
+            traj.confidence[traj.reveal_step == s].mean() if n else np.nan
+            for s, n in zip(steps, revealed, strict=True)
+        ]
+    )
+    return steps, revealed, conf
+
+
+def plot_statistics(traj: Trajectory):
+    steps, revealed, conf = step_statistics(traj)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6, 3.2), sharex=True)
+    ax1.bar(steps, revealed, width=1.0, color="#4c78a8")
+    ax1.set_ylabel("revealed")
+    ok = ~np.isnan(conf)
+    ax2.plot(steps[ok], conf[ok], ".-", color="#e45756", markersize=3)
+    ax2.set_ylim(0, 1.02)
+    ax2.set_ylabel("mean conf.")
+    ax2.set_xlabel("step")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def scores_markdown(traj: Trajectory, data: str) -> str:
+    if traj.scores is None:
+        return f"Grammar score: only for checkpoints trained on the embedded stories (this one: `{data}`)."
+    rows = ["| sample | grammar score | sentences | pronouns consistent |", "|---|---|---|---|"]
+    for i, r in enumerate(traj.scores):
+        rows.append(f"| #{i + 1} | {r.score:.2f} | {r.n_sentences} | {r.pronouns_consistent} |")
+    return "\n".join(rows)
+
+
+def frames_to_play(traj: Trajectory) -> list[int]:
+    """The steps worth showing: 0, then every step that revealed something, then the last."""
+    changed = sorted({int(s) for s in np.unique(traj.reveal_step) if 0 < s <= traj.n_steps})
+    return [0, *changed] if changed and changed[-1] == traj.n_steps else [0, *changed, traj.n_steps]
+
+
+# ----------------------------------------------------------------------------------------
+# The app: load, validate, sample, animate
+# ----------------------------------------------------------------------------------------
+
+
+class DiffusionApp:
+    """State shared by all visitors: the root, the caches. Handlers are its methods."""
+
+    def __init__(self, root: str, checkpoint: str | None = None, *, ema: bool = True):
+        self.root = root
+        self.checkpoint = checkpoint
+        self.ema = ema
+        self.models = _LRU(MAX_CACHED_MODELS)
+
+    # -- the picker -------------------------------------------------------------------
+    def choices(self) -> list[tuple[str, str]]:
+        listed = scan_checkpoints(self.root)
+        if self.checkpoint and not any(_same(p, self.checkpoint) for _, p in listed):
+            listed.insert(0, (f"{self.checkpoint} (given with --checkpoint)", self.checkpoint))
+        return listed
+
+    def initial_choice(self, listed) -> str | None:
+        if self.checkpoint:
+            return next((p for _, p in listed if _same(p, self.checkpoint)), self.checkpoint)
+        return listed[0][1] if listed else None
+
+    def allowed(self, path: str) -> bool:
+        """The page opens only checkpoints inside the root, or the one named on the command line."""
+        return _is_inside(path, self.root) or (
+            self.checkpoint is not None and _same(path, self.checkpoint)
+        )
+
+    # -- loading ----------------------------------------------------------------------
+    def load(self, path: str | None):
+        if not path:
+            raise gr.Error(no_checkpoint_message(self.root))
+        if not self.allowed(path):
+            raise gr.Error(
+                f"{path!r} is not a checkpoint under {self.root!r}; pick one from the list."
+            )
+        key = (os.path.realpath(path), self.ema)
+        try:
+            return self.models.get_or_make(key, lambda: ckpt.load_for_inference(path, ema=self.ema))
+        except (ValueError, OSError, KeyError) as e:
+            raise gr.Error(f"Could not load checkpoint {path}: {e}") from e
+
+    def context_length(self, loaded) -> int | None:
+        cfg = getattr(loaded, "config", None) or {}
+        for key in ("seq_len", "context_length"):
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+        train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
+        return train.get("seq_len")
+
+    # -- one generation ---------------------------------------------------------------
+    def run_sampler(
+        self, path, method, steps, length, temperature, top_p, seed, n_samples, template
+    ):
+        """Validate everything, sample, and return the Trajectory (raises gr.Error on bad input)."""
+        loaded = self.load(path)
+        method, steps, length, temperature, top_p, seed, n_samples = validate_settings(
+            method, steps, length, temperature, top_p, seed, n_samples
+        )
+        context = self.context_length(loaded)
+        if context is not None and length > context:
+            raise gr.Error(
+                f"length {length} is longer than this checkpoint's context ({context}); use at most {context}."
+            )
+        if template is None or not str(template).strip():
+            raise gr.Error(
+                "The template is empty: type a prompt such as 'Once upon a time,' or an infilling "
+                "template such as 'Once upon a time, [MASK:20] happy.'"
+            )
+        tok = loaded.tokenizer
+        try:
+            row = np.asarray(sampling.encode_template(tok, str(template), length=length), np.int32)
+        except ValueError as e:
+            raise gr.Error(f"Bad template: {e}") from e
+        if row.shape != (length,):
+            raise gr.Error(
+                f"The template encodes to {row.size} tokens, more than length {length}; raise the length or shorten it."
+            )
+        tokens = np.tile(row[None], (n_samples, 1))
+        result = sampling.sample(
+            loaded.denoise_fn,  # the same object every time: the compiled sampler is reused
+            jax.random.key(seed),
+            tokens,
+            mask_id=tok.mask_id,
+            steps=steps,
+            method=method,
+            temperature=temperature,
+            top_p=top_p,
+            return_trajectory=True,
+        )
+        return loaded, from_sample_result(result, tok, data=getattr(loaded, "data", ""))
+
+    def generate(
+        self, path, method, steps, length, temperature, top_p, seed, n_samples, fps, template
+    ):
+        """Generator handler: yields (html, replay slider, plot, scores, state) frame by frame."""
+        try:
+            loaded, traj = self.run_sampler(
+                path, method, steps, length, temperature, top_p, seed, n_samples, template
+            )
+        except gr.Error:
+            raise
+        except Exception as e:  # unexpected: keep serving, tell the visitor and the terminal
+            traceback.print_exc()
+            raise gr.Error(f"Sampling failed: {type(e).__name__}: {e}") from e
+        delay = 0.0 if not fps or fps <= 0 else 1.0 / float(fps)
+        slider = dict(minimum=0, maximum=traj.n_steps, step=1)
+        for step in frames_to_play(traj):
+            yield (
+                render_step(traj, step),
+                gr.update(value=step, **slider),
+                gr.skip(),
+                gr.skip(),
+                gr.skip(),
+            )
+            if delay:
+                time.sleep(delay)
+        yield (
+            render_step(traj, traj.n_steps),
+            gr.update(value=traj.n_steps, interactive=True, **slider),
+            plot_statistics(traj),
+            scores_markdown(traj, getattr(loaded, "data", "?")),
+            traj,
+        )
+
+    def replay(self, traj: Trajectory | None, step):
+        if traj is None:
+            raise gr.Error("Nothing to replay yet: press Generate first.")
+        return render_step(traj, int(np.clip(int(step or 0), 0, traj.n_steps)))
+
+
+def _same(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _as_int(name: str, value, lo: int, hi: int) -> int:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(
+            f"{name} must be a whole number between {lo} and {hi}, got {value!r}."
+        ) from None
+    if not np.isfinite(f) or f != int(f) or not lo <= f <= hi:
+        raise gr.Error(f"{name} must be a whole number between {lo} and {hi}, got {value!r}.")
+    return int(f)
+
+
+def _as_float(name: str, value, lo: float, hi: float, *, open_lo: bool = False) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(
+            f"{name} must be a number in {'(' if open_lo else '['}{lo}, {hi}], got {value!r}."
+        ) from None
+    if not np.isfinite(f) or f > hi or f < lo or (open_lo and f == lo):
+        raise gr.Error(
+            f"{name} must be a number in {'(' if open_lo else '['}{lo}, {hi}], got {value!r}."
+        )
+    return f
+
+
+def validate_settings(method, steps, length, temperature, top_p, seed, n_samples):
+    """Checks every control; raises gr.Error naming the bad value and the allowed range."""
+    if method not in sampling.METHODS:
+        raise gr.Error(
+            f"Unknown sampling method {method!r}; choose one of {sorted(sampling.METHODS)}."
+        )
+    return (
+        method,
+        _as_int("steps", steps, 1, MAX_STEPS),
+        _as_int("length", length, 2, 1 << 16),
+        _as_float("temperature", temperature, 0.0, 10.0, open_lo=True),
+        _as_float("top-p", top_p, 0.0, 1.0, open_lo=True),
+        _as_int("seed", seed, 0, 2**31 - 1),
+        _as_int("number of samples", n_samples, 1, MAX_SAMPLES),
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# The page
+# ----------------------------------------------------------------------------------------
+
+
+def build_demo(root: str = "runs", checkpoint: str | None = None, *, ema: bool = True) -> gr.Blocks:
+    """The whole page. Launch it with `.launch()`; tests launch it in-process."""
+    app = DiffusionApp(root, checkpoint, ema=ema)
+    listed = app.choices()
+    first = app.initial_choice(listed)
+    methods = list(sampling.METHODS)
+    default_method = "ddpm_cache" if "ddpm_cache" in methods else methods[0]
+
+    with gr.Blocks(title="jif: watch a masked diffusion model write") as demo:
+        gr.Markdown(
+            "## jif: watch a masked diffusion model write\n"
+            "Every position starts masked; at each step the sampler reveals some of them. "
+            "Write a prompt, or an infilling template with `[MASK]` / `[MASK:n]` holes."
+        )
+        status = gr.Markdown(
+            no_checkpoint_message(root) if first is None else f"Checkpoint: `{first}`",
+            elem_id="jif-status",
+        )
+        with gr.Row():
+            picker = gr.Dropdown(
+                choices=listed,
+                value=first,
+                label="Checkpoint",
+                allow_custom_value=True,  # rescans add choices; allowed() guards the path
+                scale=4,
+                elem_id="jif-picker",
+            )
+            rescan = gr.Button("Rescan checkpoints", scale=1)
+        template = gr.Textbox(
+            value=DEFAULT_TEMPLATE,
+            label="Prompt or infilling template",
+            lines=2,
+            elem_id="jif-template",
+        )
+        with gr.Row():
+            method = gr.Dropdown(methods, value=default_method, label="Method")
+            steps = gr.Number(value=64, precision=0, label="Steps")
+            length = gr.Number(value=64, precision=0, label="Length (tokens)")
+            n_samples = gr.Number(value=2, precision=0, label="Samples")
+            seed = gr.Number(value=0, precision=0, label="Seed")
+        with gr.Row():
+            temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+            fps = gr.Slider(
+                0, 60, value=15, step=1, label="Animation speed (frames/s, 0 = no delay)"
+            )
+        generate = gr.Button("Generate", variant="primary", elem_id="jif-generate")
+        text = gr.HTML(label="Samples", elem_id="jif-text")
+        replay = gr.Slider(
+            0, 1, value=0, step=1, label="Replay step", interactive=True, elem_id="jif-replay"
+        )
+        with gr.Row():
+            plot = gr.Plot(label="Tokens revealed and mean confidence per step")
+            scores = gr.Markdown(elem_id="jif-scores")
+        state = gr.State(None)
+
+        def on_pick(path):
+            return f"Checkpoint: `{path}`" if path else no_checkpoint_message(root)
+
+        def on_rescan(current):
+            new = app.choices()
+            value = current if any(p == current for _, p in new) else (new[0][1] if new else None)
+            return gr.update(choices=new, value=value), on_pick(value)
+
+        picker.change(on_pick, picker, status, api_name=False)
+        rescan.click(on_rescan, picker, [picker, status], api_name="rescan")
+        generate.click(
+            app.generate,
+            [picker, method, steps, length, temperature, top_p, seed, n_samples, fps, template],
+            [text, replay, plot, scores, state],
+            api_name="generate",
+            concurrency_limit=4,
+        )
+        replay.input(app.replay, [state, replay], text, api_name="replay")
+    demo.queue(default_concurrency_limit=4)
+    demo.jif_app = app  # the caches, for tests and for warming up
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    import tyro
+
+    cfg = tyro.cli(AppConfig, args=argv, description=__doc__.split("\n\n")[0])
+    listed = scan_checkpoints(cfg.root)
+    if not listed and not cfg.checkpoint:
+        print(no_checkpoint_message(cfg.root), flush=True)
+    demo = build_demo(cfg.root, cfg.checkpoint, ema=cfg.ema)
+    demo.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, show_error=True)
+
+
+if __name__ == "__main__":
+    main()

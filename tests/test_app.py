@@ -1,0 +1,295 @@
+"""app.py through gradio_client against the page launched in-process.
+
+Two back-ends: a fake denoiser whose answer is known exactly (fast; checks the animation,
+the replay and the error paths) and a real tiny checkpoint written by `jif.train.main`
+(checks that the page opens what training writes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client.exceptions import AppError  # noqa: E402
+
+import app  # noqa: E402
+from jif.tokenizer import load_tokenizer  # noqa: E402
+
+N_BPE = 512
+TARGET = "Tom saw a big red ball. He was happy. "
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeLoaded:
+    """Stands in for checkpoint.LoadedModel: a real tokenizer, a denoiser with a known answer."""
+
+    tokenizer: object
+    denoise_fn: object
+    data: str = "stories"
+    step: int = 7
+    config: dict = dataclasses.field(default_factory=lambda: {"seq_len": 48})
+    model: object = None
+    model_config: object = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeInfo:
+    path: str
+    run_dir: str
+    step: int
+    data: str
+    val_nelbo: float | None
+    config: dict
+
+
+def fake_loaded() -> FakeLoaded:
+    """Logits that put probability ~1 on TARGET's token at each position (any input)."""
+    tok = load_tokenizer(N_BPE)
+    ids = tok.encode(TARGET * 20)
+    v = tok.vocab_size
+
+    def denoise(tokens):
+        length = tokens.shape[1]
+        target = jnp.asarray(ids[:length])
+        logits = jnp.full((length, v), -30.0).at[jnp.arange(length), target].set(0.0)
+        return jnp.broadcast_to(logits, (tokens.shape[0], length, v))
+
+    return FakeLoaded(tokenizer=tok, denoise_fn=denoise)
+
+
+@pytest.fixture(scope="module")
+def fake_server(tmp_path_factory):
+    """The page on a free port over a root holding one fake run and one corrupt run."""
+    root = tmp_path_factory.mktemp("runs")
+    good, bad = root / "good" / "checkpoints" / "7", root / "broken" / "checkpoints" / "3"
+    good.mkdir(parents=True)
+    bad.mkdir(parents=True)
+    loaded = fake_loaded()
+    real_load = app.ckpt.load_for_inference
+
+    def load(path, *, ema=True):
+        if os.path.realpath(path) == os.path.realpath(good):
+            return loaded
+        return real_load(path, ema=ema)  # the real loader, on a folder that is not a checkpoint
+
+    infos = [
+        FakeInfo(str(good), str(root / "good"), 7, "stories", 3.25, {}),
+        FakeInfo(str(bad), str(root / "broken"), 3, "stories", None, {}),
+    ]
+    mp = pytest.MonkeyPatch()
+    mp.setattr(app.ckpt, "load_for_inference", load)
+    mp.setattr(app.ckpt, "list_checkpoints", lambda r: infos)
+    demo = app.build_demo(str(root))
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        yield demo, url, str(good), str(bad), loaded
+    finally:
+        demo.close()
+        mp.undo()
+
+
+def generate_args(path, **kw):
+    args = dict(
+        path=path,
+        method="confidence",
+        steps=12,
+        length=24,
+        temperature=1.0,
+        top_p=1.0,
+        seed=0,
+        n_samples=2,
+        fps=0,
+        template="Tom saw [MASK:6] happy.",
+    )
+    args.update(kw)
+    return list(args.values())
+
+
+def run_job(client, args):
+    job = client.submit(*args, api_name="/generate")
+    final = job.result(timeout=120)
+    return job.outputs(), final
+
+
+def test_streams_frames_and_ends_without_placeholders(fake_server):
+    _, url, good, _, loaded = fake_server
+    client = gradio_client.Client(url, verbose=False)
+    outputs, final = run_job(client, generate_args(good))
+    htmls = [o[0] for o in outputs]
+    assert len(htmls) >= 4, "a job streams several intermediate frames"
+    assert app.PLACEHOLDER_CLASS in htmls[0]
+    assert app.PLACEHOLDER_CLASS not in final[0]
+    counts = [h.count(app.PLACEHOLDER_CLASS) for h in htmls]
+    assert counts == sorted(counts, reverse=True), "placeholders only ever disappear"
+    assert counts[0] > counts[-2] >= counts[-1] == 0
+    assert "jif-new" in htmls[1], "newly revealed tokens are highlighted"
+    # Replay from the stored trajectory (same session): step 0 shows the template again.
+    assert client.predict(0, api_name="/replay").count(app.PLACEHOLDER_CLASS) == counts[0]
+    assert app.PLACEHOLDER_CLASS not in client.predict(12, api_name="/replay")
+
+
+def test_fake_answer_text_and_scores(fake_server):
+    demo, _, good, _, loaded = fake_server
+    handler = demo.jif_app
+    _, traj = handler.run_sampler(
+        good, "confidence", 8, 24, 1.0, 1.0, 0, 1, "Tom saw [MASK:6] happy."
+    )
+    tok = loaded.tokenizer
+    template = app.sampling.encode_template(tok, "Tom saw [MASK:6] happy.", length=24)
+    target = np.asarray(tok.encode(TARGET * 20)[:24])
+    masked = np.asarray(template) == tok.mask_id
+    np.testing.assert_array_equal(traj.tokens[0][masked], target[masked])
+    np.testing.assert_array_equal(traj.tokens[0][~masked], np.asarray(template)[~masked])
+    assert (traj.reveal_step[0][~masked] == 0).all() and (traj.reveal_step[0][masked] > 0).all()
+    assert np.allclose(traj.confidence[0][masked], 1.0, atol=1e-3), "fake logits put p~1 on target"
+    assert traj.scores is not None and 0.0 <= traj.scores[0].score <= 1.0
+    steps, revealed, conf = app.step_statistics(traj)
+    assert revealed.sum() == masked.sum()
+
+
+def test_bad_inputs_are_errors_and_server_keeps_serving(fake_server):
+    _, url, good, bad, _ = fake_server
+    client = gradio_client.Client(url, verbose=False)
+    cases = {
+        "empty": (generate_args(good, template="   "), "template is empty"),
+        "too long": (generate_args(good, template="word " * 80), "length"),
+        "context": (generate_args(good, length=400), "context"),
+        "steps": (generate_args(good, steps=-3), "steps"),
+        "seed": (generate_args(good, seed=-5), "seed"),
+        "method": (generate_args(good, method="nope"), "nope"),
+        "corrupt": (generate_args(bad), "Could not load checkpoint"),
+        "outside root": (generate_args("/etc"), "not a checkpoint under"),
+    }
+    for name, (args, needle) in cases.items():
+        with pytest.raises(AppError) as err:
+            client.predict(*args, api_name="/generate")
+        assert needle.lower() in str(err.value).lower(), (name, str(err.value))
+    _, final = run_job(client, generate_args(good))
+    assert app.PLACEHOLDER_CLASS not in final[0]
+
+
+def test_two_users_each_get_their_own_animation(fake_server):
+    _, url, good, _, _ = fake_server
+    a, b = gradio_client.Client(url, verbose=False), gradio_client.Client(url, verbose=False)
+    ja = a.submit(*generate_args(good, fps=30, seed=1), api_name="/generate")
+    jb = b.submit(*generate_args(good, fps=30, seed=2, n_samples=1), api_name="/generate")
+    fa, fb = ja.result(timeout=120), jb.result(timeout=120)
+    assert fa[0].count("jif-sample") == 2 and fb[0].count("jif-sample") == 1
+    assert len(ja.outputs()) >= 4 and len(jb.outputs()) >= 4
+
+
+def test_second_generate_reuses_model_and_compiled_sampler(fake_server):
+    demo, _, good, _, _ = fake_server
+    handler = demo.jif_app
+    handler.run_sampler(good, "random", 5, 16, 1.0, 1.0, 0, 1, "Tom [MASK:3]")
+    n_models, n_compiled = len(handler.models), app.sampling._sample._cache_size()
+    handler.run_sampler(good, "random", 5, 16, 1.0, 1.0, 1, 1, "Tom [MASK:3] ball")
+    assert len(handler.models) == n_models
+    assert app.sampling._sample._cache_size() == n_compiled, "a second generate recompiled"
+
+
+def test_no_checkpoint_names_the_command(tmp_path, capsys):
+    root = tmp_path / "empty"
+    demo = app.build_demo(str(root))
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        with pytest.raises(AppError) as err:
+            client.predict(*generate_args(None), api_name="/generate")
+        assert "python -m jif.train" in str(err.value)
+        import urllib.request
+
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/config").read().decode()
+        assert app.train_command(str(root)) in page
+    finally:
+        demo.close()
+
+
+def test_frames_match_the_samplers_replay(fake_server):
+    """Every frame the page draws equals jif.sampling.replay at the same step."""
+    _, _, _, _, loaded = fake_server
+    tok = loaded.tokenizer
+    tokens = np.tile(app.sampling.encode_template(tok, "Tom [MASK:5] ball.", length=20), (2, 1))
+    for method in ("ddpm", "ddpm_cache", "random"):
+        result = app.sampling.sample(
+            loaded.denoise_fn,
+            jax.random.key(3),
+            tokens,
+            mask_id=tok.mask_id,
+            steps=6,
+            method=method,
+            return_trajectory=True,
+        )
+        traj = app.from_sample_result(result, tok, data="tinystories")
+        assert traj.scores is None
+        for step in range(traj.n_steps + 1):
+            expected = app.sampling.replay(result.trajectory, result.tokens, step, tok.mask_id)
+            np.testing.assert_array_equal(app.frame_tokens(traj, step), expected)
+            html = app.render_step(traj, step)
+            assert html.count(app.PLACEHOLDER_CLASS) == (expected == tok.mask_id).sum()
+        np.testing.assert_array_equal(app.frame_tokens(traj, 0), tokens)
+
+
+def test_validate_settings_and_cli_defaults():
+    with pytest.raises(app.gr.Error):
+        app.validate_settings("confidence", "abc", 16, 1.0, 1.0, 0, 1)
+    with pytest.raises(app.gr.Error):
+        app.validate_settings("confidence", 4, 16, 0.0, 1.0, 0, 1)
+    with pytest.raises(app.gr.Error):
+        app.validate_settings("confidence", 4, 16, 1.0, float("nan"), 0, 1)
+    assert app.validate_settings("confidence", 4.0, 16, 1, 0.5, 3, 2)[1:] == (4, 16, 1.0, 0.5, 3, 2)
+    cfg = app.AppConfig()
+    assert (cfg.host, cfg.share, cfg.root) == ("127.0.0.1", False, "runs")
+    assert app._is_inside("/a/b/c", "/a/b") and not app._is_inside("/a/bc", "/a/b")
+
+
+# ---- the real thing: a tiny checkpoint written by training --------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    train = pytest.importorskip("jif.train")
+    root = tmp_path_factory.mktemp("real_runs")
+    out = root / "tiny"
+    train.main(
+        ["--preset", "tiny", "--steps", "2", "--batch-size", "4", "--seq-len", "32"]
+        + ["--out", str(out), "--eval-every", "0"]
+    )
+    return str(root)
+
+
+def test_real_tiny_checkpoint_streams_to_the_end(tiny_run):
+    demo = app.build_demo(tiny_run)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        listed = demo.jif_app.choices()
+        assert listed and "step 2" in listed[0][0]
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        args = generate_args(listed[0][1], method="ddpm_cache", steps=8, length=32)
+        outputs, final = run_job(client, args)
+        assert len(outputs) >= 3
+        assert app.PLACEHOLDER_CLASS in outputs[0][0]
+        assert app.PLACEHOLDER_CLASS not in final[0]
+        with pytest.raises(AppError):
+            client.predict(*generate_args(listed[0][1], length=64), api_name="/generate")
+        _, final = run_job(client, args)
+        assert app.PLACEHOLDER_CLASS not in final[0]
+    finally:
+        demo.close()
