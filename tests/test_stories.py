@@ -1,0 +1,202 @@
+"""The story grammar: log-probabilities, splits and the checker."""
+
+import itertools
+import math
+import re
+
+import numpy as np
+import pytest
+
+from jif import stories
+from jif.stories import check_text, generate_story, iter_stories, split_sentences
+from jif.tokenizer import load_tokenizer
+
+
+def _sample(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [generate_story(rng) for _ in range(n)]
+
+
+def _template_logp(template: str, sentence: str, roles: dict) -> float | None:
+    """log p of the word choices of `sentence` under `template`, recomputed from the text."""
+    pattern, slots, pos = "", [], 0
+    for m in re.finditer(r"\{([^{}]+)\}", template):
+        pattern += re.escape(template[pos : m.start()]) + r"(.+?)"
+        slots.append(m.group(1))
+        pos = m.end()
+    m = re.fullmatch(pattern + re.escape(template[pos:]), sentence)
+    if not m:
+        return None
+    logp = 0.0
+    for slot, value in zip(slots, m.groups(), strict=True):
+        if "." in slot or slot in ("A", "F", "O", "P"):
+            continue  # determined by earlier choices
+        if slot.startswith("+"):
+            role = slot[1:]
+            options = stories.WORDS[stories.ROLE_CLASS[role]]
+            if role == "F":
+                options = [o for o in options if o != roles["A"]]
+            roles[role] = value
+        else:
+            options = stories.WORDS[slot]
+        if value not in options:
+            return None
+        logp -= math.log(len(options))
+    return logp
+
+
+def _logp_from_text(text: str) -> float:
+    """Independent recomputation of a story's probability from its text alone."""
+    sents, tail = split_sentences(text)
+    assert tail == ""
+    roles, logp = {}, 0.0
+
+    def take(alternatives):
+        nonlocal logp
+        for t in alternatives:
+            lp = _template_logp(t, sents[0], roles)
+            if lp is not None:
+                logp += lp - math.log(len(alternatives))
+                sents.pop(0)
+                return True
+        return False
+
+    assert take(stories.INTRO) and take(stories.SETTING)
+    has_pet = take(stories.PET)
+    logp += math.log(stories.P_PET if has_pet else 1 - stories.P_PET)
+    assert take(stories.FRIEND)
+    events = []
+    while len(sents) > 1:
+        for name, positions in stories.EVENTS.items():
+            if take(positions[0]):
+                events.append(name)
+                for alternatives in positions[1:]:
+                    assert take(alternatives)
+                break
+        else:
+            raise AssertionError(f"no event starts with {sents[0]!r}")
+    logp -= math.log(len(stories.EVENTS)) + (len(events) - 1) * math.log(len(stories.EVENTS) - 1)
+    p2 = stories.P_TWO_EVENTS
+    logp += math.log(p2 if len(events) == 2 else 1 - p2)
+    assert take(stories.CLOSING + (stories.CLOSING_PET if has_pet else []))
+    return logp
+
+
+def test_logp_matches_probability_recomputed_from_text():
+    for text, logp in _sample(300):
+        assert logp < 0
+        assert _logp_from_text(text) == pytest.approx(logp, abs=1e-9)
+
+
+def test_generation_is_deterministic_and_varied():
+    a, b = _sample(50, seed=3), _sample(50, seed=3)
+    assert a == b
+    texts = [t for t, _ in _sample(3000, seed=4)]
+    assert len(set(texts)) == len(texts)
+    assert -np.mean([lp for _, lp in _sample(200)]) > math.log(1e7)  # millions of stories
+
+
+def test_story_content():
+    text, _ = _sample(1, seed=5)[0]
+    words = set(re.findall(r"[A-Za-z]+", text))
+    assert words & set(stories.GIRLS + stories.BOYS)
+    assert '"' in "".join(t for t, _ in _sample(20))  # dialogue appears
+    assert all(t.count('"') % 2 == 0 for t, _ in _sample(200))
+
+
+def test_splits_disjoint_and_deterministic():
+    train = list(itertools.islice(iter_stories(0, "train"), 2000))
+    val = list(itertools.islice(iter_stories(0, "validation"), 100))
+    assert not set(train) & set(val)
+    assert all(stories.is_validation(s) for s in val)
+    assert train[:50] == list(itertools.islice(iter_stories(0, "train"), 50))
+    assert train[:50] != list(itertools.islice(iter_stories(1, "train"), 50))
+    frac = len(stories.story_block(0, "validation", 0)) / stories.BLOCK_SIZE
+    assert 0.02 < frac < 0.09
+    with pytest.raises(ValueError, match="split="):
+        stories.story_block(0, "test", 0)
+
+
+def test_own_stories_score_one():
+    texts = [t for t, _ in _sample(300, seed=7)]
+    for text in texts:
+        r = check_text(text)
+        assert r.score == 1.0 and r.pronouns_consistent, r.invalid
+        assert r.n_sentences >= 6
+    joined = check_text("<|endoftext|>".join(texts[:20]))
+    assert joined.n_stories == 20 and joined.score == 1.0 and joined.pronouns_consistent
+
+
+def test_shuffled_words_score_low():
+    rng = np.random.default_rng(0)
+    scores = []
+    for text, _ in _sample(50, seed=8):
+        words = text.split()
+        rng.shuffle(words)
+        scores.append(check_text(" ".join(words)).score)
+    assert np.mean(scores) < 0.2
+
+
+def _swap_pronouns(text: str) -> str:
+    table = {"he": "she", "she": "he", "his": "her", "him": "her", "her": "his"}
+
+    def sub(m):
+        w = m.group(0)
+        new = table[w.lower()]
+        return new.capitalize() if w[0].isupper() else new
+
+    return re.sub(r"\b(he|she|his|him|her)\b", sub, text, flags=re.IGNORECASE)
+
+
+def test_swapped_pronouns_detected():
+    scores, n = [], 0
+    for text, _ in _sample(200, seed=9):
+        swapped = _swap_pronouns(text)
+        if swapped == text:
+            continue
+        n += 1
+        r = check_text(swapped)
+        assert not r.pronouns_consistent
+        scores.append(r.score)
+    assert n > 100 and max(scores) < 1.0 and np.mean(scores) < 0.85
+
+
+def test_swapped_names_detected():
+    text = (
+        "Once upon a time, there was a kind girl named Mia. She loved to run and jump in the "
+        "park. Mia had a friend named Tom. Tom had a big red ball."
+    )
+    assert check_text(text).score == 1.0
+    wrong_kid = text.replace("kind girl", "kind boy")
+    assert not check_text(wrong_kid).pronouns_consistent
+    stranger = text.replace("Tom had", "Ben had")  # Ben was never introduced as the friend
+    r = check_text(stranger)
+    assert not r.pronouns_consistent and r.score == 0.75
+
+
+def test_cut_off_sentence_not_counted_and_junk_scored():
+    text, _ = _sample(1, seed=10)[0]
+    cut = text[: len(text) - 7]  # the closing sentence loses its end
+    r = check_text(cut)
+    assert r.score == 1.0 and r.n_sentences == check_text(text).n_sentences - 1
+    assert check_text("").n_sentences == 0 and check_text("").score == 0.0
+    r = check_text(text + "<|endoftext|>The moon ate a purple idea. Cats fly.")
+    assert r.n_stories == 2 and r.story_scores[1] == 0.0
+    assert "Cats fly." in r.invalid and 0 < r.score < 1
+
+
+def test_split_sentences_quotes():
+    sents, tail = split_sentences('Mia said, "Look, Tom! I found a cup!" Tom smiled. And th')
+    assert sents == ['Mia said, "Look, Tom! I found a cup!"', "Tom smiled."]
+    assert tail == "And th"
+
+
+def test_entropy_per_token():
+    tok = load_tokenizer(2048, source="package")
+    h = stories.entropy_nats_per_token(tok, n_stories=300, seed=0)
+    # independent: mean -log p per story over mean tokens per story (+1 eot)
+    sample = _sample(300, seed=0)
+    nats = -sum(lp for _, lp in sample)
+    n_tok = sum(len(tok.encode(t)) + 1 for t, _ in sample)
+    assert h == pytest.approx(nats / n_tok, rel=1e-12)
+    assert 0.1 < h < 1.0
