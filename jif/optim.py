@@ -1,0 +1,285 @@
+"""Optimizers and learning-rate schedules, chosen by name from small registries.
+
+Parameters are a `dict[label, pz.nx.NamedArray]` (penzai parameter labels such as
+"dit/blocks/attn/query"; block parameters carry a leading "blocks" axis). Optax transforms
+work leafwise on the arrays inside the NamedArrays; axis-aware optimizers read `.named_shape`.
+
+    OPTIMIZERS[name](cfg, schedule, model_config, params) -> optax.GradientTransformation
+
+where `cfg` is a `jif.train.TrainConfig` (fields used: lr, warmup, steps, b1, b2,
+weight_decay, clip, min_lr_ratio) and `schedule` maps the step to the learning rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import jax
+import optax
+from penzai import pz
+
+if TYPE_CHECKING:  # only for type hints: jif.train imports this module
+    from jif.model import ModelConfig
+    from jif.train import TrainConfig
+
+Params = dict[str, pz.nx.NamedArray]
+Builder = Callable[
+    ["TrainConfig", optax.Schedule, "ModelConfig", Params], optax.GradientTransformation
+]
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def warmup_cosine(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to cfg.lr over `warmup` steps, then cosine decay to
+    cfg.lr * cfg.min_lr_ratio at cfg.steps (the original's AdamW schedule)."""
+    warmup = effective_warmup(cfg)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.lr,
+        warmup_steps=warmup,
+        decay_steps=max(cfg.steps, warmup + 1),
+        end_value=cfg.lr * cfg.min_lr_ratio,
+    )
+
+
+def warmup_constant(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to cfg.lr over `warmup` steps, then constant."""
+    warmup = effective_warmup(cfg)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)],
+        [warmup],
+    )
+
+
+def effective_warmup(cfg: TrainConfig) -> int:
+    """Warmup steps actually used: cfg.warmup, but at most half the run (short test runs)."""
+    return int(min(cfg.warmup, cfg.steps // 2))
+
+
+SCHEDULES: dict[str, Callable[[TrainConfig], optax.Schedule]] = {
+    "cosine": warmup_cosine,
+    "constant": warmup_constant,
+}
+
+
+def make_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """The schedule named by cfg.schedule."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; choose one of {sorted(SCHEDULES)}")
+    return SCHEDULES[cfg.schedule](cfg)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _clip(cfg: TrainConfig) -> list[optax.GradientTransformation]:
+    """Global-norm gradient clipping (cfg.clip; 0 turns it off)."""
+    return [optax.clip_by_global_norm(cfg.clip)] if cfg.clip > 0 else []
+
+
+def _is_named(x: Any) -> bool:
+    return isinstance(x, pz.nx.NamedArray | pz.nx.NamedArrayView)
+
+
+def decay_mask(params: Params) -> dict[str, bool]:
+    """Weight decay only on matrices (two or more non-"blocks" axes), not on norm scales or
+    biases. A dict keyed like `params`, a prefix of its pytree (as optax.masked expects)."""
+    return {k: len([a for a in v.named_shape if a != "blocks"]) >= 2 for k, v in params.items()}
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+def adamw(cfg: TrainConfig, schedule: optax.Schedule, model_config, params: Params):
+    """AdamW (b1 0.9, b2 0.98 by default) after clipping the global gradient norm at 10."""
+    return optax.chain(
+        *_clip(cfg),
+        optax.adamw(
+            schedule,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=1e-8,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask(params),
+        ),
+    )
+
+
+def schedule_free(cfg: TrainConfig, schedule: optax.Schedule, model_config, params: Params):
+    """Schedule-free AdamW (Defazio et al. 2024, optax.contrib): its own warmup, no decay.
+    Evaluate with `eval_params` (the averaged iterate), not the raw parameters."""
+    return optax.chain(
+        *_clip(cfg),
+        optax.contrib.schedule_free_adamw(
+            learning_rate=cfg.lr,
+            warmup_steps=effective_warmup(cfg) or None,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            weight_decay=cfg.weight_decay,
+        ),
+    )
+
+
+# Parameters whose "embedding" axis is the output of the matrix (the rest read from it).
+_OUTPUT_PROJECTION = re.compile(r"(output|out_proj|o_proj|down|proj_out|attn/out)$")
+# Embedding tables, the unembedding and the small adaLN conditioning matrices: updated by
+# Adam, as Muon's authors recommend for everything but hidden matrices.
+_ADAM_ONLY = re.compile(r"(embed|unembed|logits|lm_head|vocab|cond|shift|scale|gate)")
+
+
+def muon_dimensions(params: Params) -> dict[str, Any]:
+    """Muon's (reduction, output) axes per parameter, from axis names; None means Adam.
+
+    Axis "blocks" is a batch axis (every block orthogonalised separately). A matrix reads
+    from "embedding" unless its label marks an output projection (attention output,
+    MLP down), in which case it writes to "embedding" and reads from the other axes.
+    """
+    out = {}
+    for label, value in params.items():
+        axes = list(value.named_shape)
+        matrix_axes = [a for a in axes if a != "blocks"]
+        if (
+            len(matrix_axes) < 2
+            or "embedding" not in axes
+            or _ADAM_ONLY.search(label)
+            or "cond" in axes
+        ):
+            out[label] = None
+            continue
+        emb = axes.index("embedding")
+        others = tuple(axes.index(a) for a in matrix_axes if a != "embedding")
+        if _OUTPUT_PROJECTION.search(label):
+            out[label] = optax.contrib.MuonDimensionNumbers(reduction_axis=others, output_axis=emb)
+        else:
+            out[label] = optax.contrib.MuonDimensionNumbers(reduction_axis=emb, output_axis=others)
+    return out
+
+
+def on_data_arrays(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Run `inner` on plain arrays: every NamedArray is replaced by its data array (axis order
+    = `named_shape` order, after `.as_namedarrayview()`-free canonical NamedArray layout),
+    and results are rewrapped with the original axis names."""
+
+    def unwrap(tree):
+        return {k: (v.data_array if _is_named(v) else v) for k, v in tree.items()}
+
+    def rewrap(plain, like):
+        return {
+            k: (
+                dataclasses.replace(like[k], data_array=plain[k])
+                if _is_named(like[k])
+                else plain[k]
+            )
+            for k in like
+        }
+
+    def init(params):
+        return inner.init(unwrap(params))
+
+    def update(updates, state, params=None):
+        new, state = inner.update(
+            unwrap(updates), state, None if params is None else unwrap(params)
+        )
+        return rewrap(new, updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def muon(cfg: TrainConfig, schedule: optax.Schedule, model_config, params: Params):
+    """Muon (Jordan et al. 2024; optax.contrib.muon): Newton-Schulz-orthogonalised momentum
+    for hidden matrices, Adam (b1, b2) for embeddings, the unembedding and vectors."""
+    for label, value in params.items():
+        if not isinstance(value, pz.nx.NamedArray):
+            raise ValueError(f"muon needs NamedArray parameters; {label!r} is {type(value)}")
+        if value.positional_shape:
+            raise ValueError(f"muon needs fully named parameters; {label!r} has positional axes")
+    return optax.chain(
+        *_clip(cfg),
+        on_data_arrays(
+            optax.contrib.muon(
+                schedule,
+                adam_b1=cfg.b1,
+                adam_b2=cfg.b2,
+                weight_decay=cfg.weight_decay,
+                adam_weight_decay=cfg.weight_decay,
+                muon_weight_dimension_numbers=muon_dimensions(params),
+            )
+        ),
+    )
+
+
+def modula(cfg: TrainConfig, schedule: optax.Schedule, model_config, params: Params):
+    """The modular-norm optimizer (`modula.optimizer`): dualised, well-normed updates."""
+    try:
+        import modula as modula_lib
+    except ImportError as e:  # pragma: no cover - depends on the checkout
+        raise ValueError(f"optimizer 'modula' needs the `modula` package of this repo: {e}") from e
+    return optax.chain(
+        *_clip(cfg),
+        modula_lib.optimizer(
+            schedule,
+            model_config=model_config,
+            params=params,
+            momentum=0.95,
+            weight_decay=cfg.weight_decay,
+        ),
+    )
+
+
+def mup_adamw(cfg: TrainConfig, schedule: optax.Schedule, model_config, params: Params):
+    """AdamW with muP per-layer learning rates (`jif.mup.mup_adamw`)."""
+    try:
+        from jif.mup import mup_adamw as mup_adamw_fn
+    except ImportError as e:  # pragma: no cover - depends on the checkout
+        raise ValueError(f"optimizer 'mup_adamw' needs jif/mup.py: {e}") from e
+    return optax.chain(
+        *_clip(cfg),
+        mup_adamw_fn(
+            schedule,
+            model_config=model_config,
+            params=params,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            weight_decay=cfg.weight_decay,
+        ),
+    )
+
+
+OPTIMIZERS: dict[str, Builder] = {
+    "adamw": adamw,
+    "schedule_free": schedule_free,
+    "muon": muon,
+    "modula": modula,
+    "mup_adamw": mup_adamw,
+}
+
+
+def canonical_name(name: str) -> str:
+    """'schedule-free' and 'schedule_free' name the same optimizer."""
+    return name.replace("-", "_").lower()
+
+
+def make_optimizer(
+    cfg: TrainConfig, model_config, params: Params
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer named by cfg.optimizer and its learning-rate schedule."""
+    name = canonical_name(cfg.optimizer)
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+    schedule = make_schedule(cfg)
+    return OPTIMIZERS[name](cfg, schedule, model_config, params), schedule
+
+
+def eval_params(opt_state: Any, params: Params) -> Params:
+    """Parameters to evaluate: schedule-free's averaged iterate where that optimizer is used
+    (found anywhere in a chain's state), else `params` unchanged."""
+    is_sf = lambda s: isinstance(s, optax.contrib.ScheduleFreeState)
+    for leaf in jax.tree_util.tree_leaves(opt_state, is_leaf=is_sf):
+        if is_sf(leaf):
+            return optax.contrib.schedule_free_eval_params(leaf, params)
+    return params
