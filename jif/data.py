@@ -1,0 +1,435 @@
+"""Token batches from three kinds of source, all read through Hugging Face `datasets`.
+
+    TokenBatches("stories", tok, batch_size=32, seq_len=128)      # embedded grammar (default)
+    TokenBatches("tinystories", tok, batch_size=32, seq_len=128)  # roneneldan/TinyStories
+    TokenBatches("stories.txt", tok, batch_size=32, seq_len=128)  # .txt/.jsonl/.json/.parquet
+
+Sources
+- "stories": `jif.stories` generated on the fly (`datasets.IterableDataset.from_generator`),
+  one row per seeded block of stories; the splits are disjoint sets of texts.
+- "tinystories": the hub's train/validation splits, streamed. Offline it fails at once
+  with a message naming the offline alternatives (it never waits on network retries).
+- a local file: .txt (documents separated by a line "<|endoftext|>", as in TinyStories'
+  own text files; without such lines, blank-line-separated paragraphs), .jsonl/.json (a
+  "text" field) or .parquet (a "text" column). A fixed fraction of the documents, chosen by
+  a hash of their text (so independent of the seed and of file order), is held out as the
+  validation split. Files are tokenised once, in bulk, and the tokens cached in memory.
+
+Sequences (int32 [batch_size, seq_len]) always start with eot_id, which serves as BOS.
+- packing="pack" (default): documents are joined into one stream with an eot separator
+  after each, and the stream is cut into windows of seq_len - 1 tokens behind the BOS (a
+  window does not begin with a bare separator). No token is padding, so every position
+  trains the model and a batch costs the same whatever the document lengths; a model that
+  sees separators learns where stories end, and long documents are never truncated. This is
+  what the original MDLM/jif setup does ("wrap") and what the loss floor of the embedded
+  grammar (`jif.stories.entropy_nats_per_token`, one eot per story) is computed for.
+- packing="pad": one document per row, BOS + its first seq_len - 1 tokens, padded with eot.
+  Rows then hold whole stories from their start, at the cost of compute spent on padding.
+
+Iteration is deterministic for a seed, and `state()` / `restore()` resume it exactly: the
+state names a chunk (a block of generated stories, an epoch of a file's shuffled
+documents, or the hub stream's own `state_dict()`) and the offset inside it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import hashlib
+import math
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from jif import stories
+
+VALIDATION_FRACTION = 0.05  # share of a file's documents held out for validation
+HUB_DATASET = "roneneldan/TinyStories"
+HUB_CHUNK_DOCS = 2048  # documents per chunk of the hub stream (resume granularity)
+SPLITS = ("train", "validation")
+EOT_LINE = re.compile(r"^[ \t]*<\|endoftext\|>[ \t]*$", re.MULTILINE)
+OFFLINE_ALTERNATIVES = (
+    "offline alternatives: --data stories (the embedded story grammar, no download) or "
+    "--data PATH to a local .txt/.jsonl/.json/.parquet file, e.g. "
+    "../shared/data/tinystories-valid-sample.txt (a slice of TinyStories)"
+)
+
+
+class DataError(ValueError):
+    """A data source that cannot be read; the message names the problem and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """A run of documents as one token stream (each document followed by eot)."""
+
+    key: dict
+    """JSON-serialisable: `Source.chunks(key)` starts again with this chunk."""
+    tokens: np.ndarray
+    """int32 [n_tokens]: doc_0 eot doc_1 eot ..."""
+    starts: np.ndarray
+    """int64 [n_docs + 1]: start of each document in `tokens` (last entry = len(tokens))."""
+
+
+def _chunk(key: dict, docs: list[np.ndarray], eot_id: int) -> Chunk:
+    """docs: int32 arrays, each already ending with eot_id."""
+    if not docs:
+        return Chunk(key, np.zeros(0, np.int32), np.zeros(1, np.int64))
+    lengths = np.fromiter((len(d) for d in docs), np.int64, len(docs))
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    return Chunk(key, np.concatenate(docs).astype(np.int32), starts)
+
+
+def _tokenize(tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Texts -> int32 arrays with a trailing eot, tokenised in one parallel batch."""
+    eot = tokenizer.eot_id
+    return [np.array(ids + [eot], np.int32) for ids in tokenizer.encode_batch(texts) if ids]
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _story_rows(seed: int, split: str, start_block: int):
+    block = start_block
+    while True:
+        yield {"block": block, "texts": stories.story_block(seed, split, block)}
+        block += 1
+
+
+class StoriesSource:
+    """The embedded grammar; chunk k = the `split` stories of seeded block k."""
+
+    def __init__(self, tokenizer, *, split: str, seed: int):
+        self.tokenizer, self.split, self.seed = tokenizer, split, seed
+
+    def chunks(self, key: dict | None) -> Iterator[Chunk]:
+        start = int(key["block"]) if key else 0
+        ds = datasets.IterableDataset.from_generator(
+            _story_rows, gen_kwargs={"seed": self.seed, "split": self.split, "start_block": start}
+        )
+        for row in ds:
+            yield _chunk(
+                {"block": row["block"]},
+                _tokenize(self.tokenizer, row["texts"]),
+                self.tokenizer.eot_id,
+            )
+
+
+def _hub_offline() -> bool:
+    flags = (
+        os.environ.get(v, "").strip().lower() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+    return any(f in ("1", "true", "yes", "on") for f in flags)
+
+
+def _load_hub_stream(name: str, split: str) -> datasets.IterableDataset:
+    """The hub dataset as a stream; fails fast (no retries) when the hub cannot be reached."""
+    from jif.tokenizer import hub_reachable
+
+    if _hub_offline():
+        raise DataError(
+            f"{name} needs the Hugging Face hub, but HF_HUB_OFFLINE is set; {OFFLINE_ALTERNATIVES}"
+        )
+    if not hub_reachable():
+        raise DataError(
+            f"{name} needs the Hugging Face hub, which is not reachable; {OFFLINE_ALTERNATIVES}"
+        )
+    try:
+        return datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as e:
+        raise DataError(
+            f"could not open {name} ({split}) on the hub: {e}; {OFFLINE_ALTERNATIVES}"
+        ) from e
+
+
+class HubSource:
+    """A streamed hub dataset with a "text" column; chunk = HUB_CHUNK_DOCS documents."""
+
+    def __init__(self, tokenizer, *, split: str, seed: int, name: str = HUB_DATASET):
+        self.tokenizer, self.split, self.name = tokenizer, split, name
+        self.stream = _load_hub_stream(name, split)  # opened now: fail at construction
+        self._initial = copy.deepcopy(self.stream.state_dict())
+        del seed  # the stream's own order is kept: a shuffle buffer would not resume exactly
+
+    def chunks(self, key: dict | None) -> Iterator[Chunk]:
+        epoch, state = (int(key["epoch"]), key["stream"]) if key else (0, None)
+        while True:  # one pass over the stream per epoch; state None = start of the epoch
+            self.stream.set_epoch(epoch)
+            self.stream.load_state_dict(copy.deepcopy(self._initial if state is None else state))
+            docs = []
+            for row in self.stream:
+                text = row.get("text")
+                if isinstance(text, str) and text.strip():
+                    docs.append(text.strip())
+                if len(docs) == HUB_CHUNK_DOCS:
+                    yield self._make({"epoch": epoch, "stream": state}, docs)
+                    state, docs = copy.deepcopy(self.stream.state_dict()), []
+            if docs:
+                yield self._make({"epoch": epoch, "stream": state}, docs)
+            epoch, state = epoch + 1, None
+
+    def _make(self, key: dict, docs: list[str]) -> Chunk:
+        return _chunk(key, _tokenize(self.tokenizer, docs), self.tokenizer.eot_id)
+
+
+def _text_column(ds, path: Path) -> list[str]:
+    if "text" not in ds.column_names:
+        raise DataError(
+            f"{path}: no 'text' column (columns: {ds.column_names}); store each document's text in a 'text' field"
+        )
+    dtype = getattr(ds.features["text"], "dtype", None)
+    if dtype not in ("string", "large_string"):
+        raise DataError(
+            f"{path}: column 'text' holds {ds.features['text']}, not text; it must hold strings"
+        )
+    return [t for t in ds["text"] if t and t.strip()]
+
+
+def _load_quietly(builder: str, path: Path, **kwargs) -> datasets.Dataset:
+    """`datasets.load_dataset` of one local file, without its progress bars."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _read_txt(path: Path) -> list[str]:
+    ds = _load_quietly("text", path, sample_by="document")
+    whole = "\n".join(ds["text"])
+    parts = EOT_LINE.split(whole) if EOT_LINE.search(whole) else re.split(r"\n\s*\n", whole)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _read_json(path: Path) -> list[str]:
+    return _text_column(_load_quietly("json", path), path)
+
+
+def _read_parquet(path: Path) -> list[str]:
+    return _text_column(_load_quietly("parquet", path), path)
+
+
+FILE_READERS: dict[str, Callable[[Path], list[str]]] = {
+    ".txt": _read_txt,
+    ".jsonl": _read_json,
+    ".json": _read_json,
+    ".parquet": _read_parquet,
+}
+
+
+def _text_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def read_documents(path: str | Path, split: str) -> list[str]:
+    """A local file's documents of one split (validation: the VALIDATION_FRACTION of
+    documents with the smallest text hashes, at least one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"data file {str(path)!r} not found; give an existing file, or --data stories"
+        )
+    reader = FILE_READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(
+            f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(FILE_READERS)}"
+        )
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty; it must hold at least two documents")
+    try:
+        docs = reader(path)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(
+            f"{path}: could not be read as {path.suffix} ({type(e).__name__}: {e})"
+        ) from e
+    if len(docs) < 2:
+        raise DataError(
+            f"{path}: found {len(docs)} document(s); need at least 2 (one is held out for validation)"
+        )
+    order = sorted(range(len(docs)), key=lambda i: (_text_hash(docs[i]), i))
+    n_val = max(1, math.ceil(VALIDATION_FRACTION * len(docs)))
+    val = set(order[:n_val])
+    return [d for i, d in enumerate(docs) if (i in val) == (split == "validation")]
+
+
+@functools.lru_cache(maxsize=8)
+def _file_tokens(
+    path: str, mtime_ns: int, size: int, split: str, tokenizer
+) -> tuple[np.ndarray, ...]:
+    del mtime_ns, size  # cache keys only: a changed file is read again
+    return tuple(_tokenize(tokenizer, read_documents(path, split)))
+
+
+class FileSource:
+    """A local file; chunk e = epoch e, the split's documents in a seeded random order."""
+
+    def __init__(self, tokenizer, *, split: str, seed: int, path: str):
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(
+                f"data file {path!r} not found; give an existing file, or --data stories"
+            )
+        st = p.stat()
+        self.docs = _file_tokens(str(p.resolve()), st.st_mtime_ns, st.st_size, split, tokenizer)
+        self.tokenizer, self.seed = tokenizer, seed
+
+    def chunks(self, key: dict | None) -> Iterator[Chunk]:
+        epoch = int(key["epoch"]) if key else 0
+        while True:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.docs))
+            yield _chunk({"epoch": epoch}, [self.docs[i] for i in perm], self.tokenizer.eot_id)
+            epoch += 1
+
+
+def open_source(data: str, tokenizer, *, split: str, seed: int):
+    """ "stories", "tinystories" or a file path -> a source with `.chunks(key)`."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: use one of {SPLITS}")
+    if data in SOURCES:
+        return SOURCES[data](tokenizer, split=split, seed=seed)
+    if Path(data).suffix.lower() in FILE_READERS or Path(data).exists():
+        return FileSource(tokenizer, split=split, seed=seed, path=data)
+    raise DataError(
+        f"unknown data source {data!r}: use {', '.join(map(repr, SOURCES))} or a path to a "
+        f"{'/'.join(sorted(FILE_READERS))} file"
+    )
+
+
+SOURCES = {"stories": StoriesSource, "tinystories": HubSource}
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def _pack_row(it: TokenBatches) -> np.ndarray:
+    """BOS + the next seq_len - 1 tokens of the stream (a leading separator is skipped)."""
+    parts, need = [np.array([it.eot_id], np.int32)], it.seq_len - 1
+    first = True
+    while need:
+        chunk = it._current()
+        if first and chunk.tokens[it._offset] == it.eot_id:
+            it._offset += 1
+            continue
+        first = False
+        take = chunk.tokens[it._offset : it._offset + need]
+        parts.append(take)
+        it._offset += len(take)
+        need -= len(take)
+    return np.concatenate(parts)
+
+
+def _pad_row(it: TokenBatches) -> np.ndarray:
+    """BOS + the next document (without its separator) cut to seq_len - 1, eot-padded."""
+    chunk = it._current()
+    doc = chunk.tokens[chunk.starts[it._offset] : chunk.starts[it._offset + 1] - 1]
+    it._offset += 1
+    row = np.full(it.seq_len, it.eot_id, np.int32)
+    row[1 : 1 + min(len(doc), it.seq_len - 1)] = doc[: it.seq_len - 1]
+    return row
+
+
+PACKERS: dict[str, Callable] = {"pack": _pack_row, "pad": _pad_row}
+
+
+class TokenBatches:
+    """Iterator of int32 [batch_size, seq_len] token batches, deterministic and resumable."""
+
+    def __init__(
+        self,
+        data: str,
+        tokenizer,
+        *,
+        split: str = "train",
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        packing: str = "pack",
+    ):
+        if seq_len < 2:
+            raise ValueError(f"seq_len={seq_len}: need at least 2 (BOS + one token)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: need at least 1")
+        if packing not in PACKERS:
+            raise ValueError(f"packing={packing!r}: use one of {list(PACKERS)}")
+        self.data, self.split, self.seed, self.packing = data, split, seed, packing
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.tokenizer, self.eot_id = tokenizer, tokenizer.eot_id
+        self.source = open_source(data, tokenizer, split=split, seed=seed)
+        self.sequences = 0  # rows served so far
+        self._start(None, 0)
+
+    def _start(self, key: dict | None, offset: int) -> None:
+        self._chunks = self.source.chunks(key)
+        self._chunk: Chunk | None = None
+        self._key, self._offset = key, offset
+
+    def _current(self) -> Chunk:
+        """The chunk holding the next unit (token or document), loading chunks as needed."""
+        if self._chunk is None:
+            self._chunk = next(self._chunks)
+        limit = len(self._chunk.tokens) if self.packing == "pack" else len(self._chunk.starts) - 1
+        while self._offset >= limit:
+            self._chunk, self._offset = next(self._chunks), 0
+            limit = (
+                len(self._chunk.tokens) if self.packing == "pack" else len(self._chunk.starts) - 1
+            )
+        self._key = self._chunk.key
+        return self._chunk
+
+    def __iter__(self) -> TokenBatches:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        packer = PACKERS[self.packing]
+        batch = np.stack([packer(self) for _ in range(self.batch_size)])
+        self.sequences += self.batch_size
+        return batch
+
+    def state(self) -> dict:
+        """JSON-serialisable position; `restore` continues with exactly the next batch."""
+        return {
+            "data": self.data,
+            "split": self.split,
+            "seed": self.seed,
+            "packing": self.packing,
+            "n_bpe": self.tokenizer.n_bpe,
+            "chunk": self._key,
+            "offset": int(self._offset),
+            "sequences": self.sequences,
+        }
+
+    def restore(self, state: dict) -> None:
+        """Continue from a `state()` taken on an iterator over the same data."""
+        mine = self.state()
+        for field in ("data", "split", "seed", "packing", "n_bpe"):
+            if state.get(field) != mine[field]:
+                raise ValueError(
+                    f"data state is for {field}={state.get(field)!r} but this iterator has "
+                    f"{field}={mine[field]!r}; resume with the same data settings"
+                )
+        self._start(state["chunk"], int(state["offset"]))
+        self.sequences = int(state.get("sequences", 0))
+
+
+def validation_tokens(
+    data: str, tokenizer, *, seq_len: int, n_sequences: int, seed: int = 0
+) -> np.ndarray:
+    """A fixed int32 [n_sequences, seq_len] array from the validation split (same for a seed).
+
+    A validation split smaller than n_sequences * seq_len tokens is cycled through again.
+    """
+    if n_sequences < 1:
+        raise ValueError(f"n_sequences={n_sequences}: need at least 1")
+    it = TokenBatches(
+        data, tokenizer, split="validation", batch_size=n_sequences, seq_len=seq_len, seed=seed
+    )
+    return next(it)
