@@ -216,13 +216,12 @@ def render_step(traj: Trajectory, step: int) -> str:
             if when > step:
                 spans.append(
                     f'<span class="{PLACEHOLDER_CLASS}" style="color:#9aa0a6;'
-                    f'letter-spacing:-1px">{MASK_GLYPH}</span> '
+                    f'letter-spacing:-1px;margin-right:3px">{MASK_GLYPH}</span>'
                 )
                 continue
-            is_eot = int(traj.tokens[b, pos]) == traj.eot_id
             text = html.escape(piece)
-            if is_eot:
-                text = '<span style="color:#9aa0a6;font-size:80%">⏎</span><br>'
+            if int(traj.tokens[b, pos]) == traj.eot_id:  # BOS first, then story separators
+                text = "" if pos == 0 else '<span style="color:#9aa0a6">⏎</span><br>'
             if when == step and step > 0:
                 c = float(traj.confidence[b, pos])
                 spans.append(
@@ -269,6 +268,7 @@ def plot_statistics(traj: Trajectory):
     ax2.set_ylim(0, 1.02)
     ax2.set_ylabel("mean conf.")
     ax2.set_xlabel("step")
+    fig.suptitle("tokens revealed and their mean confidence, per step", fontsize=9)
     fig.tight_layout()
     plt.close(fig)
     return fig
@@ -528,7 +528,7 @@ def build_demo(root: str = "runs", checkpoint: str | None = None, *, ema: bool =
             0, 1, value=0, step=1, label="Replay step", interactive=True, elem_id="jif-replay"
         )
         with gr.Row():
-            plot = gr.Plot(label="Tokens revealed and mean confidence per step")
+            plot = gr.Plot(show_label=False, elem_id="jif-plot")
             scores = gr.Markdown(elem_id="jif-scores")
         state = gr.State(None)
 
@@ -548,6 +548,7 @@ def build_demo(root: str = "runs", checkpoint: str | None = None, *, ema: bool =
             [text, replay, plot, scores, state],
             api_name="generate",
             concurrency_limit=4,
+            show_progress="minimal",  # keep the animated text visible while it streams
         )
         replay.input(app.replay, [state, replay], text, api_name="replay")
     demo.queue(default_concurrency_limit=4)

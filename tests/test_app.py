@@ -40,7 +40,7 @@ class FakeLoaded:
     denoise_fn: object
     data: str = "stories"
     step: int = 7
-    config: dict = dataclasses.field(default_factory=lambda: {"seq_len": 48})
+    config: dict = dataclasses.field(default_factory=lambda: {"seq_len": 64})
     model: object = None
     model_config: object = None
 
@@ -269,7 +269,8 @@ def tiny_run(tmp_path_factory):
     out = root / "tiny"
     train.main(
         ["--preset", "tiny", "--steps", "2", "--batch-size", "4", "--seq-len", "32"]
-        + ["--out", str(out), "--eval-every", "0"]
+        + ["--out", str(out), "--eval-sequences", "4", "--eval-times", "2", "--n-samples", "1"]
+        + ["--sample-steps", "4", "--no-progress"]
     )
     return str(root)
 
