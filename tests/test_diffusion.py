@@ -1,0 +1,159 @@
+"""MDLM objective: schedule, sampling of times, SUBS, NELBO against numpy, evaluation."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jif import diffusion as D
+
+V, MASK = 11, 10  # tiny vocabulary whose last id is the mask
+
+
+def fake_logits_fn(record=None):
+    """Deterministic 'denoiser': logits depend on the token, its position and the mask rate."""
+    table = np.random.default_rng(0).normal(size=(V, V)).astype(np.float32)
+
+    def numpy_logits(xt, rate):
+        pos = np.arange(xt.shape[1], dtype=np.float32)[None, :, None]
+        return table[xt] + 0.1 * pos * np.cos(np.arange(V, dtype=np.float32)) + rate[:, None, None]
+
+    def logits_fn(xt, rate):
+        if record is not None:
+            record.append((np.asarray(xt), np.asarray(rate)))
+        table_j = jnp.asarray(table)
+        pos = jnp.arange(xt.shape[1], dtype=jnp.float32)[None, :, None]
+        cosv = jnp.cos(jnp.arange(V, dtype=jnp.float32))
+        return table_j[xt] + 0.1 * pos * cosv + rate[:, None, None]
+
+    return logits_fn, numpy_logits
+
+
+def numpy_nelbo(x0, xt, t, logits, eps=1e-3):
+    """MDLM continuous-time NELBO (nats/token) written from the formula, in float64."""
+    t = t.astype(np.float64)
+    a = 1 - (1 - eps) * t  # alpha_t
+    dsigma = (1 - eps) / a  # -alpha'_t / alpha_t
+    expm1_sigma = (1 - eps) * t / a  # 1/alpha_t - 1
+    weight = dsigma / expm1_sigma
+    z = logits.astype(np.float64).copy()
+    z[..., MASK] = -np.inf  # SUBS: the mask is never predicted
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    total = 0.0
+    B, L = x0.shape
+    for b in range(B):
+        s = sum(-logp[b, i, x0[b, i]] for i in range(L) if xt[b, i] == MASK)
+        total += weight[b] * s / L
+    return total / B
+
+
+def test_loss_matches_numpy():
+    x0 = np.random.default_rng(1).integers(0, MASK, size=(4, 12)).astype(np.int32)
+    t = np.array([0.1, 0.35, 0.6, 0.95], np.float32)
+    record = []
+    fn, numpy_logits = fake_logits_fn(record)
+    loss, aux = D.mdlm_loss(fn, jnp.asarray(x0), jnp.asarray(t), jax.random.key(3), mask_id=MASK)
+    ((xt, rate),) = record
+    np.testing.assert_allclose(rate, (1 - 1e-3) * t, rtol=1e-6)
+    assert np.all((xt == x0) | (xt == MASK)) and (xt == MASK).any()
+    expected = numpy_nelbo(x0, xt, t, numpy_logits(xt, rate))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(aux["bits_per_token"]), expected / math.log(2), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["ppl_bound"]), math.exp(expected), rtol=1e-5)
+    # buckets [0,.25) [.25,.5) [.5,.75) [.75,1] hold exactly one row each
+    per_row = [
+        numpy_nelbo(x0[i : i + 1], xt[i : i + 1], t[i : i + 1], numpy_logits(xt, rate)[i : i + 1])
+        for i in range(4)
+    ]
+    buckets = [aux[k] for k in sorted(k for k in aux if k.startswith("loss_t"))]
+    np.testing.assert_allclose(np.array(buckets, float), per_row, rtol=1e-5)
+
+
+def test_weight_is_one_over_t():
+    t = jnp.linspace(0.01, 1.0, 50)
+    np.testing.assert_allclose(D.nelbo_weight(t), 1 / t, rtol=1e-4)
+    np.testing.assert_allclose(D.alpha(jnp.array([0.0, 1.0])), [1.0, 1e-3], rtol=1e-4)
+
+
+def test_sample_t_low_discrepancy():
+    for seed in range(3):
+        t = np.sort(np.asarray(D.sample_t(jax.random.key(seed), 16)))
+        assert t.min() >= 1e-3 and t.max() <= 1.0
+        np.testing.assert_allclose(np.diff(t), (1 - 1e-3) / 16, rtol=1e-4)
+
+
+def test_q_xt_masks_at_rate():
+    x0 = jnp.zeros((4, 4000), jnp.int32)
+    rate = jnp.array([0.0, 0.2, 0.7, 1.0])
+    xt, masked = D.q_xt(jax.random.key(0), x0, rate, MASK)
+    np.testing.assert_array_equal(xt == MASK, masked)
+    np.testing.assert_allclose(masked.mean(1), rate, atol=0.03)
+
+
+def test_subs_properties():
+    logits = jax.random.normal(jax.random.key(0), (2, 6, V)) * 3
+    xt = jnp.array([[MASK, 1, 2, MASK, 4, MASK], [0, MASK, MASK, 3, 3, 9]])
+    logp = D.subs_log_probs(logits, xt, MASK)
+    p = np.exp(np.asarray(logp))
+    np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
+    assert np.all(p[..., MASK] == 0.0)  # mask never predicted
+    unmasked = np.asarray(xt != MASK)
+    onehot = np.eye(V)[np.asarray(xt)]
+    np.testing.assert_array_equal(p[unmasked], onehot[unmasked])  # carry-over
+    # masked positions: softmax over the real tokens only
+    ref = jax.nn.softmax(logits[..., :MASK], -1)
+    np.testing.assert_allclose(p[~unmasked][:, :MASK], np.asarray(ref)[~unmasked], rtol=1e-5)
+    # masked_nll is the gather of -subs_log_probs at x0
+    x0 = jnp.where(xt == MASK, 7, xt)
+    nll = D.masked_nll(logits, x0, xt == MASK, MASK)
+    ref_nll = -jnp.take_along_axis(logp, x0[..., None], -1)[..., 0]
+    np.testing.assert_allclose(nll, ref_nll, rtol=1e-6)
+
+
+def test_loss_gradients_finite():
+    x0 = jnp.asarray(np.random.default_rng(0).integers(0, MASK, (3, 8)), jnp.int32)
+    w = jax.random.normal(jax.random.key(1), (V, V))
+
+    def loss(w):
+        return D.mdlm_loss(
+            lambda xt, r: w[xt], x0, jnp.array([0.2, 0.5, 0.9]), jax.random.key(0), mask_id=MASK
+        )[0]
+
+    g = jax.grad(loss)(w)
+    assert np.isfinite(np.asarray(g)).all() and np.abs(g).sum() > 0
+    assert np.all(np.asarray(g)[:, MASK] == 0)  # no gradient into the never-predicted logit
+
+
+def test_uniform_denoiser_known_answer():
+    """Zero logits predict uniformly over V-1 real tokens: NELBO = (1 - eps) log(V - 1)."""
+    x0 = np.random.default_rng(0).integers(0, MASK, (16, 256)).astype(np.int32)
+    zero = lambda xt, r: jnp.zeros((*xt.shape, V))
+    res = D.eval_nelbo(zero, x0, mask_id=MASK, n_times=8)
+    np.testing.assert_allclose(res["nelbo"], (1 - 1e-3) * math.log(V - 1), rtol=0.02)
+    np.testing.assert_allclose(res["masked_ce"], math.log(V - 1), rtol=1e-5)
+
+
+def test_eval_nelbo_deterministic():
+    fn, _ = fake_logits_fn()
+    x0 = np.random.default_rng(2).integers(0, MASK, (8, 16)).astype(np.int32)
+    batches = [x0[:4], x0[4:]]
+    a = D.eval_nelbo(fn, batches, mask_id=MASK, n_times=4, seed=0)
+    b = D.eval_nelbo(fn, iter(batches), mask_id=MASK, n_times=4, seed=0)
+    c = D.eval_nelbo(fn, batches, mask_id=MASK, n_times=4, seed=1)
+    assert a == b
+    assert a["nelbo"] != c["nelbo"]
+    assert a["n_sequences"] == 8 and math.isfinite(a["nelbo"])
+    np.testing.assert_allclose(a["bits_per_token"], a["nelbo"] / math.log(2))
+    assert all(
+        a[f"loss_t{lo:.2f}-{hi:.2f}"] is not None
+        for lo, hi in zip(D.BUCKETS[:-1], D.BUCKETS[1:], strict=True)
+    )
+
+
+def test_eval_nelbo_rejects_empty():
+    fn, _ = fake_logits_fn()
+    with pytest.raises(ValueError, match="no sequences"):
+        D.eval_nelbo(fn, [], mask_id=MASK)
