@@ -171,6 +171,8 @@ class HubSource:
                     state, docs = copy.deepcopy(self.stream.state_dict()), []
             if docs:
                 yield self._make({"epoch": epoch, "stream": state}, docs)
+            elif state is None:
+                raise DataError(f"{self.name} ({self.split}) has no non-empty 'text' rows")
             epoch, state = epoch + 1, None
 
     def _make(self, key: dict, docs: list[str]) -> Chunk:

@@ -293,30 +293,29 @@ def _all_templates() -> list[str]:
 _COMPILED = [_compile(t) for t in _all_templates()]
 
 
-def split_sentences(text: str) -> tuple[list[str], str]:
+def split_sentences(text: str, quotes: bool = True) -> tuple[list[str], str]:
     """Whitespace-normalised text -> (complete sentences, unfinished tail).
 
     A sentence ends at ".", "!" or "?" outside quotes, or at a closing quote right after one.
+    A quote left open does not swallow the rest: the tail is then split ignoring quotes.
     """
     text = " ".join(text.split())
     sentences, start, in_quote = [], 0, False
     for i, c in enumerate(text):
+        after = text[i + 1] if i + 1 < len(text) else " "
         if c == '"':
-            in_quote = not in_quote
-            if (
-                not in_quote
-                and i > 0
-                and text[i - 1] in ".!?"
-                and (i + 1 == len(text) or text[i + 1] == " ")
-            ):
-                sentences.append(text[start : i + 1].strip())
-                start = i + 1
-        elif c in ".!?" and not in_quote and (i + 1 == len(text) or text[i + 1] in ' "'):
-            if i + 1 < len(text) and text[i + 1] == '"':
-                continue
+            in_quote = quotes and not in_quote
+            ends = not in_quote and i > 0 and text[i - 1] in ".!?" and after == " "
+        else:
+            ends = c in ".!?" and not in_quote and after == " "
+        if ends:
             sentences.append(text[start : i + 1].strip())
             start = i + 1
-    return [s for s in sentences if s], text[start:].strip()
+    tail = text[start:].strip()
+    if in_quote and quotes and tail:
+        more, tail = split_sentences(tail, quotes=False)
+        sentences += more
+    return [s for s in sentences if s], tail
 
 
 def _check_roles(slots: list[str], values: tuple, roles: dict) -> tuple[bool, dict]:

@@ -189,6 +189,9 @@ def test_split_sentences_quotes():
     sents, tail = split_sentences('Mia said, "Look, Tom! I found a cup!" Tom smiled. And th')
     assert sents == ['Mia said, "Look, Tom! I found a cup!"', "Tom smiled."]
     assert tail == "And th"
+    # a quote left open does not hide the sentences after it
+    sents, tail = split_sentences('Mia said, "Look. Tom smiled. Ben ran. And th')
+    assert sents == ['Mia said, "Look.', "Tom smiled.", "Ben ran."] and tail == "And th"
 
 
 def test_entropy_per_token():
