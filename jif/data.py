@@ -435,3 +435,54 @@ def validation_tokens(
         data, tokenizer, split="validation", batch_size=n_sequences, seq_len=seq_len, seed=seed
     )
     return next(it)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShowConfig:
+    """Print decoded token batches of a data source (a look at what the model trains on)."""
+
+    data: str = "stories"
+    """"stories", "tinystories" or a .txt/.jsonl/.json/.parquet file."""
+    split: str = "train"
+    """"train" or "validation"."""
+    batch_size: int = 2
+    """Rows to print."""
+    seq_len: int = 128
+    """Tokens per row (the first is the eot BOS)."""
+    seed: int = 0
+    """Seed of the order."""
+    packing: str = "pack"
+    """"pack" or "pad"."""
+    n_bpe: int = 2048
+    """Tokenizer size."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    import tyro
+
+    from jif.tokenizer import load_tokenizer
+
+    cfg = tyro.cli(ShowConfig, args=argv, description=ShowConfig.__doc__)
+    tok = load_tokenizer(cfg.n_bpe)
+    try:
+        it = TokenBatches(
+            cfg.data,
+            tok,
+            split=cfg.split,
+            batch_size=cfg.batch_size,
+            seq_len=cfg.seq_len,
+            seed=cfg.seed,
+            packing=cfg.packing,
+        )
+        batch = next(it)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for row in batch:
+        print(f"{row.tolist()}\n{tok.decode(row)!r}\n")
+
+
+if __name__ == "__main__":
+    main()

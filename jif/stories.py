@@ -389,3 +389,49 @@ def check_text(text: str) -> CheckResult:
         story_scores=tuple(scores),
         invalid=tuple(invalid[:20]),
     )
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StoriesConfig:
+    """Print stories of the embedded grammar, its entropy, or the checker's verdict on a file."""
+
+    n: int = 3
+    """Stories to print."""
+    seed: int = 0
+    """Seed of the generator."""
+    n_bpe: int = 2048
+    """Tokenizer size for the entropy (GPT-2 BPE ids kept)."""
+    entropy_stories: int = 2000
+    """Stories averaged for the entropy (0: skip it)."""
+    check: str | None = None
+    """A text file to score instead (stories separated by "<|endoftext|>")."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    import json
+    from pathlib import Path
+
+    import tyro
+
+    cfg = tyro.cli(StoriesConfig, args=argv, description=StoriesConfig.__doc__)
+    if cfg.check:
+        r = check_text(Path(cfg.check).read_text(encoding="utf-8"))
+        print(json.dumps(dataclasses.asdict(r), indent=1))
+        return
+    rng = np.random.default_rng(cfg.seed)
+    for _ in range(cfg.n):
+        text, logp = generate_story(rng)
+        print(f"[log p = {logp:.2f} nats]\n{text}\n")
+    if cfg.entropy_stories:
+        from jif.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(cfg.n_bpe)
+        h = entropy_nats_per_token(tok, n_stories=cfg.entropy_stories, seed=cfg.seed)
+        print(f"entropy: {h:.4f} nats/token with n_bpe={cfg.n_bpe} (the loss floor)")
+
+
+if __name__ == "__main__":
+    main()

@@ -250,3 +250,13 @@ def test_file_tokens_cached(tok, tmp_path):
     validation_tokens(str(path), tok, seq_len=8, n_sequences=2)
     validation_tokens(str(path), tok, seq_len=8, n_sequences=2)
     assert data._file_tokens.cache_info().hits == hits + 1
+
+
+def test_cli(capsys):
+    data.main(["--batch-size", "1", "--seq-len", "16", "--seed", "2"])
+    out = capsys.readouterr().out
+    row = next(TokenBatches("stories", load_tokenizer(2048), batch_size=1, seq_len=16, seed=2))[0]
+    assert str(row.tolist()) in out
+    with pytest.raises(SystemExit) as e:
+        data.main(["--data", "nowhere.txt"])
+    assert e.value.code == 2 and "not found" in capsys.readouterr().err

@@ -203,3 +203,14 @@ def test_entropy_per_token():
     n_tok = sum(len(tok.encode(t)) + 1 for t, _ in sample)
     assert h == pytest.approx(nats / n_tok, rel=1e-12)
     assert 0.1 < h < 1.0
+
+
+def test_cli(capsys, tmp_path):
+    stories.main(["--n", "2", "--seed", "1", "--entropy-stories", "0"])
+    out = capsys.readouterr().out
+    texts = [t for t, _ in _sample(2, seed=1)]
+    assert texts[0] in out and texts[1] in out
+    f = tmp_path / "s.txt"
+    f.write_text(texts[0] + "\n<|endoftext|>\n" + "Cats fly.")
+    stories.main(["--check", str(f)])
+    assert '"n_valid": ' + str(check_text(texts[0]).n_sentences) in capsys.readouterr().out
