@@ -53,13 +53,12 @@ def _logp_from_text(text: str) -> float:
 
     def take(alternatives):
         nonlocal logp
-        for t in alternatives:
-            lp = _template_logp(t, sents[0], roles)
-            if lp is not None:
-                logp += lp - math.log(len(alternatives))
-                sents.pop(0)
-                return True
-        return False
+        fits = [t for t in alternatives if _template_logp(t, sents[0], dict(roles)) is not None]
+        assert len(fits) <= 1, f"ambiguous: {sents[0]!r} fits {fits}"  # choices recoverable
+        if not fits:
+            return False
+        logp += _template_logp(fits[0], sents.pop(0), roles) - math.log(len(alternatives))
+        return True
 
     assert take(stories.INTRO) and take(stories.SETTING)
     has_pet = take(stories.PET)
