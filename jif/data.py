@@ -101,6 +101,11 @@ def _story_rows(seed: int, split: str, start_block: int):
         block += 1
 
 
+_STORY_FEATURES = datasets.Features(
+    {"block": datasets.Value("int64"), "texts": datasets.Sequence(datasets.Value("string"))}
+)
+
+
 class StoriesSource:
     """The embedded grammar; chunk k = the `split` stories of seeded block k."""
 
@@ -110,7 +115,9 @@ class StoriesSource:
     def chunks(self, key: dict | None) -> Iterator[Chunk]:
         start = int(key["block"]) if key else 0
         ds = datasets.IterableDataset.from_generator(
-            _story_rows, gen_kwargs={"seed": self.seed, "split": self.split, "start_block": start}
+            _story_rows,
+            features=_STORY_FEATURES,
+            gen_kwargs={"seed": self.seed, "split": self.split, "start_block": start},
         )
         for row in ds:
             yield _chunk(
