@@ -167,6 +167,26 @@ def frame_tokens(traj: Trajectory, step: int) -> np.ndarray:
     return np.where(traj.reveal_step <= step, traj.tokens, traj.mask_id).astype(np.int32)
 
 
+def token_pieces(tokenizer, row) -> list[str]:
+    """The text of each position of one sample, list[str] [L].
+
+    A character split over several byte tokens (an emoji, an accented letter) decodes only
+    as a whole: its text goes to the last token of the group, the others show nothing.
+    """
+    pieces, group = [], []
+    for t in (int(t) for t in row):
+        group.append(t)
+        text = tokenizer.decode(group)
+        if "\ufffd" in text and len(group) < 4:  # UTF-8 characters are at most 4 bytes
+            pieces.append("")
+            continue
+        pieces.append(text)
+        group = []
+    if group:  # an incomplete character at the end: show what the tokens decode to
+        pieces[-len(group) :] = [tokenizer.decode([t]) for t in group]
+    return pieces
+
+
 def from_sample_result(result, tokenizer, *, data: str) -> Trajectory:
     """jif.sampling.SampleResult (with its trajectory) -> the page's Trajectory.
 
@@ -186,7 +206,7 @@ def from_sample_result(result, tokenizer, *, data: str) -> Trajectory:
         tokens=tokens,
         reveal_step=np.asarray(sampled.reveal_step, np.int32) + 1,
         confidence=np.asarray(sampled.prob, np.float32),
-        pieces=[[tokenizer.decode([int(t)]) for t in row] for row in tokens],
+        pieces=[token_pieces(tokenizer, row) for row in tokens],
         n_steps=int(np.asarray(sampled.counts).shape[1]),
         eot_id=tokenizer.eot_id,
         mask_id=tokenizer.mask_id,
@@ -265,7 +285,8 @@ def plot_statistics(traj: Trajectory):
     ax1.set_ylabel("revealed")
     ok = ~np.isnan(conf)
     ax2.plot(steps[ok], conf[ok], ".-", color="#e45756", markersize=3)
-    ax2.set_ylim(0, 1.02)
+    top = float(np.nanmax(conf)) if ok.any() else 1.0
+    ax2.set_ylim(0, min(1.02, 1.15 * top) if top > 0 else 1.0)
     ax2.set_ylabel("mean conf.")
     ax2.set_xlabel("step")
     fig.suptitle("tokens revealed and their mean confidence, per step", fontsize=9)
@@ -277,7 +298,7 @@ def plot_statistics(traj: Trajectory):
 def scores_markdown(traj: Trajectory, data: str) -> str:
     if traj.scores is None:
         return f"Grammar score: only for checkpoints trained on the embedded stories (this one: `{data}`)."
-    rows = ["| sample | grammar score | sentences | pronouns consistent |", "|---|---|---|---|"]
+    rows = ["| # | grammar score | sentences | pronouns consistent |", "|---|---|---|---|"]
     for i, r in enumerate(traj.scores):
         rows.append(f"| #{i + 1} | {r.score:.2f} | {r.n_sentences} | {r.pronouns_consistent} |")
     return "\n".join(rows)

@@ -294,3 +294,13 @@ def test_real_tiny_checkpoint_streams_to_the_end(tiny_run):
         assert app.PLACEHOLDER_CLASS not in final[0]
     finally:
         demo.close()
+
+
+def test_token_pieces_join_to_the_decoded_text():
+    tok = load_tokenizer(N_BPE)
+    text = "Tom said “hé 🙂” and ran.<|endoftext|>Lily"
+    ids = tok.encode(text)
+    pieces = app.token_pieces(tok, ids)
+    assert len(pieces) == len(ids)
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert "\ufffd" not in "".join(pieces) and "" in pieces  # multi-byte characters grouped

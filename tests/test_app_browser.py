@@ -76,4 +76,13 @@ def test_generate_animates_until_no_placeholder(fake_server, browser):
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+
+    # Replay: move the step slider back to 0; the template comes back without sampling again.
+    box = page.locator("#jif-replay input[type=number]")
+    box.fill("0")
+    box.press("Enter")
+    page.wait_for_function(
+        "document.querySelector('#jif-text').innerHTML.includes('step 0 /')", timeout=30_000
+    )
+    assert text.inner_html().count(app.PLACEHOLDER_CLASS) == counts[0]
     page.close()
