@@ -179,7 +179,10 @@ class Sequential(Module):
         )
 
     def norm(self, weights):
-        terms = [s * c.norm(_pick(weights, c)) for s, c in zip(self._scales(), self.children)]
+        terms = [
+            s * c.norm(_pick(weights, c))
+            for s, c in zip(self._scales(), self.children, strict=True)
+        ]
         return nmax(terms[0], terms[1])
 
     def dualize(self, grads, target_norm=1.0):

@@ -32,7 +32,7 @@ def _random_like(key, weights):
     keys = jax.random.split(key, len(weights))
     return {
         k: pz.nx.nmap(lambda a, kk=kk: jax.random.normal(kk, a.shape))(w)
-        for kk, (k, w) in zip(keys, weights.items())
+        for kk, (k, w) in zip(keys, weights.items(), strict=True)
     }
 
 
@@ -195,14 +195,16 @@ def _out_rms(y):
 def _ratio_input(module, w, x, key, eps=1e-3):
     """RMS(f(x + dx) - f(x)) / RMS(dx) for a random dx."""
     dx = _named(key, x.named_shape, eps)
-    return _out_rms(module(w, x + dx) - module(w, x)) / _out_rms(dx)
+    fwd = jax.jit(module.forward)
+    return _out_rms(fwd(w, x + dx) - fwd(w, x)) / _out_rms(dx)
 
 
 def _weight_ratio(module, w, x, dw, eps=1e-3):
     """RMS(output change) / ||dw|| with dw scaled to modular norm eps."""
-    scale = eps / _scalar(module.norm(dw))
+    scale = eps / _scalar(jax.jit(module.norm)(dw))
     dw = {k: v * scale for k, v in dw.items()}
-    return _out_rms(module(_add(w, dw), x) - module(w, x)) / eps
+    fwd = jax.jit(module.forward)
+    return _out_rms(fwd(_add(w, dw), x) - fwd(w, x)) / eps
 
 
 @pytest.mark.parametrize("name", ["linear", "gain", "bias", "block", "two_blocks"])
@@ -217,12 +219,13 @@ def test_measured_bounds_hold(name):
     }[name]
     w = module.initialize(key)
     x = _unit_rms_input(jax.random.key(9))
-    for i in range(3):
+    dualize = jax.jit(lambda g: module.dualize(g, 1.0))
+    for i in range(2):
         k = jax.random.key(10 + i)
         assert _ratio_input(module, w, x, k) <= module.sensitivity * 1.01
         g = _random_like(k, w)
         assert _weight_ratio(module, w, x, g) <= 1.01  # random direction
-        assert _weight_ratio(module, w, x, module.dualize(g, 1.0)) <= 1.01  # steepest one
+        assert _weight_ratio(module, w, x, dualize(g)) <= 1.01  # steepest one
 
 
 def test_linear_bound_is_attained():
@@ -245,14 +248,14 @@ def test_bond_sensitivity(bond):
                 _unit_rms_input(k, d=8).untag("embedding").tag("projection") for k in (k1, k2, k3)
             )
             dqkv = tuple(_named(k, x.named_shape, 1e-3) for k in jax.random.split(k1, 3))
-            out = modula.Attention()({}, tuple(a + b for a, b in zip(qkv, dqkv)))
+            out = modula.Attention()({}, tuple(a + b for a, b in zip(qkv, dqkv, strict=True)))
             change = _out_rms(out - modula.Attention()({}, qkv))
             assert change <= sum(_out_rms(d) for d in dqkv)
             continue
         b = {"gelu": modula.GELU(), "rmsnorm": modula.RMSNorm("projection"), "rope": modula.RoPE()}[
             bond
         ]
-        fwd = (lambda v: b({}, (v, v))[0]) if bond == "rope" else (lambda v: b({}, v))
+        fwd = (lambda v, b=b: b({}, (v, v))[0]) if bond == "rope" else (lambda v, b=b: b({}, v))
         dx = _named(k1, x.named_shape, 1e-3)
         ratio = _out_rms(fwd(x + dx) - fwd(x)) / _out_rms(dx)
         assert ratio <= b.sensitivity * 1.001

@@ -1,0 +1,138 @@
+"""modula on jif's DiT: structure by label, dual norms, measured bounds at initialisation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from penzai import pz
+
+import modula
+from jif import model as M
+from modula.core import reduce_max
+
+# vocab_size 256 = a multiple of vocab_multiple: no padded rows, so the RMS over the returned
+# logits is the RMS over the whole output layer.
+CFG = M.make_config("tiny", arch="modula", vocab_size=256)
+
+
+def _scalar(x) -> float:
+    return float(reduce_max(x).unwrap())
+
+
+def _random_like(key, weights):
+    keys = jax.random.split(key, len(weights))
+    return {
+        k: pz.nx.nmap(lambda a, kk=kk: jax.random.normal(kk, a.shape))(w)
+        for kk, (k, w) in zip(keys, weights.items(), strict=True)
+    }
+
+
+@pytest.fixture(scope="module")
+def dit():
+    model = M.build_model(CFG, jax.random.key(0))
+    params = M.params_dict(model)
+    module = modula.dit_module(CFG, params)
+    # the output layer is zero at init (logits 0); give it its orthogonal modula init so that
+    # every weight moves the output to first order
+    params["dit/out/unembed"] = module.project(params)["dit/out/unembed"]
+    return model, params, module
+
+
+def _bind(model, params):
+    """The model with its parameters replaced by ``params`` (by label)."""
+    unbound, _ = pz.unbind_params(model, freeze=True)
+    return pz.bind_variables(
+        unbound, [pz.ParameterValue(label=k, value=v) for k, v in params.items()]
+    )
+
+
+def test_structure_masses_and_sensitivity(dit):
+    _, params, module = dit
+    assert sorted(module.labels) == sorted(params)
+    # embedding 1 + blocks 5 + (unembed 1 + output gain 0.1)
+    assert module.mass == pytest.approx(7.1)
+    # each block: attention branch (1 - 1/R) + 3/R (q, k, v in a tuple), MLP branch 1; R = 4
+    assert module.sensitivity == pytest.approx((1 - 1 / 4 + 3 / 4) ** CFG.n_layers)
+
+
+def test_dual_has_target_modular_norm(dit):
+    _, params, module = dit
+    g = _random_like(jax.random.key(1), params)
+    d = jax.jit(lambda g: module.dualize(g, 0.3))(g)
+    assert _scalar(module.norm(d)) == pytest.approx(0.3, rel=2e-3)
+    atoms = {a.name: a for a in module.atoms()}
+    # output layer: target 0.3 * mass 1 / 7.1; embedding: also / downstream sensitivity 2.25
+    assert _scalar(atoms["dit/out/unembed"].norm(d)) == pytest.approx(0.3 / 7.1, rel=2e-3)
+    assert _scalar(atoms["dit/embed"].norm(d)) == pytest.approx(0.3 / 7.1 / 2.25, rel=2e-3)
+
+
+def test_adaln_variant_is_covered():
+    cfg = M.make_config("tiny", arch="modula", adaln=True, vocab_size=256)
+    params = M.params_dict(M.build_model(cfg, jax.random.key(0)))
+    module = modula.dit_module(cfg, params)
+    assert sorted(module.labels) == sorted(params)
+    d = jax.jit(lambda g: module.dualize(g, 0.1))(_random_like(jax.random.key(2), params))
+    assert _scalar(jax.jit(module.norm)(d)) == pytest.approx(0.1, rel=2e-3)
+
+
+def _logits(model, params, tokens):
+    return M.apply_logits(_bind(model, params), tokens, jnp.zeros(tokens.shape[0]))
+
+
+def test_whole_dit_weight_perturbation_bound(dit):
+    """RMS(logit change) <= modular norm of the weight change, at initialisation."""
+    model, params, module = dit
+    tokens = jax.random.randint(jax.random.key(3), (2, 32), 0, CFG.vocab_size)
+    logits = jax.jit(lambda p: _logits(model, p, tokens))
+    norm, dualize = jax.jit(module.norm), jax.jit(lambda g: module.dualize(g, 1.0))
+    base, eps = logits(params), 1e-3
+    for i in range(2):
+        g = _random_like(jax.random.key(10 + i), params)
+        for dw in (g, dualize(g)):  # a random and the steepest direction
+            scale = eps / _scalar(norm(dw))
+            moved = {k: params[k] + scale * dw[k] for k in params}
+            change = float(jnp.sqrt(jnp.mean((logits(moved) - base) ** 2)))
+            assert change <= eps * 1.01
+
+
+def test_blocks_input_sensitivity(dit):
+    """The stacked blocks change the residual stream by at most the declared sensitivity."""
+    model, params, module = dit
+    bound = _bind(model, params)
+    x = jax.random.normal(jax.random.key(4), (2, 32, CFG.d_model))
+    x = x / jnp.sqrt(jnp.mean(x**2, axis=-1, keepdims=True))
+    blocks = jax.jit(
+        lambda a: bound.blocks(
+            pz.nx.wrap(a).tag("batch", "seq", "embedding"),
+            token_positions=pz.nx.arange("seq", 32),
+        ).unwrap("batch", "seq", "embedding")
+    )
+    dx = 1e-3 * jax.random.normal(jax.random.key(5), x.shape)
+    ratio = float(jnp.sqrt(jnp.mean((blocks(x + dx) - blocks(x)) ** 2) / jnp.mean(dx**2)))
+    assert 0 < ratio <= (1 - 1 / 4 + 3 / 4) ** CFG.n_layers  # declared, as above
+
+
+def test_optimizer_trains_the_dit(dit):
+    """A few modula steps fit a fixed batch (token reconstruction cross-entropy)."""
+    model, params, _ = dit
+    tokens = jax.random.randint(jax.random.key(6), (4, 16), 0, CFG.vocab_size)
+
+    def loss(p):
+        logp = jax.nn.log_softmax(_logits(model, p, tokens))
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[..., None], -1))
+
+    opt = modula.optimizer(0.5, model_config=CFG, params=params)
+
+    @jax.jit
+    def step(p, s):
+        value, g = jax.value_and_grad(loss)(p)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s, value
+
+    p, s = params, opt.init(params)
+    losses = [float(step(p, s)[2])]
+    for _ in range(15):
+        p, s, value = step(p, s)
+        losses.append(float(value))
+    assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
