@@ -113,6 +113,7 @@ EVENTS = {
         [
             "They played with a {size} {colour} {+O} all day.",
             "They played {game} until the sun went down.",
+            "They saw a {size} {animal} and played with it all day.",
         ],
         ['{A} said, "This is so much fun, {F}!"', '{F} laughed and said, "Let us play again!"'],
     ],
