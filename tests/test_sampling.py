@@ -1,0 +1,335 @@
+"""Sampler tests against denoisers whose right answer is known exactly."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jif import sampling
+from jif.sampling import METHODS, encode_template, filter_logits, replay, sample
+
+# ----------------------------------------------------------------------------- exact denoiser
+
+N_VOCAB, LENGTH, MASK = 3, 3, 3  # token ids 0..2, mask id 3; the denoiser outputs 4 logits
+SEQS = np.array(list(itertools.product(range(N_VOCAB), repeat=LENGTH)), np.int32)  # [27, 3]
+
+
+def make_joint(seed=0) -> np.ndarray:
+    """A strongly correlated distribution over the 27 sequences, with some impossible ones."""
+    rng = np.random.default_rng(seed)
+    p = np.exp(1.5 * rng.normal(size=len(SEQS)))
+    p[[1, 5, 13]] = 0.0
+    return p / p.sum()
+
+
+JOINT = make_joint()
+
+
+def exact_denoise_fn(tokens: jax.Array) -> jax.Array:
+    """logits [B, L, 4]: log p(x_i = v | unmasked tokens) by enumeration; the mask logit is
+    the largest of all, so a sampler that ever draws it fails."""
+    seqs, joint = jnp.asarray(SEQS), jnp.asarray(JOINT, jnp.float32)
+    consistent = jnp.all((tokens[:, None, :] == MASK) | (tokens[:, None, :] == seqs[None]), -1)
+    weight = consistent * joint[None, :]  # [B, 27]
+    onehot = jax.nn.one_hot(seqs, N_VOCAB)  # [27, L, 3]
+    marginal = jnp.einsum("bs,slv->blv", weight, onehot)
+    logits = jnp.log(marginal / marginal.sum(-1, keepdims=True))
+    return jnp.concatenate([logits, jnp.full(logits.shape[:2] + (1,), 50.0)], axis=-1)
+
+
+def chi2_threshold(df: int, z: float = 3.09) -> float:
+    """Upper 1e-3 quantile of chi-square(df) (Wilson-Hilferty)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def assert_distribution(samples: np.ndarray, probs: np.ndarray, cells: np.ndarray):
+    """Chi-square goodness of fit of rows of `samples` to `probs` over rows of `cells`."""
+    index = {tuple(c): i for i, c in enumerate(cells)}
+    counts = np.zeros(len(cells))
+    for row, n in zip(*np.unique(samples, axis=0, return_counts=True), strict=True):
+        assert tuple(row) in index and probs[index[tuple(row)]] > 0, f"impossible sample {row}"
+        counts[index[tuple(row)]] += n
+    support = probs > 0
+    expected = probs[support] * len(samples)
+    stat = float(np.sum((counts[support] - expected) ** 2 / expected))
+    assert stat < chi2_threshold(int(support.sum()) - 1), (stat, counts, expected)
+
+
+N_SAMPLES = 10_000
+STEPS = 500  # two of three tokens share a step with probability about 0.6%
+UNCOND = np.full((N_SAMPLES, LENGTH), MASK, np.int32)
+
+
+@pytest.fixture(scope="module")
+def ancestral_runs():
+    key = jax.random.key(0)
+    return {
+        m: sample(exact_denoise_fn, key, UNCOND, mask_id=MASK, steps=STEPS, method=m)
+        for m in ("ddpm", "ddpm_cache")
+    }
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddpm_cache"])
+def test_ancestral_reproduces_joint(ancestral_runs, method):
+    assert_distribution(np.asarray(ancestral_runs[method].tokens), JOINT, SEQS)
+
+
+def test_ddpm_cache_same_samples_fewer_calls(ancestral_runs):
+    a, b = ancestral_runs["ddpm"], ancestral_runs["ddpm_cache"]
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    assert int(a.n_calls) == STEPS + 1  # every step plus the final denoising step
+    assert 1 <= int(b.n_calls) <= LENGTH  # at most one call per distinct reveal step
+
+
+def test_random_order_one_token_per_step_is_exact():
+    # Revealing one token per step from the exact conditional samples the joint exactly.
+    out = sample(
+        exact_denoise_fn, jax.random.key(1), UNCOND, mask_id=MASK, steps=3, method="random"
+    )
+    assert int(out.n_calls) == 3
+    assert_distribution(np.asarray(out.tokens), JOINT, SEQS)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddpm_cache"])
+def test_ancestral_conditional_with_fixed_position(method):
+    tokens = UNCOND.copy()
+    tokens[:, 1] = 2
+    out = sample(
+        exact_denoise_fn, jax.random.key(2), tokens, mask_id=MASK, steps=STEPS, method=method
+    )
+    out = np.asarray(out.tokens)
+    assert (out[:, 1] == 2).all()
+    keep = SEQS[:, 1] == 2
+    assert_distribution(out[:, [0, 2]], JOINT[keep] / JOINT[keep].sum(), SEQS[keep][:, [0, 2]])
+
+
+# ----------------------------------------------------------------------------- fake denoisers
+
+V_FAKE, MASK_FAKE, L_FAKE = 9, 8, 12
+TARGET = (3 * np.arange(L_FAKE) + 1) % MASK_FAKE  # the argmax at each position
+
+
+def fake_logits(confidence: np.ndarray) -> np.ndarray:
+    """[L, V] logits whose argmax at position i is TARGET[i] with softmax prob confidence[i]
+    (the rest spread evenly) and a mask logit above everything."""
+    logits = np.zeros((L_FAKE, V_FAKE), np.float32)
+    rest = (1 - confidence) / (MASK_FAKE - 1)
+    logits[:, :MASK_FAKE] = np.log(rest)[:, None]
+    logits[np.arange(L_FAKE), TARGET] = np.log(confidence)
+    logits[:, MASK_FAKE] = 100.0
+    return logits
+
+
+CONF = np.linspace(0.3, 0.9, L_FAKE)[np.random.default_rng(0).permutation(L_FAKE)]
+FAKE = jnp.asarray(fake_logits(CONF))
+
+
+def fake_denoise_fn(tokens):
+    return jnp.broadcast_to(FAKE, tokens.shape + (V_FAKE,))
+
+
+def fake_input(batch=3):
+    tokens = np.full((batch, L_FAKE), MASK_FAKE, np.int32)
+    tokens[:, 0] = 7  # a fixed token that differs from TARGET[0]
+    tokens[1, 5] = 2
+    return tokens
+
+
+@pytest.mark.parametrize("block_length", [None, 4])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_argmax_at_temperature_zero(method, block_length):
+    tokens = fake_input()
+    masked = tokens == MASK_FAKE
+    run = lambda temperature: sample(
+        fake_denoise_fn,
+        jax.random.key(3),
+        tokens,
+        mask_id=MASK_FAKE,
+        steps=24,
+        method=method,
+        temperature=temperature,
+        block_length=block_length,
+        return_trajectory=True,
+    )
+    out = run(0.0)
+    got = np.asarray(out.tokens)
+    np.testing.assert_array_equal(got, np.where(masked, TARGET[None, :], tokens))
+    traj = out.trajectory
+    n_steps = traj.counts.shape[1]
+    np.testing.assert_array_equal(replay(traj, got, 0, MASK_FAKE), tokens)
+    np.testing.assert_array_equal(replay(traj, got, n_steps, MASK_FAKE), got)
+    for step in range(n_steps):  # each frame reveals exactly counts[:, step] more tokens
+        before = replay(traj, got, step, MASK_FAKE) == MASK_FAKE
+        after = replay(traj, got, step + 1, MASK_FAKE) == MASK_FAKE
+        np.testing.assert_array_equal((before & ~after).sum(1), np.asarray(traj.counts[:, step]))
+    reveal = np.asarray(traj.reveal_step)
+    assert (reveal[~masked] == -1).all() and (reveal[masked] >= 0).all()
+    if block_length:  # blocks are generated left to right
+        block_of_step = reveal // (n_steps // 3)
+        block_of_pos = np.broadcast_to(np.arange(L_FAKE) // 4, tokens.shape)
+        np.testing.assert_array_equal(block_of_step[masked], block_of_pos[masked])
+    elif not method.startswith("ddpm"):  # the expected number of reveals per step
+        m = masked.sum(1)[:, None]
+        remaining = (m * (24 - np.arange(25))) // 24
+        np.testing.assert_array_equal(np.asarray(traj.counts), remaining[:, :-1] - remaining[:, 1:])
+    if method != "random":
+        want = np.broadcast_to(CONF, tokens.shape)[masked]
+        np.testing.assert_allclose(np.asarray(traj.prob)[masked], want, rtol=1e-5)
+    # At temperature 1 (same compiled program): no mask left, fixed tokens kept.
+    hot = np.asarray(run(1.0).tokens)
+    assert (hot != MASK_FAKE).all()
+    np.testing.assert_array_equal(hot[~masked], tokens[~masked])
+    assert (hot != got).any()
+
+
+@pytest.mark.parametrize("method", ["confidence", "margin", "entropy"])
+def test_orders_reveal_most_certain_first(method):
+    # 12 masks over 24 steps: one token every other step; all three scores increase with CONF.
+    # (Same shapes and options as test_argmax_at_temperature_zero, so no new compilation.)
+    tokens = np.full((3, L_FAKE), MASK_FAKE, np.int32)
+    out = sample(
+        fake_denoise_fn,
+        jax.random.key(4),
+        tokens,
+        mask_id=MASK_FAKE,
+        steps=24,
+        method=method,
+        temperature=0.0,
+        return_trajectory=True,
+    )
+    reveal = np.asarray(out.trajectory.reveal_step)
+    assert len(np.unique(reveal[0])) == L_FAKE
+    np.testing.assert_array_equal(np.argsort(reveal, axis=1), np.argsort(-CONF)[None].repeat(3, 0))
+    assert int(out.n_calls) == L_FAKE  # steps that reveal nothing call nothing
+
+
+# ----------------------------------------------------------------------------- temperature, top-k, top-p
+
+
+def one_position_samples(logits: np.ndarray, n: int, **kw) -> np.ndarray:
+    fn = lambda t: jnp.broadcast_to(jnp.asarray(logits, jnp.float32), t.shape + (len(logits),))
+    tokens = np.full((n, 1), len(logits) - 1, np.int32)  # the last id is the mask
+    out = sample(
+        fn, jax.random.key(7), tokens, mask_id=len(logits) - 1, steps=1, method="ddpm", **kw
+    )
+    return np.asarray(out.tokens)[:, 0]
+
+
+def test_low_temperature_is_exact_in_float32():
+    # logits = T log p at T = 1e-4 must give back p: precision is kept by subtracting the max.
+    p = np.array([0.5, 0.3, 0.2])
+    logits = np.append(1e-4 * np.log(p) + 3.0, 0.0)
+    got = one_position_samples(logits, 20_000, temperature=1e-4)
+    assert_distribution(got[:, None], p, np.arange(3)[:, None])
+
+
+def test_top_k_and_top_p():
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.asarray(np.log(p))[None, None]
+    finite = lambda **kw: np.isfinite(
+        np.asarray(filter_logits(logits, mask_id=99, temperature=1.0, **kw))[0, 0]
+    )
+    np.testing.assert_array_equal(finite(top_k=2, top_p=1.0), [1, 1, 0, 0])
+    np.testing.assert_array_equal(finite(top_k=0, top_p=0.7), [1, 1, 0, 0])
+    np.testing.assert_array_equal(finite(top_k=0, top_p=0.4), [1, 0, 0, 0])
+    np.testing.assert_array_equal(finite(top_k=0, top_p=0.81), [1, 1, 1, 0])
+    got = one_position_samples(np.append(np.log(p), 0.0), 20_000, top_k=2)
+    assert_distribution(got[:, None], p[:2] / p[:2].sum(), np.arange(2)[:, None])
+
+
+def test_gumbel_moments():
+    g = np.asarray(sampling.gumbel(jax.random.key(8), (400_000,)), np.float64)
+    assert abs(g.mean() - np.euler_gamma) < 0.01 and abs(g.var() - np.pi**2 / 6) < 0.02
+    assert np.isfinite(g).all()
+
+
+# ----------------------------------------------------------------------------- noise conditioning
+
+
+def test_time_conditioned_ddpm_sees_schedule_and_cache_refuses():
+    # argmax is 0 while the noise level is above 0.5, else 1.
+    def fn(tokens, mask_rate):
+        logits = jnp.where(
+            mask_rate[:, None, None] > 0.5, jnp.array([1.0, 0.0, -1.0]), jnp.array([0.0, 1.0, -1.0])
+        )
+        return jnp.broadcast_to(logits, tokens.shape + (3,))
+
+    tokens = np.full((4, 16), 2, np.int32)
+    out = sample(
+        fn,
+        jax.random.key(9),
+        tokens,
+        mask_id=2,
+        steps=20,
+        method="ddpm",
+        temperature=0.0,
+        time_conditioned=True,
+        return_trajectory=True,
+    )
+    grid = sampling.ancestral_grid(20)
+    level = (1 - sampling.EPS) * grid[np.asarray(out.trajectory.reveal_step)]
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.where(level > 0.5, 0, 1))
+    with pytest.raises(ValueError, match="noise level"):
+        sample(
+            fn,
+            jax.random.key(9),
+            tokens,
+            mask_id=2,
+            steps=20,
+            method="ddpm_cache",
+            time_conditioned=True,
+        )
+
+
+def test_bad_options_raise():
+    tokens = fake_input()
+    with pytest.raises(ValueError, match="method='nope'"):
+        sample(fake_denoise_fn, jax.random.key(0), tokens, mask_id=MASK_FAKE, method="nope")
+    with pytest.raises(ValueError, match="multiple of the number of blocks"):
+        sample(
+            fake_denoise_fn, jax.random.key(0), tokens, mask_id=MASK_FAKE, steps=10, block_length=5
+        )
+    with pytest.raises(ValueError, match="top_p"):
+        sample(fake_denoise_fn, jax.random.key(0), tokens, mask_id=MASK_FAKE, top_p=0.0)
+
+
+# ----------------------------------------------------------------------------- templates
+
+
+class FakeTokenizer:
+    """Characters as tokens: id = ord(c) - 97 for a..z, 26 for anything else."""
+
+    eot_id, mask_id = 27, 28
+
+    def encode(self, text):
+        return [ord(c) - 97 if "a" <= c <= "z" else 26 for c in text]
+
+
+def test_encode_template():
+    tok = FakeTokenizer()
+    got = encode_template(tok, "ab [MASK:3]c[MASK]", length=12)
+    want = [27, 0, 1, 26, 28, 28, 28, 2, 28, 28, 28, 28]
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(encode_template(tok, "hi", length=5), [27, 7, 8, 28, 28])
+    with pytest.raises(ValueError, match="3 more than the context length 8"):
+        encode_template(tok, "abcd[MASK:6]", length=8)
+
+
+def test_expected_calls_matches_sampler():
+    # One row of 64 masks: the mean number of cached calls is the expected number of distinct
+    # reveal steps.
+    tokens = np.full((1, 64), MASK_FAKE, np.int32)
+    fn = lambda t: jnp.zeros(t.shape + (V_FAKE,))
+    calls = [
+        int(
+            sample(
+                fn, jax.random.key(i), tokens, mask_id=MASK_FAKE, steps=100, method="ddpm_cache"
+            ).n_calls
+        )
+        for i in range(40)
+    ]
+    assert abs(np.mean(calls) - sampling.expected_calls(100, 64)) < 2.0
