@@ -20,9 +20,9 @@ Sequences (int32 [batch_size, seq_len]) always start with eot_id, which serves a
   after each, and the stream is cut into windows of seq_len - 1 tokens behind the BOS (a
   window does not begin with a bare separator). No token is padding, so every position
   trains the model and a batch costs the same whatever the document lengths; a model that
-  sees separators learns where stories end, and long documents are never truncated. This is
-  what the original MDLM/jif setup does ("wrap") and what the loss floor of the embedded
-  grammar (`jif.stories.entropy_nats_per_token`, one eot per story) is computed for.
+  sees separators learns where stories end, and long documents are never truncated. MDLM's
+  `wrap` option packs the same way, and the loss floor of the embedded grammar
+  (`jif.stories.entropy_nats_per_token`, one eot per story) is computed for this stream.
 - packing="pad": one document per row, BOS + its first seq_len - 1 tokens, padded with eot.
   Rows then hold whole stories from their start, at the cost of compute spent on padding.
 
