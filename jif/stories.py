@@ -128,7 +128,7 @@ CLOSING_PET = ["{A}, {F} and the {P} were happy together."]
 P_PET = 0.5  # probability of a pet sentence
 P_TWO_EVENTS = 0.25  # probability of two events (else one): keeps most stories < 128 tokens
 VALIDATION_PERCENT = 5  # stories whose text hash falls in this bucket form the validation split
-BLOCK_SIZE = 1024  # stories generated per seeded block (iteration resumes at block granularity)
+BLOCK_SIZE = 256  # stories generated per seeded block (iteration resumes at block granularity)
 
 _SLOT = re.compile(r"\{([^{}]+)\}")
 
