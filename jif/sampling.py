@@ -447,7 +447,8 @@ def sample(
     if steps < 1 or steps % n_blocks:
         raise ValueError(
             f"steps={steps} must be a positive multiple of the number of blocks ({n_blocks} "
-            f"blocks of {block_length} in length {length}); e.g. steps={n_blocks * max(1, steps // n_blocks)}."
+            f"blocks of {block_length} in length {length}); "
+            f"e.g. steps={n_blocks * max(1, steps // n_blocks)}."
         )
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 is argmax).")
@@ -489,17 +490,20 @@ def encode_template(tokenizer, template: str, *, length: int) -> np.ndarray:
     "[MASK:n]" stands for n generated tokens and "[MASK]" for one; text around them is fixed.
     The sequence starts with the end-of-text token (the BOS of the training data) and is
     filled with masks up to `length`, so a plain prompt is continued and a template is both
-    infilled and continued.
+    infilled and continued. Spaces just before a mask are dropped: byte-level BPE puts a
+    word's space in the word's token, so the generated token brings its own.
     """
+    pieces = _MASK.split(template)  # text, count, text, count, ..., text
     ids = [tokenizer.eot_id]
-    pos = 0
-    for m in _MASK.finditer(template):
-        if m.start() > pos:
-            ids += tokenizer.encode(template[pos : m.start()])
-        ids += [tokenizer.mask_id] * int(m.group(1) or 1)
-        pos = m.end()
-    if pos < len(template):
-        ids += tokenizer.encode(template[pos:])
+    for i in range(0, len(pieces), 2):
+        text, n_masks = pieces[i], None
+        if i + 1 < len(pieces):
+            n_masks = int(pieces[i + 1] or 1)
+        if n_masks is not None or len(ids) + len(tokenizer.encode(text)) < length:
+            text = text.rstrip(" ")
+        if text:
+            ids += tokenizer.encode(text)
+        ids += [tokenizer.mask_id] * (n_masks or 0)
     if len(ids) > length:
         raise ValueError(
             f"the template is {len(ids)} tokens (with the leading end-of-text token), "

@@ -1,6 +1,7 @@
 """Sampler tests against denoisers whose right answer is known exactly."""
 
 import itertools
+import json
 import math
 
 import jax
@@ -206,7 +207,7 @@ def test_orders_reveal_most_certain_first(method):
     assert int(out.n_calls) == L_FAKE  # steps that reveal nothing call nothing
 
 
-# ----------------------------------------------------------------------------- temperature, top-k, top-p
+# ----------------------------------------------------------------------------- top-k, top-p
 
 
 def one_position_samples(logits: np.ndarray, n: int, **kw) -> np.ndarray:
@@ -310,11 +311,12 @@ class FakeTokenizer:
 
 def test_encode_template():
     tok = FakeTokenizer()
-    got = encode_template(tok, "ab [MASK:3]c[MASK]", length=12)
-    want = [27, 0, 1, 26, 28, 28, 28, 2, 28, 28, 28, 28]
+    got = encode_template(tok, "ab [MASK:3] c[MASK]", length=12)
+    want = [27, 0, 1, 28, 28, 28, 26, 2, 28, 28, 28, 28]  # no space before a mask
     np.testing.assert_array_equal(got, want)
     assert got.dtype == np.int32
-    np.testing.assert_array_equal(encode_template(tok, "hi", length=5), [27, 7, 8, 28, 28])
+    np.testing.assert_array_equal(encode_template(tok, "hi ", length=5), [27, 7, 8, 28, 28])
+    np.testing.assert_array_equal(encode_template(tok, "hi ", length=4), [27, 7, 8, 26])
     with pytest.raises(ValueError, match="3 more than the context length 8"):
         encode_template(tok, "abcd[MASK:6]", length=8)
 
@@ -333,3 +335,57 @@ def test_expected_calls_matches_sampler():
         for i in range(40)
     ]
     assert abs(np.mean(calls) - sampling.expected_calls(100, 64)) < 2.0
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from jif import train
+
+    out = tmp_path_factory.mktemp("sample_cli") / "run"
+    train.main(
+        ["--preset", "tiny", "--steps", "2", "--batch-size", "4", "--seq-len", "32"]
+        + ["--out", str(out), "--eval-every", "0", "--n-samples", "0", "--no-progress"]
+    )
+    return str(out)
+
+
+def test_cli_end_to_end(tiny_run, capsys):
+    from jif import sample as sample_cli
+    from jif.checkpoint import load_for_inference
+
+    tok = load_for_inference(tiny_run).tokenizer
+    template = "Once upon a time, [MASK:5] was happy."
+    argv = ["--checkpoint", tiny_run, "--steps", "16", "--num", "2", "--template", template]
+    out = sample_cli.main(argv + ["--json", "--method", "confidence", "--temperature", "0.5"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["texts"] == out["texts"] and len(out["texts"]) == 2
+    tokens = np.asarray(out["tokens"])
+    row = encode_template(tok, template, length=32)
+    assert tokens.shape == (2, 32) and (tokens != tok.mask_id).all()
+    np.testing.assert_array_equal(
+        tokens[:, row != tok.mask_id], np.tile(row[row != tok.mask_id], (2, 1))
+    )
+    assert out["data"] == "stories" and len(out["scores"]) == 2
+    assert all(0.0 <= s <= 1.0 for s in out["scores"])
+    assert 1 <= out["n_calls"] <= 16
+
+    sample_cli.main(["--checkpoint", tiny_run, "--steps", "8", "--num", "1", "--no-ema"])
+    text = capsys.readouterr().out
+    assert "--- sample 0  grammar score" in text and "ddpm_cache with 8 steps" in text
+
+
+def test_cli_user_mistakes(tiny_run, tmp_path, capsys):
+    from jif import sample as sample_cli
+
+    for argv, message in [
+        (["--checkpoint", str(tmp_path / "nothing")], "does not exist"),
+        (["--checkpoint", tiny_run, "--template", "[MASK:40]"], "more than the context length 32"),
+        (["--checkpoint", tiny_run, "--length", "64"], "context 32"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            sample_cli.main(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
