@@ -267,15 +267,18 @@ class SoftmaxF32(pz.nn.Layer):
 
 
 @pz.pytree_dataclass
-class TrimVocab(pz.nn.Layer):
-    """Drops the internal padding rows of "vocabulary"."""
+class Unembed(pz.nn.Layer):
+    """Output layer {"embedding"} -> {"vocabulary"}; drops the table's padding columns before
+    the matmul, so exactly `size` logits are computed."""
 
+    weights: pz.nn.ParameterLike[pz.nx.NamedArray]  # {"embedding", "vocabulary"} (padded)
     size: int = dataclasses.field(metadata={"pytree_node": False})
 
     def __call__(self, x: pz.nx.NamedArray, **_side) -> pz.nx.NamedArray:
-        if x.named_shape["vocabulary"] == self.size:
-            return x
-        return x[{"vocabulary": pz.slice[: self.size]}]
+        w = self.weights.value
+        if w.named_shape["vocabulary"] != self.size:
+            w = w[{"vocabulary": pz.slice[: self.size]}]
+        return pz.nn.contract("embedding", x, w)
 
 
 def _pre(name, key, config) -> list[pz.nn.Layer]:
@@ -454,11 +457,11 @@ def build_model(config: ModelConfig, key: jax.Array) -> DiT:
     emb, vocab = {"embedding": config.d_model}, {"vocabulary": config.padded_vocab}
     embed_init = "embed_rms1" if config.arch == "modula" else "unit_normal"
     head = [*_pre("dit/out", key, config)]
-    head.append(_linear("dit/out/unembed", key, config, emb, vocab, init="zeros"))
+    unembed = _param("dit/out/unembed", key, config, emb, vocab, init="zeros")
+    head.append(Unembed(weights=unembed, size=config.vocab_size))
     if config.mup_base_width is not None:
         mult = config.mup_base_width / config.d_model
         head.append(pz.nn.ConstantRescale(by=jnp.asarray(mult, DTYPES[config.dtype])))
-    head.append(TrimVocab(config.vocab_size))
     return DiT(
         embed=Embed(table=_param("dit/embed", key, config, vocab, emb, embed_init)),
         cond=build_cond("dit/cond", key, config) if config.adaln else None,
@@ -510,12 +513,11 @@ def count_params(model: pz.nn.Layer) -> int:
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Forward matmul FLOPs per token (2 per multiply-add), attention scores and logits included.
 
-    Per-sequence work (the adaLN conditioning) is divided by seq_len; logits use the padded
-    vocabulary, which is what is computed.
+    Per-sequence work (the adaLN conditioning) is divided by seq_len; logits use vocab_size.
     """
     d, L = config.d_model, seq_len
     per_block = 2 * (4 * d * d + 2 * config.mlp_ratio * d * d) + 2 * 2 * L * d  # qkvo, mlp, attn
-    total = config.n_layers * per_block + 2 * d * config.padded_vocab
+    total = config.n_layers * per_block + 2 * d * config.vocab_size
     if config.adaln:
         c = config.cond_dim
         per_seq = 2 * (N_FREQUENCIES * c + c * c) + 2 * c * d * (6 * config.n_layers + 2)
