@@ -1,0 +1,154 @@
+"""Benchmarks: training throughput and MFU per preset, then sampling speed per method.
+
+    python -m bench                                    # tiny, cpu, small; batch 32, seq 128
+    python bench/run.py --presets small --steps 20 --rounds 5
+    python -m bench --no-sampling --out bench/results/train.json
+    python -m bench --help
+
+Writes one JSON file (machine info, one record per preset, the sampling results) and prints
+a short table. MFU on CPU is relative to a float32 matmul measured in the same process, so
+the ratio holds on a busy machine even when absolute times do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # `python bench/run.py`: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import train as train_bench  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """What `python -m bench` measures."""
+
+    presets: tuple[str, ...] = ("tiny", "cpu", "small")
+    """Model presets whose train step is timed."""
+    batch_size: int = 32
+    """Sequences per training step."""
+    seq_len: int = 128
+    """Tokens per sequence."""
+    steps: int = 10
+    """Timed training steps per round."""
+    rounds: int = 3
+    """Rounds of (peak matmul, timed steps) per preset; MFU is their median."""
+    optimizer: str = "adamw"
+    """Optimizer of the timed train step."""
+    peak_n: int = 2048
+    """Size of the float32 matmul that defines the CPU peak."""
+    data: str | None = "stories"
+    """Data source whose batch time is reported (None: skip)."""
+    sampling: bool = True
+    """Also run the sampling benchmark (bench.sampling)."""
+    sample_preset: str = "cpu"
+    """Model preset of the sampling benchmark (random init)."""
+    sample_methods: tuple[str, ...] | None = None
+    """Sampling methods (None: all of jif.sampling.METHODS)."""
+    sample_steps: int = 500
+    """Denoising steps per sample."""
+    sample_length: int = 128
+    """Sample length in tokens."""
+    sample_batch: int = 8
+    """Samples per batch."""
+    sample_repeats: int = 3
+    """Timed repeats per sampling method."""
+    out: str = "bench/results/bench-{time}.json"
+    """JSON output path ({time} becomes a UTC timestamp; empty: do not write)."""
+
+
+def run(cfg: BenchConfig, log=print) -> dict:
+    """Runs the benchmarks of `cfg`; returns the record written to the JSON file."""
+    result: dict = {
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": train_bench.device_info(),
+        "config": dataclasses.asdict(cfg),
+        "train": [],
+    }
+    peak = None if train_bench.stated_peak() else train_bench.MatmulPeak(cfg.peak_n)
+    for preset in cfg.presets:
+        bench = train_bench.TrainBench(
+            preset=preset,
+            batch_size=cfg.batch_size,
+            seq_len=cfg.seq_len,
+            steps=cfg.steps,
+            rounds=cfg.rounds,
+            optimizer=cfg.optimizer,
+            peak_n=cfg.peak_n,
+            data=cfg.data,
+        )
+        result["train"].append(train_bench.run(bench, peak, log=log))
+    if cfg.sampling:
+        from bench import sampling as sampling_bench
+
+        kwargs = {}
+        if cfg.sample_methods is not None:
+            kwargs["methods"] = tuple(cfg.sample_methods)
+        result["sampling"] = sampling_bench.run(
+            preset=cfg.sample_preset,
+            steps=cfg.sample_steps,
+            length=cfg.sample_length,
+            batch=cfg.sample_batch,
+            repeats=cfg.sample_repeats,
+            **kwargs,
+        )
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The short printed summary of a result."""
+    m = result["machine"]
+    lines = [
+        f"machine: {m['processor']}, {m['cpu_count']} cpus, jax {m['jax']} "
+        f"{m['backend']} ({m['device_kind']} x {m['device_count']}); {result['time_utc']}",
+        f"{'preset':<7} {'params':>8} {'B x L':>8} {'compile s':>9} {'step ms':>8} "
+        f"{'tok/s':>8} {'GFLOP/s':>8} {'peak':>6} {'MFU':>6} {'MFU range':>12} {'mem MB':>7}",
+    ]
+    for r in result["train"]:
+        mem = r.get("peak_device_bytes", r.get("peak_rss_bytes", 0)) / 2**20
+        lo, hi = min(r["mfu_rounds"]), max(r["mfu_rounds"])
+        lines.append(
+            f"{r['preset']:<7} {r['n_params'] / 1e6:>7.2f}M {r['batch_size']:>3}x{r['seq_len']:<4} "
+            f"{r['compile_s']:>9.1f} {r['step_s'] * 1e3:>8.1f} {r['tokens_per_s']:>8.0f} "
+            f"{r['achieved_flops'] / 1e9:>8.1f} {r['peak_flops'] / 1e9:>6.0f} {r['mfu']:>6.1%} "
+            f"{lo:>5.1%}-{hi:<5.1%} {mem:>7.0f}"
+        )
+    lines.append(
+        "GFLOP/s from XLA's cost analysis of the compiled step; peak = "
+        + (result["train"][0]["peak_source"] if result["train"] else "-")
+        + " (GFLOP/s, same process); MFU range over rounds; mem = process peak."
+    )
+    if "sampling" in result:
+        from bench import sampling as sampling_bench
+
+        lines.append(sampling_bench.format_table(result["sampling"]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The CLI (flags from BenchConfig; see --help)."""
+    import tyro
+
+    cfg = tyro.cli(BenchConfig, args=argv, description=__doc__)
+    try:
+        result = run(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(format_table(result))
+    if cfg.out:
+        path = cfg.out.replace("{time}", time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

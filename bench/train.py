@@ -1,0 +1,283 @@
+"""Training throughput of the real jitted train step (jif.train.make_train_step).
+
+For one preset: compile time, steady-state step time and tokens/s, FLOP/s from XLA's cost
+analysis of the compiled step (cross-checked against 3 x jif.model.flops_per_token), model
+FLOPs utilisation (MFU) against the peak of this machine, memory, and the time the data
+pipeline needs per batch (which the loop pays unless it is prefetched).
+
+Peak: on CPU the best FLOP/s of a jitted n x n float32 matmul measured in the same process,
+interleaved with the train steps so both see the same (shared, noisy) machine; on an
+accelerator its nameplate peak (jif.train.ACCELERATOR_PEAKS).
+
+Timing: every step is blocked on the new state and the loss (dispatch is asynchronous; an
+empty aux would make steps look free), the way the training loop blocks on float(loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jif import checkpoint as ckpt
+from jif import model as model_lib
+from jif import optim
+from jif import train as train_lib
+
+N_BPE = 2048  # default tokenizer: vocab 2050, mask id 2049
+VOCAB_SIZE = N_BPE + 2
+MASK_ID = N_BPE + 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainBench:
+    """Settings of one training benchmark."""
+
+    preset: str = "small"
+    """Model preset (jif.model.PRESETS)."""
+    batch_size: int = 32
+    """Sequences per step."""
+    seq_len: int = 128
+    """Tokens per sequence."""
+    steps: int = 10
+    """Timed steps per round (after one untimed warm-up step)."""
+    rounds: int = 3
+    """Rounds of (peak matmul, timed steps); each round gives one MFU sample."""
+    optimizer: str = "adamw"
+    """Optimizer name (jif.optim.OPTIMIZERS)."""
+    peak_n: int = 2048
+    """Size of the square float32 matmul whose FLOP/s is the CPU peak."""
+    data: str | None = "stories"
+    """Also time the data pipeline for this source (None: skip; needs the tokenizer)."""
+
+
+# ----------------------------------------------------------------------------- peak
+
+
+def device_info() -> dict:
+    """Machine facts stored with every result."""
+    import os
+    import platform
+
+    dev = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()
+
+
+def stated_peak() -> float | None:
+    """Nameplate FLOP/s of all accelerators, or None on CPU (measure it instead)."""
+    devices = jax.devices()
+    kind = devices[0].device_kind.lower()
+    for name, peak in train_lib.ACCELERATOR_PEAKS.items():
+        if name.lower() in kind:
+            return peak * len(devices)
+    return None
+
+
+class MatmulPeak:
+    """A jitted n x n float32 matmul; `measure()` -> FLOP/s of the best of `repeats` calls."""
+
+    def __init__(self, n: int = 2048):
+        self.n = n
+        self.x = jax.device_put(jnp.ones((n, n), jnp.float32) / n)
+        self.f = jax.jit(lambda x: x @ x)
+        self.f(self.x).block_until_ready()
+
+    def measure(self, repeats: int = 3) -> float:
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.f(self.x).block_until_ready()
+            best = min(best, time.perf_counter() - t0)
+        return 2 * self.n**3 / best
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def xla_flops(compiled) -> float | None:
+    """FLOPs of one call from XLA's cost analysis (None if the backend gives none)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # older jax: one dict per computation
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def memory_bytes(compiled) -> dict:
+    """Argument / output / temporary bytes of the compiled step (XLA's memory analysis)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return {}
+    if m is None:
+        return {}
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
+    return {k.replace("_size_in_bytes", "_bytes"): int(getattr(m, k, 0)) for k in keys}
+
+
+def peak_memory_bytes() -> dict:
+    """Peak memory so far: device memory_stats on accelerators, process max RSS on CPU."""
+    stats = {}
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:
+        pass
+    if "peak_bytes_in_use" in stats:
+        return {"peak_device_bytes": int(stats["peak_bytes_in_use"])}
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return {"peak_rss_bytes": int(rss_kb) * 1024}
+
+
+def build_step(bench: TrainBench):
+    """(compiled train step, initial state, batch, model config, compile seconds, lowered).
+
+    The step is jif.train.make_train_step jitted exactly as jif.train.run does (state donated),
+    on one device, with random token batches of the benchmark's shape.
+    """
+    cfg = train_lib.TrainConfig(
+        preset=bench.preset,
+        batch_size=bench.batch_size,
+        seq_len=bench.seq_len,
+        optimizer=bench.optimizer,
+        steps=1000,
+        out=None,
+    )
+    model_config = train_lib.resolve_model_config(cfg, VOCAB_SIZE)
+    unbound, params = ckpt.split_params(model_lib.build_model(model_config, jax.random.key(0)))
+    tx, _ = optim.make_optimizer(cfg, model_config, params)
+    state = {
+        "params": params,
+        "ema": jax.tree_util.tree_map(jnp.copy, params),
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+    }
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, N_BPE, (bench.batch_size, bench.seq_len), dtype=np.int32)
+    batch[:, 0] = N_BPE  # BOS, like the data pipeline
+    batch = jax.device_put(batch)
+    step = jax.jit(train_lib.make_train_step(unbound, tx, cfg, MASK_ID), donate_argnums=0)
+    t0 = time.perf_counter()
+    lowered = step.lower(state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    return compiled, state, batch, model_config, {"trace_s": t1 - t0, "compile_s": t2 - t1}
+
+
+def time_data(bench: TrainBench, n: int = 5) -> dict:
+    """Seconds per batch of jif.data.TokenBatches (first batch separately: it opens the source)."""
+    from jif import data as data_lib
+    from jif.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(N_BPE)
+    t0 = time.perf_counter()
+    batches = data_lib.TokenBatches(
+        bench.data, tok, split="train", batch_size=bench.batch_size, seq_len=bench.seq_len
+    )
+    next(batches)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        next(batches)
+        times.append(time.perf_counter() - t0)
+    return {"data_first_batch_s": first, "data_batch_s": statistics.median(times)}
+
+
+def run(bench: TrainBench, peak: MatmulPeak | None = None, log=print) -> dict:
+    """Benchmarks one preset's train step; see the module docstring for what is measured."""
+    if min(bench.batch_size, bench.seq_len, bench.steps, bench.rounds) < 1:
+        raise ValueError(f"batch_size, seq_len, steps and rounds must be >= 1, got {bench}")
+    fixed_peak = stated_peak()
+    if fixed_peak is None and peak is None:
+        peak = MatmulPeak(bench.peak_n)
+    compiled, state, batch, mc, compile_times = build_step(bench)
+    tokens = bench.batch_size * bench.seq_len
+    flops_xla = xla_flops(compiled)
+    flops_model = 3 * model_lib.flops_per_token(mc, bench.seq_len) * tokens
+
+    state, metrics = compiled(state, batch)  # warm-up (first call allocates)
+    jax.block_until_ready((state, metrics["loss"]))
+    step_times, peaks = [], []
+    for _ in range(bench.rounds):
+        peaks.append(fixed_peak or peak.measure())
+        for _ in range(bench.steps):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics["loss"]))
+            step_times.append(time.perf_counter() - t0)
+        peaks[-1] = fixed_peak or max(peaks[-1], peak.measure())
+    loss = float(metrics["loss"])
+    # MFU per round: that round's median step against the peak measured around it.
+    per_round = [
+        statistics.median(step_times[r * bench.steps : (r + 1) * bench.steps])
+        for r in range(bench.rounds)
+    ]
+    flops = flops_xla if flops_xla is not None else flops_model
+    mfu_rounds = [flops / t / p for t, p in zip(per_round, peaks, strict=True)]
+    step_s = statistics.median(step_times)
+    result = {
+        "preset": bench.preset,
+        "batch_size": bench.batch_size,
+        "seq_len": bench.seq_len,
+        "optimizer": bench.optimizer,
+        "n_params": sum(int(v.data_array.size) for v in state["params"].values()),
+        **compile_times,
+        "step_s": step_s,
+        "step_s_min": min(step_times),
+        "step_s_max": max(step_times),
+        "tokens_per_s": tokens / step_s,
+        "flops_per_step_xla": flops_xla,
+        "flops_per_step_model": flops_model,
+        "xla_over_model": flops_xla / flops_model if flops_xla else None,
+        "achieved_flops": flops / step_s,
+        "peak_flops": statistics.median(peaks),
+        "peak_source": "stated" if fixed_peak else f"matmul {bench.peak_n}^3 f32",
+        "mfu": statistics.median(mfu_rounds),
+        "mfu_rounds": mfu_rounds,
+        "mfu_model": statistics.median(
+            [flops_model / t / p for t, p in zip(per_round, peaks, strict=True)]
+        ),
+        "final_loss": loss,
+        **{"memory_" + k: v for k, v in memory_bytes(compiled).items()},
+        **peak_memory_bytes(),
+    }
+    if bench.data:
+        result.update(time_data(bench))
+        result["data_over_step"] = result["data_batch_s"] / step_s
+    log(
+        f"{bench.preset}: {step_s * 1e3:.1f} ms/step, {result['tokens_per_s']:.0f} tok/s, "
+        f"MFU {result['mfu']:.1%} (rounds {', '.join(f'{m:.1%}' for m in mfu_rounds)})",
+        file=sys.stderr,
+    )
+    return result
