@@ -47,6 +47,15 @@ def split_params(model: pz.nn.Layer) -> tuple[pz.nn.Layer, Params]:
     return unbound, {p.label: p.value for p in values}
 
 
+@functools.lru_cache(maxsize=4)
+def init_model(model_config, seed: int) -> tuple[pz.nn.Layer, Params]:
+    """(model with parameter slots, initial {label: value}) for a config and seed; cached,
+    as building a model op by op takes seconds (callers must not donate these arrays)."""
+    from jif import model as model_lib
+
+    return split_params(model_lib.build_model(model_config, jax.random.key(seed)))
+
+
 def bind_params(unbound: pz.nn.Layer, params: Params) -> pz.nn.Layer:
     """Inverse of split_params: a model whose parameters are the (frozen) values given."""
     return pz.bind_variables(
@@ -239,6 +248,8 @@ class LoadedModel:
     """The resolved training config."""
     denoise_fn: Callable
     """tokens int32 [B, L] -> logits float32 [B, L, V] (jitted)."""
+    params: dict = dataclasses.field(default_factory=dict)
+    """The loaded weights {label: NamedArray} (EMA or raw, as bound in `model`)."""
     path: str = ""
     """The step folder loaded."""
     val_nelbo: float | None = None
@@ -308,7 +319,7 @@ def load_for_inference(path: str, *, ema: bool = True) -> LoadedModel:
             f"{model_config.vocab_size}."
         )
 
-    unbound, init_params = split_params(model_lib.build_model(model_config, jax.random.key(0)))
+    unbound, init_params = init_model(model_config, 0)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), init_params
@@ -339,6 +350,7 @@ def load_for_inference(path: str, *, ema: bool = True) -> LoadedModel:
         data=str(meta.get("data", "")),
         config=dict(meta.get("config", {})),
         denoise_fn=denoise,
+        params=dict(restored),
         path=step_dir,
         val_nelbo=meta.get("val_nelbo"),
     )

@@ -1,0 +1,228 @@
+"""jif.train end to end: the CLI, kill -9 + resume equality, divergence, optimizers."""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jif import checkpoint, optim, train
+
+TINY = dict(
+    preset="tiny",
+    batch_size=4,
+    seq_len=32,
+    eval_sequences=4,
+    eval_times=2,
+    n_samples=0,
+    log_every=1,
+    progress=False,
+)
+FLAGS = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--eval-sequences", "4"]
+FLAGS += ["--eval-times", "2", "--log-every", "1", "--no-progress"]
+
+
+def _params_np(params):
+    return {k: np.asarray(v.data_array) for k, v in params.items()}
+
+
+def test_cli_two_steps_writes_a_loadable_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*FLAGS, "--steps", "2", "--out", str(out), "--eval-every", "2", "--ckpt-every", "2"]
+    result = train.main([*argv, "--n-samples", "1", "--sample-steps", "8"])
+    assert result["steps"] == 2 and not result["diverged"]
+    assert all(np.isfinite(result["losses"])) and len(result["losses"]) == 2
+    assert result["val_nelbo"] is not None and np.isfinite(result["val_nelbo"])
+
+    # The resolved config is printed as JSON and stored in the run folder.
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps"] == 2 and config["model_config"]["d_model"] > 0
+    assert '"preset": "tiny"' in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2]
+    assert {"tokens_per_s", "mfu", "lr", "grad_norm"} <= set(train_rows[-1])
+    evals = [r for r in rows if "val_nelbo" in r]
+    assert evals and evals[-1]["step"] == 2 and len(evals[-1]["samples"]) == 1
+    assert 0.0 <= evals[-1]["grammar_score"] <= 1.0
+
+    # The checkpoint loads for inference with the EMA weights and the raw weights.
+    loaded = checkpoint.load_for_inference(str(out), ema=False)
+    assert loaded.step == 2 and loaded.data == "stories"
+    assert loaded.config["steps"] == 2
+    final = _params_np(result["final_params"])
+    restored = _params_np(loaded.params)
+    for k in final:
+        np.testing.assert_array_equal(final[k], restored[k])
+    tokens = np.full((2, 32), loaded.tokenizer.mask_id, np.int32)
+    logits = loaded.denoise_fn(tokens)
+    assert logits.shape == (2, 32, loaded.tokenizer.vocab_size)
+
+
+def test_cli_help_and_typo(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ["--preset", "--data", "--steps", "--batch-size", "--seq-len", "--lr"]:
+        assert flag in text
+    for flag in ["--optimizer", "--seed", "--out", "--resume", "--mesh", "--eval-every"]:
+        assert flag in text
+    assert "--ckpt-every" in text and "--dtype" in text and "--show-model" in text
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stesp", "3"])
+    assert e.value.code != 0
+    captured = capsys.readouterr()
+    assert "--stesp" in captured.out + captured.err
+
+
+def test_bad_values_give_clear_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main([*FLAGS, "--optimizer", "sgdd", "--out", "None"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "sgdd" in err and "adamw" in err
+    with pytest.raises(ValueError, match="mesh"):
+        train.validate(train.TrainConfig(mesh="4by2"))
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    """Resuming from a mid-run checkpoint (later ones gone, as after a crash) gives bitwise
+    the same weights and losses as the uninterrupted run."""
+    out = str(tmp_path / "run")
+    cfg = train.TrainConfig(**TINY, steps=5, lr=0.01, warmup=2, eval_every=0, ckpt_every=1, keep=5)
+    full = train.run(dataclasses.replace(cfg, out=out))
+    for info in checkpoint.list_checkpoints(out):
+        if info.step > 2:
+            shutil.rmtree(info.path)
+    resumed = train.run(dataclasses.replace(cfg, out=out, resume=True))
+    assert resumed["steps"] == 5 and len(resumed["losses"]) == 3
+    a, b = _params_np(full["final_params"]), _params_np(resumed["final_params"])
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    np.testing.assert_array_equal(full["losses"][2:], resumed["losses"])
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
+    steps = 8
+    out = tmp_path / "run"
+    argv = [*FLAGS, "--steps", str(steps), "--eval-every", "0", "--ckpt-every", "1"]
+    argv += ["--lr", "0.01", "--warmup", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jif.train", *argv, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "3").exists():
+            assert proc.poll() is None, "training exited before it could be killed"
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    killed_at = max(i.step for i in checkpoint.list_checkpoints(str(out)))
+    assert killed_at < steps, "the run finished before the kill: make it longer"
+
+    resumed = train.main([*argv, "--out", str(out), "--resume"])
+    assert resumed["steps"] == steps
+    assert len(resumed["losses"]) == steps - killed_at
+    fresh = train.run(
+        train.TrainConfig(**{**TINY, "steps": steps, "lr": 0.01, "warmup": 2, "eval_every": 0})
+    )
+    a, b = _params_np(fresh["final_params"]), _params_np(resumed["final_params"])
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    np.testing.assert_array_equal(fresh["losses"][killed_at:], resumed["losses"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*FLAGS, "--steps", "8", "--lr", "1e36", "--warmup", "1", "--eval-every", "0"]
+    with pytest.raises(SystemExit) as e:
+        train.main([*argv, "--ckpt-every", "1", "--out", str(out)])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "step" in err and "--lr" in err
+    kept = checkpoint.list_checkpoints(str(out))
+    assert kept and kept[0].step < 8 and str(kept[0].path) in err
+    # The kept checkpoint is finite (the diverged state was never saved).
+    loaded = checkpoint.load_for_inference(str(out), ema=False)
+    for v in loaded.params.values():
+        assert np.all(np.isfinite(np.asarray(v.data_array)))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["event"] == "diverged"
+
+
+def test_existing_run_needs_resume(tmp_path):
+    out = str(tmp_path / "run")
+    cfg = train.TrainConfig(**TINY, steps=1, eval_every=0, ckpt_every=1, out=out)
+    train.run(cfg)
+    with pytest.raises(ValueError, match="--resume"):
+        train.run(cfg)
+    with pytest.raises(checkpoint.CheckpointError, match="seq_len"):
+        train.run(train.TrainConfig(**{**TINY, "seq_len": 16}, steps=2, out=out, resume=True))
+
+
+@pytest.mark.parametrize("name", ["schedule-free", "muon", "mup_adamw", "modula"])
+def test_optimizers_train(name):
+    pytest.importorskip("modula") if name == "modula" else None
+    mup = 32 if name == "mup_adamw" else None  # muP needs a base width (tiny: d_model 32)
+    cfg = train.TrainConfig(
+        **TINY, steps=3, eval_every=0, optimizer=name, lr=1e-2, warmup=1, mup_base_width=mup
+    )
+    result = train.run(cfg)
+    assert not result["diverged"] and all(np.isfinite(result["losses"]))
+    assert result["losses"][-1] != result["losses"][0]
+
+
+def test_warmup_cosine_schedule_known_values():
+    cfg = train.TrainConfig(lr=1.0, warmup=10, steps=110, min_lr_ratio=0.1)
+    s = optim.make_schedule(cfg)
+    np.testing.assert_allclose([s(0), s(5), s(10)], [0.0, 0.5, 1.0], atol=1e-6)
+    np.testing.assert_allclose(s(60), 0.1 + 0.9 * 0.5, atol=1e-6)  # half way down the cosine
+    np.testing.assert_allclose(s(110), 0.1, atol=1e-6)
+
+
+def test_adamw_matches_optax_on_named_params():
+    """The registry's adamw on a dict of NamedArrays == optax.adamw on the plain arrays."""
+    from jif import model as model_lib
+
+    cfg = train.TrainConfig(lr=1e-2, warmup=0, steps=10, clip=0.0, weight_decay=0.1)
+    params = checkpoint.init_model(model_lib.make_config("tiny"), 0)[1]
+    tx, schedule = optim.make_optimizer(cfg, None, params)
+    grads = jax.tree_util.tree_map(lambda x: 0.01 * x + 0.001, params)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    plain = {k: v.data_array for k, v in params.items()}
+    mask = {k: v.ndim - ("blocks" in params[k].named_shape) >= 2 for k, v in plain.items()}
+    ref_tx = optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, mask=mask)
+    g = {k: 0.01 * v + 0.001 for k, v in plain.items()}
+    ref, _ = jax.jit(ref_tx.update)(g, ref_tx.init(plain), plain)
+    for k in plain:
+        np.testing.assert_allclose(updates[k].data_array, ref[k], rtol=1e-6, err_msg=k)
+    assert not mask["dit/out/norm"] and mask["dit/blocks/mlp/up"]
+
+
+def test_muon_dimensions_by_axis_name():
+    from jif import model as model_lib
+
+    params = checkpoint.init_model(model_lib.make_config("tiny", adaln=True), 0)[1]
+    dims = optim.muon_dimensions(params)
+    # query {blocks, embedding, heads, projection}: reads embedding, writes heads x projection
+    assert dims["dit/blocks/attn/query"].reduction_axis == 1
+    assert dims["dit/blocks/attn/query"].output_axis == (2, 3)
+    # output {blocks, heads, projection, embedding}: reads heads x projection
+    assert dims["dit/blocks/attn/output"].reduction_axis == (1, 2)
+    assert dims["dit/blocks/mlp/down"].output_axis == 2
+    for label in ["dit/embed", "dit/out/unembed", "dit/out/norm", "dit/blocks/attn/shift"]:
+        assert dims[label] is None, label
