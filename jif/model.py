@@ -34,7 +34,7 @@ Parameters (label = path; "blocks" is a leading stacked axis; fan-in axes listed
   dit/out/{shift,scale}        cond | embedding                        0               [adaln]
   dit/out/unembed              embedding | vocabulary                  0
 The embedding table is a lookup: its "vocabulary" axis is the (one-hot) input axis.
-``FAN_IN_AXES`` below holds this split for code that needs it (modular norms, muP).
+``fan_in_axes(model)`` returns this split for code that needs it (modular norms, muP).
 
 arch="modula": GELU / 1.1289 (its largest slope, so the MLP nonlinearity is 1-Lipschitz),
 attention scores scaled 1/d_head, residual updates x <- (1 - 1/R) x + (1/R) f(x) with
@@ -54,22 +54,6 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
-# Which axes of each parameter are inputs (fan-in); the remaining non-"blocks" axes are outputs.
-FAN_IN_AXES: dict[str, tuple[str, ...]] = {
-    "embed": ("vocabulary",),
-    "cond/in": ("frequencies",),
-    "cond/out": ("cond_hidden",),
-    "shift": ("cond",),
-    "scale": ("cond",),
-    "gate": ("cond",),
-    "query": ("embedding",),
-    "key": ("embedding",),
-    "value": ("embedding",),
-    "attn/output": ("heads", "projection"),
-    "up": ("embedding",),
-    "down": ("neurons",),
-    "unembed": ("embedding",),
-}
 GELU_MAX_SLOPE = 1.1289  # max_x d/dx gelu(x) (attained near x = 2.4): makes GELU/1.1289 1-Lipschitz
 
 
@@ -80,32 +64,19 @@ GELU_MAX_SLOPE = 1.1289  # max_x d/dx gelu(x) (attained near x = 2.4): makes GEL
 class ModelConfig:
     """Shape and variant of the DiT."""
 
-    vocab_size: int = 2050
-    """Number of token ids (GPT-2 trimmed ids + end-of-text + mask)."""
-    d_model: int
-    """Width of the residual stream ("embedding" axis)."""
-    n_layers: int
-    """Number of transformer blocks (size of the "blocks" axis)."""
-    n_heads: int
-    """Attention heads; d_model must be divisible by n_heads."""
-    mlp_ratio: int = 4
-    """MLP hidden width ("neurons") as a multiple of d_model."""
-    cond_dim: int = 128
-    """Width of the adaLN conditioning vector (only used with adaln=True)."""
-    adaln: bool = False
-    """Condition every block on the mask rate with adaLN shift/scale/gate (SEDD style)."""
-    arch: str = "standard"
-    """"standard" or "modula" (well-normed variant, see module docstring)."""
-    dtype: str = "float32"
-    """"float32" or "bfloat16": dtype of parameters and activations (softmax in float32)."""
-    mup_base_width: int | None = None
-    """If set, muP output multiplier base_width / d_model and 1/d_head attention scaling."""
-    rope_wavelength: float = 10_000.0
-    """Maximum wavelength of the rotary position embedding."""
-    norm_eps: float = 1e-6
-    """Epsilon of the RMS normalisation."""
-    vocab_multiple: int = 128
-    """Internal tables are padded to a multiple of this so "vocabulary" shards evenly."""
+    vocab_size: int = 2050  # token ids: trimmed GPT-2 ids + end-of-text + mask
+    d_model: int  # width of the residual stream ("embedding")
+    n_layers: int  # number of blocks ("blocks")
+    n_heads: int  # attention heads; d_model / n_heads must be even (RoPE)
+    mlp_ratio: int = 4  # MLP width ("neurons") as a multiple of d_model
+    cond_dim: int = 128  # width of the adaLN conditioning vector ("cond")
+    adaln: bool = False  # condition blocks on the mask rate (SEDD adaLN shift/scale/gate)
+    arch: str = "standard"  # "standard" or "modula" (well-normed, see module docstring)
+    dtype: str = "float32"  # "float32" | "bfloat16": parameters and activations
+    mup_base_width: int | None = None  # muP: logits * base/d_model, scores 1/d_head
+    rope_wavelength: float = 10_000.0  # maximum wavelength of the rotary embedding
+    norm_eps: float = 1e-6  # epsilon of the RMS normalisation
+    vocab_multiple: int = 128  # tables padded to a multiple of this ("vocabulary" shards)
 
     @property
     def d_head(self) -> int:
@@ -262,6 +233,8 @@ class SoftmaxF32(pz.nn.Layer):
     axis: str = dataclasses.field(metadata={"pytree_node": False})
 
     def __call__(self, x: pz.nx.NamedArray, **_side) -> pz.nx.NamedArray:
+        if x.dtype == jnp.float32:
+            return pz.nx.nmap(jax.nn.softmax)(x.untag(self.axis)).tag(self.axis)
         y = pz.nx.nmap(jax.nn.softmax)(x.astype(jnp.float32).untag(self.axis))
         return y.tag(self.axis).astype(x.dtype)
 
@@ -311,45 +284,23 @@ def build_attention(name: str, key, config: ModelConfig) -> pz.nn.Attention:
     """Bidirectional multi-head attention with RoPE on queries and keys (no mask)."""
     emb, hp = {"embedding": config.d_model}, {"heads": config.n_heads, "projection": config.d_head}
     dt = DTYPES[config.dtype]
-    rope = pz.nn.ApplyRoPE(
-        embedding_axis="projection",
-        max_wavelength=config.rope_wavelength,
-        positions_input_name="token_positions",
-    )
+    rope = pz.nn.ApplyRoPE("projection", config.rope_wavelength, "token_positions")
     one_over_d = config.arch == "modula" or config.mup_base_width is not None
-    q_scale = 1.0 / config.d_head if one_over_d else config.d_head**-0.5
-    softmax = SoftmaxF32("kv_seq") if dt != jnp.float32 else pz.nn.Softmax("kv_seq")
+    q_scale = jnp.asarray(1.0 / config.d_head if one_over_d else config.d_head**-0.5, dt)
+    q_ax = {"seq": "q", "heads": "h", "projection": "p"}  # einsum letters per named axis
+    kv_ax = {"seq": "k", "heads": "h", "projection": "p"}  # keys/values: their "seq" is k
+    attn_ax = {"heads": "h", "seq": "q", "kv_seq": "k"}
+    query = [_linear(f"{name}/query", key, config, emb, hp), rope, pz.nn.ConstantRescale(q_scale)]
     return pz.nn.Attention(
-        input_to_query=pz.nn.Sequential(
-            [
-                _linear(f"{name}/query", key, config, emb, hp),
-                rope,
-                pz.nn.ConstantRescale(by=jnp.asarray(q_scale, dt)),
-            ]
-        ),
+        input_to_query=pz.nn.Sequential(query),
         input_to_key=pz.nn.Sequential([_linear(f"{name}/key", key, config, emb, hp), rope]),
         input_to_value=_linear(f"{name}/value", key, config, emb, hp),
         query_key_to_attn=pz.nn.Sequential(
-            [
-                pz.nn.NamedEinsum(
-                    (
-                        {"seq": "q", "heads": "h", "projection": "p"},
-                        {"seq": "k", "heads": "h", "projection": "p"},
-                    ),
-                    {"heads": "h", "seq": "q", "kv_seq": "k"},
-                ),
-                softmax,
-            ]
+            [pz.nn.NamedEinsum((q_ax, kv_ax), attn_ax), SoftmaxF32("kv_seq")]  # no mask
         ),
         attn_value_to_output=pz.nn.Sequential(
             [
-                pz.nn.NamedEinsum(
-                    (
-                        {"seq": "q", "heads": "h", "kv_seq": "k"},
-                        {"seq": "k", "heads": "h", "projection": "p"},
-                    ),
-                    {"seq": "q", "heads": "h", "projection": "p"},
-                ),
+                pz.nn.NamedEinsum((attn_ax, kv_ax), q_ax),
                 _linear(f"{name}/output", key, config, hp, emb),
             ]
         ),
@@ -362,13 +313,11 @@ def build_attention(name: str, key, config: ModelConfig) -> pz.nn.Attention:
 def build_mlp(name: str, key, config: ModelConfig) -> pz.nn.Sequential:
     """Linear up -> GELU (tanh approximation, as SEDD) -> Linear down."""
     emb, neurons = {"embedding": config.d_model}, {"neurons": config.mlp_ratio * config.d_model}
-    return pz.nn.Sequential(
-        [
-            _linear(f"{name}/up", key, config, emb, neurons),
-            pz.nn.Elementwise(ARCHS[config.arch]["gelu"]),
-            _linear(f"{name}/down", key, config, neurons, emb),
-        ]
+    up, down = (
+        _linear(f"{name}/up", key, config, emb, neurons),
+        _linear(f"{name}/down", key, config, neurons, emb),
     )
+    return pz.nn.Sequential([up, pz.nn.Elementwise(ARCHS[config.arch]["gelu"]), down])
 
 
 def build_block(name: str, init_base_rng, config: ModelConfig) -> pz.nn.Sequential:
@@ -503,6 +452,19 @@ def params_dict(model: pz.nn.Layer) -> dict[str, pz.nx.NamedArray]:
     """{label: value} of every parameter (stacked block parameters keep the "blocks" axis)."""
     _, params = pz.unbind_params(model)
     return {p.label: p.value for p in params}
+
+
+def fan_in_axes(model: pz.nn.Layer) -> dict[str, tuple[str, ...]]:
+    """{parameter label: its fan-in axes}; the other axes except "blocks" are fan-out."""
+    out = {model.embed.table.label: ("vocabulary",)}
+    for layer in (
+        pz.select(model).at_instances_of(pz.nn.Linear | Unembed | pz.nn.AddBias).get_sequence()
+    ):
+        if isinstance(layer, pz.nn.AddBias):
+            out[layer.bias.label] = ()
+        else:
+            out[layer.weights.label] = getattr(layer, "in_axis_names", ("embedding",))
+    return out
 
 
 def count_params(model: pz.nn.Layer) -> int:
