@@ -91,12 +91,12 @@ def checkpoint_label(info) -> str:
     return f"{run} · step {info.step} · data {info.data} · val NELBO {nelbo}"
 
 
-def scan_checkpoints(root: str) -> list[tuple[str, str]]:
+def scan_checkpoints(root: str, source=ckpt) -> list[tuple[str, str]]:
     """[(label, path)] for every checkpoint under root, newest first; [] when none or unreadable."""
     if not os.path.isdir(root):
         return []
     try:
-        infos = ckpt.list_checkpoints(root)
+        infos = source.list_checkpoints(root)
     except (OSError, ValueError) as e:  # an unreadable folder must not take the page down
         print(f"[app] could not list checkpoints under {root}: {e}", file=sys.stderr)
         return []
@@ -298,9 +298,10 @@ def plot_statistics(traj: Trajectory):
 def scores_markdown(traj: Trajectory, data: str) -> str:
     if traj.scores is None:
         return f"Grammar score: only for checkpoints trained on the embedded stories (this one: `{data}`)."
-    rows = ["| # | grammar score | sentences | pronouns consistent |", "|---|---|---|---|"]
+    rows = ["| # | grammar | sentences | pronouns ok |", "|---|---|---|---|"]
     for i, r in enumerate(traj.scores):
-        rows.append(f"| #{i + 1} | {r.score:.2f} | {r.n_sentences} | {r.pronouns_consistent} |")
+        ok = "yes" if r.pronouns_consistent else "no"
+        rows.append(f"| {i + 1} | {r.score:.2f} | {r.n_sentences} | {ok} |")
     return "\n".join(rows)
 
 
@@ -318,15 +319,16 @@ def frames_to_play(traj: Trajectory) -> list[int]:
 class DiffusionApp:
     """State shared by all visitors: the root, the caches. Handlers are its methods."""
 
-    def __init__(self, root: str, checkpoint: str | None = None, *, ema: bool = True):
+    def __init__(self, root: str, checkpoint: str | None = None, *, ema: bool = True, source=ckpt):
         self.root = root
         self.checkpoint = checkpoint
         self.ema = ema
+        self.source = source  # provides list_checkpoints and load_for_inference
         self.models = _LRU(MAX_CACHED_MODELS)
 
     # -- the picker -------------------------------------------------------------------
     def choices(self) -> list[tuple[str, str]]:
-        listed = scan_checkpoints(self.root)
+        listed = scan_checkpoints(self.root, self.source)
         if self.checkpoint and not any(_same(p, self.checkpoint) for _, p in listed):
             listed.insert(0, (f"{self.checkpoint} (given with --checkpoint)", self.checkpoint))
         return listed
@@ -352,9 +354,12 @@ class DiffusionApp:
             )
         key = (os.path.realpath(path), self.ema)
         try:
-            return self.models.get_or_make(key, lambda: ckpt.load_for_inference(path, ema=self.ema))
+            return self.models.get_or_make(
+                key, lambda: self.source.load_for_inference(path, ema=self.ema)
+            )
         except (ValueError, OSError, KeyError) as e:
-            raise gr.Error(f"Could not load checkpoint {path}: {e}") from e
+            where = "" if path in str(e) else f" {path}"
+            raise gr.Error(f"Could not load checkpoint{where}: {e}") from e
 
     def context_length(self, loaded) -> int | None:
         cfg = getattr(loaded, "config", None) or {}
@@ -497,9 +502,16 @@ def validate_settings(method, steps, length, temperature, top_p, seed, n_samples
 # ----------------------------------------------------------------------------------------
 
 
-def build_demo(root: str = "runs", checkpoint: str | None = None, *, ema: bool = True) -> gr.Blocks:
-    """The whole page. Launch it with `.launch()`; tests launch it in-process."""
-    app = DiffusionApp(root, checkpoint, ema=ema)
+def build_demo(
+    root: str = "runs", checkpoint: str | None = None, *, ema: bool = True, source=ckpt
+) -> gr.Blocks:
+    """The whole page. Launch it with `.launch()`; tests launch it in-process.
+
+    root: the training output folder the picker lists; checkpoint: the one to open first
+    (default: the newest under root); ema: EMA weights; source: where checkpoints come from,
+    anything with jif.checkpoint's list_checkpoints and load_for_inference (default: it).
+    """
+    app = DiffusionApp(root, checkpoint, ema=ema, source=source)
     listed = app.choices()
     first = app.initial_choice(listed)
     methods = list(sampling.METHODS)
