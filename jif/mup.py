@@ -6,7 +6,7 @@ base_width / d_model, attention scores times 1/d_head, a zero-initialised output
 this file does the optimizer one: Adam learning rates per parameter, chosen by its role.
 
 Roles follow the `mup` package's `MuAdam` (its Table 8 convention); fan-in and fan-out axes
-come from `jif.model.FAN_IN_AXES`, width axes are the ones that grow with d_model:
+come from `jif.model.fan_in_axes`, width axes are the ones that grow with d_model:
 
     role        example path            fan-in | fan-out                  Adam lr
     ----------  ----------------------  --------------------------------  ---------------------
@@ -26,6 +26,7 @@ as `MuAdamW` does, so that lr x wd stays width-independent.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,28 +49,26 @@ STACK_AXES = frozenset({"blocks"})
 VOCAB_AXIS = "vocabulary"
 
 
-def fan_in_axes(path: str) -> tuple[str, ...] | None:
-    """The fan-in axes of a parameter from `jif.model.FAN_IN_AXES` (matched on the path's
-    ending, e.g. "dit/blocks/mlp/down" -> ("neurons",)); None when the model does not list it."""
-    from jif.model import FAN_IN_AXES
+@functools.lru_cache(maxsize=16)
+def model_fan_in_axes(model_config: Any) -> dict[str, tuple[str, ...]]:
+    """{label: fan-in axes} from `jif.model.fan_in_axes` of a model built with model_config."""
+    from jif import model as model_lib
 
-    label = path.split(".")[0]  # penzai's own layers append ".weights" etc.
-    for suffix, axes in FAN_IN_AXES.items():
-        if label == suffix or label.endswith("/" + suffix):
-            return axes
-    return None
+    return model_lib.fan_in_axes(model_lib.build_model(model_config, jax.random.key(0)))
 
 
-def parameter_role(path: str, named_shape: Mapping[str, int]) -> str:
+def parameter_role(
+    path: str, named_shape: Mapping[str, int], fan_in: tuple[str, ...] | None = None
+) -> str:
     """muP role of one parameter: "embedding", "output", "hidden", "input" or "vector".
 
     path: the parameter label, e.g. "dit/blocks/mlp/up".
     named_shape: its axis sizes, e.g. {"blocks": 2, "embedding": 64, "neurons": 256}.
-    Fan-in / fan-out come from `jif.model.FAN_IN_AXES`; parameters it does not list are
-    classified by axis names alone (a matrix spanning two width groups is hidden).
+    fan_in: its fan-in axes (`jif.model.fan_in_axes`); without them the role is read from
+        axis names alone (vocabulary tables by name, a matrix spanning two width groups is
+        hidden).
     """
     axes = [name for name in named_shape if name not in STACK_AXES]
-    fan_in = fan_in_axes(path)
     if len(axes) <= 1 or fan_in == ():
         return "vector"  # norm gains, biases
     if fan_in is None:
@@ -129,15 +128,21 @@ def _named_shape(leaf: Any) -> dict[str, int]:
     return {f"axis{i}": n for i, n in enumerate(jnp.shape(leaf))}
 
 
-def mup_roles(params: Any) -> dict[str, str]:
-    """Role of every parameter, keyed by path (see `parameter_role`)."""
-    return {path: parameter_role(path, _named_shape(leaf)) for path, leaf in _named_leaves(params)}
+def mup_roles(params: Any, model_config: Any = None) -> dict[str, str]:
+    """Role of every parameter, keyed by path (see `parameter_role`); fan-in axes are taken
+    from the model when model_config is given, else roles come from axis names alone."""
+    fan_in = model_fan_in_axes(model_config) if model_config is not None else {}
+    return {
+        path: parameter_role(path, _named_shape(leaf), fan_in.get(path.split(".")[0]))
+        for path, leaf in _named_leaves(params)
+    }
 
 
 def mup_lr_scales(model_config: Any, params: Any) -> dict[str, float]:
     """Per-parameter learning-rate multiplier (relative to the base lr), keyed by path."""
     m = width_multiplier(model_config)
-    return {path: LR_MULTIPLIERS[role](m) for path, role in mup_roles(params).items()}
+    roles = mup_roles(params, model_config)
+    return {path: LR_MULTIPLIERS[role](m) for path, role in roles.items()}
 
 
 def _map_like(params: Any, values: dict[str, Any]) -> Any:
@@ -185,7 +190,7 @@ def mup_adamw(
         matrices so that the product lr x wd is width-independent.
     """
     m = width_multiplier(model_config)
-    roles = mup_roles(params)
+    roles = mup_roles(params, model_config)
     lr_scales = {path: LR_MULTIPLIERS[role](m) for path, role in roles.items()}
     chain = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
     if weight_decay:

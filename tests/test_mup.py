@@ -9,7 +9,7 @@ import pytest
 from jif import model as M
 from jif import mup
 
-# Hand-derived table for d_model=128, mup_base_width=32 (m = 4): hidden matrices (fan-in and
+# Hand-derived table for d_model=64, mup_base_width=16 (m = 4): hidden matrices (fan-in and
 # fan-out both grow with width) get lr / 4, everything else the base lr.
 EXPECTED = {
     "dit/embed": ("embedding", 1.0),
@@ -46,7 +46,7 @@ def _params(d_model, base, adaln=True):
 
 
 def test_roles_and_scales_match_hand_table():
-    cfg, params = _params(128, 32)
+    cfg, params = _params(64, 16)
     assert set(params) == set(EXPECTED)
     roles = mup.mup_roles(params)
     scales = mup.mup_lr_scales(cfg, params)
@@ -74,7 +74,7 @@ def _first_updates(opt, params, grad_value=0.3):
 def test_first_step_equals_scaled_lr_with_decoupled_decay():
     # Adam's first step is g / |g| = 1 per coordinate (bias-corrected), so the update is
     # -lr * scale * (1 + wd_eff * p) with wd_eff = wd / scale on matrices, 0 on vectors.
-    cfg, params = _params(128, 32)
+    cfg, params = _params(64, 16)
     lr, wd = 1e-2, 0.1
     updates = _first_updates(
         mup.mup_adamw(lr, model_config=cfg, params=params, weight_decay=wd), params

@@ -1,0 +1,192 @@
+"""transfer/: sweep harness (CSV, resume, parabola fit, summary, figures) and coordinate check."""
+
+import csv
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from transfer import coord_check, sweep
+
+FIGURES = ("loss_vs_lr", "optimum_vs_width")
+
+
+# ---------------------------------------------------------------------------- parabola fit
+
+
+def test_fit_recovers_vertex_of_known_parabola():
+    lrs = np.geomspace(1e-4, 1e-1, 7)
+    true = 2.7e-3
+    losses = 0.3 * (np.log(lrs) - np.log(true)) ** 2 + 2.0
+    lr, loss, method = sweep.fit_optimum(list(lrs), list(losses))
+    assert method == "parabola"
+    assert lr == pytest.approx(true, rel=1e-9)
+    assert loss == pytest.approx(2.0, abs=1e-9)
+
+
+def test_fit_falls_back_to_grid_at_edges_and_next_to_divergence():
+    lrs = [1e-3, 1e-2, 1e-1]
+    assert sweep.fit_optimum(lrs, [1.0, 2.0, 3.0]) == (1e-3, 1.0, "grid")
+    assert sweep.fit_optimum(lrs, [3.0, 2.0, 1.0]) == (1e-1, 1.0, "grid")
+    assert sweep.fit_optimum(lrs, [3.0, 1.0, math.inf]) == (1e-2, 1.0, "grid")
+    lr, _, method = sweep.fit_optimum(lrs, [math.nan, math.inf, math.nan])
+    assert math.isnan(lr) and method == "diverged"
+
+
+# ---------------------------------------------------------------------------- harness (fake runs)
+
+
+def _fake_run(optimum_at):
+    """A run function whose loss is a parabola in log-lr around optimum_at(spec); diverges far
+    to the right of it. Records the specs it was asked to train."""
+    calls = []
+
+    def run(spec, config):
+        calls.append(spec)
+        x = math.log(spec.lr / optimum_at(spec))
+        if x > 2.5:
+            return {"val_nelbo": math.nan, "train_loss_smoothed": math.nan, "diverged": True}
+        return {"val_nelbo": 3.0 + 0.2 * x * x, "train_loss_smoothed": 3.1 + 0.2 * x * x}
+
+    return run, calls
+
+
+def _optimum(spec):
+    # adamw drifts as 1/width, muP stays put, modula stays put at a larger lr.
+    return {"adamw": 3e-2 * 64 / spec.width, "mup_adamw": 1e-2, "modula": 0.4}[spec.optimizer]
+
+
+def _check_outputs(out, n_rows):
+    rows = sweep.read_rows(out / "runs.csv")
+    assert len(rows) == n_rows
+    summary = json.loads((out / "summary.json").read_text())
+    for stem in FIGURES:
+        for ext in ("png", "svg"):
+            assert (out / f"{stem}.{ext}").stat().st_size > 1000
+    # The reported optimum is the best grid point or a fitted vertex beside it.
+    curves = sweep.curves(rows, "val_nelbo")
+    for name, entry in summary["optimizers"].items():
+        for o in entry["optima"]:
+            lrs, losses = curves[(name, o["width"], o["depth"])]
+            i = int(np.argmin(np.where(np.isfinite(losses), losses, np.inf)))
+            assert o["grid_best_lr"] == lrs[i]
+            if o["method"] == "grid":
+                assert o["best_lr"] == lrs[i]
+            else:
+                assert lrs[i - 1] <= o["best_lr"] <= lrs[i + 1]
+                assert o["best_loss"] <= losses[i] + 1e-9
+        best = [o["best_lr"] for o in entry["optima"]]
+        assert entry["spread"] == pytest.approx(max(best) / min(best))
+    return rows, summary
+
+
+def test_sweep_csv_summary_figures_and_resume(tmp_path):
+    out = tmp_path / "sweep"
+    argv = ["--out", str(out), "--widths", "64", "128", "256", "--n-lrs", "9", "--no-progress"]
+    run, calls = _fake_run(_optimum)
+    sweep.main(argv, run_fn=run)
+    n = 3 * 3 * 9
+    assert len(calls) == n
+    rows, summary = _check_outputs(out, n)
+    assert any(r["diverged"] for r in rows)  # recorded, not dropped
+    ops = summary["optimizers"]
+    # Optima of the exact parabolas are recovered; adamw drifts 4x over widths 64..256.
+    assert ops["adamw"]["spread"] == pytest.approx(4.0, rel=1e-6)
+    assert ops["mup_adamw"]["spread"] == pytest.approx(1.0, rel=1e-6)
+    assert [o["best_lr"] for o in ops["modula"]["optima"]] == pytest.approx([0.4] * 3)
+
+    # Resume: nothing left to do; a wider grid trains only the new runs.
+    run2, calls2 = _fake_run(_optimum)
+    sweep.main(argv, run_fn=run2)
+    assert calls2 == []
+    run3, calls3 = _fake_run(_optimum)
+    sweep.main([*argv[:2], "--widths", "64", "128", "256", "512", *argv[6:]], run_fn=run3)
+    assert {s.width for s in calls3} == {512} and len(calls3) == 3 * 9
+    _check_outputs(out, n + 3 * 9)
+
+    # Plot-only redraws from the CSV alone.
+    (out / "summary.json").unlink()
+    sweep.main(["--out", str(out), "--plot-only"], run_fn=None)
+    assert (out / "summary.json").exists()
+
+    # A different training setting refuses to mix rows into this CSV.
+    with pytest.raises(ValueError, match="another --out"):
+        sweep.main([*argv, "--steps", "7"], run_fn=run)
+
+
+def test_depth_sweep_and_seeds(tmp_path):
+    out = tmp_path / "depth"
+    run, calls = _fake_run(lambda spec: 1e-2 * spec.depth)
+    argv = ["--out", str(out), "--optimizers", "mup_adamw", "--widths", "64", "128"]
+    summary = sweep.main([*argv, "--depths", "1", "2", "--seeds", "0", "1", "--no-progress"], run)
+    assert len(calls) == 2 * 2 * 7 * 2
+    entry = summary["optimizers"]["mup_adamw"]
+    assert entry["spread_across_widths"]["1"] == pytest.approx(1.0)
+    assert entry["spread_across_depths"]["64"] == pytest.approx(2.0, rel=1e-6)
+    assert (out / "optimum_vs_depth.png").exists() and (out / "loss_vs_lr_depth.svg").exists()
+
+
+def test_bad_names_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        sweep.main(["--out", str(tmp_path), "--optimizers", "sgd"], run_fn=None)
+    with pytest.raises(ValueError, match="multiple of n_heads"):
+        sweep.main(["--out", str(tmp_path), "--widths", "66"], run_fn=None)
+
+
+# ---------------------------------------------------------------------------- coordinate check
+
+
+def test_recorders_do_not_change_the_model():
+    from jif import checkpoint as ckpt
+    from jif import model as model_lib
+
+    cfg = model_lib.make_config("tiny", d_model=32, n_heads=2, vocab_size=50)
+    unbound, params = ckpt.split_params(model_lib.build_model(cfg, jax.random.key(0)))
+    # A non-zero output layer so that the logits are informative.
+    params["dit/out/unembed"] = params["dit/out/unembed"] + 0.1
+    model = ckpt.bind_params(unbound, params)
+    tokens = np.random.default_rng(0).integers(0, 49, (2, 8)).astype(np.int32)
+    acts = coord_check.record(model, tokens, 0.5)
+    ref = np.asarray(jax.jit(model_lib.apply_logits)(model, tokens, np.full(2, 0.5, np.float32)))
+    np.testing.assert_allclose(acts["logits"], ref.ravel(), rtol=1e-5, atol=1e-6)
+    emb = np.asarray(params["dit/embed"].unwrap("vocabulary", "embedding"))[tokens]
+    np.testing.assert_allclose(acts["embedding"], emb.ravel(), rtol=1e-6)
+    n_tokens = tokens.size
+    assert acts["attention"].size == acts["mlp"].size == 2 * n_tokens * 32  # 2 blocks
+    assert acts["residual"].size == n_tokens * 32
+
+
+def test_mask_tokens_masks_the_requested_fraction():
+    tokens = np.zeros((3, 20), np.int32)
+    masked = coord_check.mask_tokens(tokens, 0.25, mask_id=7, seed=0)
+    assert ((masked == 7).sum(axis=1) == 5).all()
+
+
+# ---------------------------------------------------------------------------- quick real runs
+
+
+def test_sweep_quick_end_to_end(tmp_path):
+    out = tmp_path / "quick"
+    summary = sweep.main(["--quick", "--out", str(out), "--no-progress"])
+    rows, _ = _check_outputs(out, 3 * 2 * 3)
+    assert set(summary["optimizers"]) == {"adamw", "mup_adamw", "modula"}
+    finite = [r for r in rows if not r["diverged"]]
+    assert finite and all(0 < r["val_nelbo"] < 50 for r in finite)
+
+
+def test_coord_check_quick_end_to_end(tmp_path):
+    out = tmp_path / "coord"
+    rows = coord_check.main(["--quick", "--out", str(out)])
+    assert len(rows) == 3 * 2 * 2 * len(coord_check.LAYER_TYPES)
+    with (out / "coord.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    for stem in ("coord_check", "coord_delta"):
+        assert (out / f"{stem}.png").stat().st_size > 1000
+    for r in rows:
+        if r["layer"] == "logits":
+            assert r["rms_init"] == 0.0  # zero-initialised output layer
+        assert r["delta_rms"] > 0.0 and math.isfinite(r["rms"])
+        if r["layer"] == "embedding" and r["optimizer"] == "modula":
+            assert r["rms_init"] == pytest.approx(1.0, rel=1e-5)  # unit-RMS embedding rows

@@ -1,0 +1,411 @@
+"""Coordinate check (in the spirit of muP's): activation sizes against width, per optimizer.
+
+    python transfer/coord_check.py             # widths 64..512, 10 steps, about 5 min
+    python transfer/coord_check.py --quick     # tiny widths, 4 steps (what tests run)
+
+For each parameterisation of `transfer.sweep.PARAMETERISATIONS` and each width, the model is
+evaluated at initialisation and after a few training steps (same seed, same data) on fixed
+validation sequences masked at a low and a high mask rate. Recording layers are inserted with
+`pz.select` (penzai's `SaveIntermediate`, after unrolling the block LayerStack), so the model
+code is untouched. Per layer type the script records
+
+    rms        root mean square of the activation coordinates
+    delta_rms  root mean square of (activation after training - activation at init)
+
+for: embedding (token embedding output), attention (attention branch output, every block),
+mlp (MLP branch output, every block), residual (residual stream after the last block) and
+logits. Under muP (and Modula) both should stay flat in width; with standard AdamW the update
+sizes grow with width. Results: coord.csv, coord_check.{png,svg} (rms), coord_delta.{png,svg}.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+if __package__ in (None, ""):  # `python transfer/coord_check.py` from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from transfer import sweep  # noqa: E402
+
+LAYER_TYPES = ("embedding", "attention", "mlp", "residual", "logits")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CoordConfig:
+    """Which models to check and how long to train them."""
+
+    out: str = "transfer/results/coord"
+    """Folder for coord.csv and figures."""
+    optimizers: tuple[str, ...] = ("adamw", "mup_adamw", "modula")
+    """Parameterisations (keys of transfer.sweep.PARAMETERISATIONS)."""
+    widths: tuple[int, ...] = (64, 128, 256, 512)
+    """Model widths d_model."""
+    depth: int = 2
+    """Transformer blocks."""
+    steps: int = 10
+    """Training steps between the two measurements."""
+    lrs: tuple[float, ...] = ()
+    """Learning rate per optimizer (same order as --optimizers); default: the centre of each
+    parameterisation's sweep range."""
+    mask_rates: tuple[float, ...] = (0.15, 0.85)
+    """Mask rates of the probe inputs (low / high)."""
+    n_heads: int = 4
+    """Attention heads at every width."""
+    mup_base_width: int = 0
+    """muP base width (0: the smallest width)."""
+    batch_size: int = 8
+    """Training batch size."""
+    seq_len: int = 64
+    """Tokens per sequence (training and probe)."""
+    n_probe: int = 8
+    """Validation sequences the activations are measured on."""
+    seed: int = 0
+    """Seed of initialisation, data order and probe masks."""
+    quick: bool = False
+    """Tiny preset for tests: widths 16/32, depth 1, 4 steps (step 1 is warmup at lr 0, and
+    with a zero-initialised output layer only the logits move in the next one)."""
+    plot_only: bool = False
+    """Only redraw the figures from an existing coord.csv."""
+
+
+QUICK_OVERRIDES = dict(
+    widths=(16, 32), depth=1, steps=4, batch_size=4, seq_len=16, n_probe=4, n_heads=2
+)
+
+
+def resolve(config: CoordConfig) -> CoordConfig:
+    if config.quick:
+        config = dataclasses.replace(config, **QUICK_OVERRIDES)
+    for name in config.optimizers:
+        if name not in sweep.PARAMETERISATIONS:
+            raise ValueError(
+                f"unknown optimizer {name!r}; choose from {sorted(sweep.PARAMETERISATIONS)}"
+            )
+    if config.lrs and len(config.lrs) != len(config.optimizers):
+        raise ValueError(
+            f"--lrs has {len(config.lrs)} values for {len(config.optimizers)} optimizers; "
+            "give one learning rate per optimizer, in the same order"
+        )
+    if not all(0.0 <= r <= 1.0 for r in config.mask_rates):
+        raise ValueError(f"mask rates {config.mask_rates} must lie in [0, 1]")
+    if config.mup_base_width <= 0:
+        config = dataclasses.replace(config, mup_base_width=min(config.widths))
+    return config
+
+
+def default_lr(name: str) -> float:
+    """The geometric centre of the parameterisation's sweep range."""
+    lo, hi = sweep.PARAMETERISATIONS[name].lr_range
+    return float(f"{math.sqrt(lo * hi):.3g}")
+
+
+# --------------------------------------------------------------------------------------------
+# Recording activations with penzai
+
+
+def unroll_layer_stacks(model):
+    """Replaces every pz.nn.LayerStack by a Sequential of its per-block slices (same math)."""
+    from penzai import pz
+
+    def slice_block(stack, i):
+        return (
+            pz.select(stack.stacked_sublayers)
+            .at_instances_of(pz.nx.NamedArrayBase)
+            .where(lambda x: stack.stack_axis in x.named_shape)
+            .apply(lambda x: x[{stack.stack_axis: i}])
+        )
+
+    return (
+        pz.select(model)
+        .at_instances_of(pz.nn.LayerStack)
+        .apply(lambda s: pz.nn.Sequential([slice_block(s, i) for i in range(s.stack_axis_size)]))
+    )
+
+
+def _label(layer) -> str:
+    weights = getattr(layer, "weights", None)
+    return getattr(weights, "label", "") or ""
+
+
+def insert_recorders(model):
+    """The model with a SaveIntermediate after every layer of interest; labels "coord/<type>/<i>".
+
+    model: a DiT with bound (frozen) parameters. Returns (model, labels by layer type).
+    """
+    from penzai import pz
+    from penzai.toolshed.save_intermediates import SaveIntermediate
+
+    from jif import model as model_lib
+
+    labels: dict[str, list[str]] = {name: [] for name in LAYER_TYPES}
+
+    def tap(kind):
+        def wrap(layer):
+            label = f"coord/{kind}/{len(labels[kind])}"
+            labels[kind].append(label)
+            return pz.nn.Sequential(
+                [layer, SaveIntermediate(saved=pz.StateVariable(None, label=label))]
+            )
+
+        return wrap
+
+    model = unroll_layer_stacks(model)
+    model = pz.select(model).at_instances_of(model_lib.Embed).apply(tap("embedding"))
+    linears = pz.select(model).at_instances_of(pz.nn.Linear)
+    model = linears.where(lambda layer: _label(layer).endswith("attn/output")).apply(
+        tap("attention")
+    )
+    linears = pz.select(model).at_instances_of(pz.nn.Linear)
+    model = linears.where(lambda layer: _label(layer).endswith("mlp/down")).apply(tap("mlp"))
+    model = dataclasses.replace(model, blocks=tap("residual")(model.blocks))
+    return model, labels
+
+
+@jax.jit
+def _forward(pure, values, tokens, rate):
+    """Runs a model with recorders (state variables unbound): (logits [B, L, V], {label: value})."""
+    from penzai import pz
+
+    out, new_values = pure.stateless_call(
+        values,
+        pz.nx.wrap(tokens).tag("batch", "seq"),
+        mask_rate=pz.nx.wrap(rate).tag("batch"),
+    )
+    return out.unwrap("batch", "seq", "vocabulary"), {v.label: v.value for v in new_values}
+
+
+def record(model, tokens: np.ndarray, mask_rate: float) -> dict[str, np.ndarray]:
+    """Activations of every recorded layer plus the logits, as plain arrays.
+
+    tokens: int32 [B, L] (already masked); mask_rate: the rate passed as side input.
+    """
+    import jax.numpy as jnp
+    from penzai import pz
+
+    tapped, labels = insert_recorders(model)
+    pure, state_vars = pz.unbind_state_vars(tapped)
+    values = [v.freeze() for v in state_vars]
+
+    rate = jnp.full((tokens.shape[0],), mask_rate, jnp.float32)
+    logits, saved = _forward(pure, values, jnp.asarray(tokens), rate)
+    acts = {"logits": [np.asarray(logits)]}
+    for kind, names in labels.items():
+        if kind != "logits":
+            acts[kind] = [np.asarray(saved[n].data_array) for n in names]
+    return {kind: np.concatenate([a.ravel() for a in arrays]) for kind, arrays in acts.items()}
+
+
+def mask_tokens(tokens: np.ndarray, rate: float, mask_id: int, seed: int) -> np.ndarray:
+    """Replaces a fixed random `rate` fraction of each row's tokens by mask_id. [B, L] -> [B, L]."""
+    rng = np.random.default_rng(seed)
+    out = tokens.copy()
+    for row in out:
+        n = int(round(rate * row.size))
+        row[rng.choice(row.size, n, replace=False)] = mask_id
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The check
+
+
+def check_one(name: str, width: int, lr: float, config: CoordConfig, runs) -> list[dict]:
+    """Rows (layer, mask_rate, rms at init, rms and delta_rms after training) for one model.
+
+    runs: a transfer.sweep.CompiledRuns (trains exactly as the sweep does).
+    """
+    from jif import checkpoint as ckpt
+    from jif import data as data_lib
+
+    sweep_cfg = sweep.SweepConfig(
+        steps=config.steps,
+        batch_size=config.batch_size,
+        seq_len=config.seq_len,
+        n_heads=config.n_heads,
+        mup_base_width=config.mup_base_width,
+        eval_sequences=config.n_probe,
+    )
+    spec = sweep.RunSpec(optimizer=name, width=width, depth=config.depth, lr=lr, seed=config.seed)
+    unbound, init_params = runs.init_params(spec, sweep_cfg)
+    final_params, outcome = runs.train(spec, sweep_cfg)
+    if outcome["diverged"]:
+        raise FloatingPointError(f"{name} at width {width} diverged at lr {lr}; pass smaller --lrs")
+    tokenizer = runs._data(sweep_cfg, config.seed)[0]
+    probe = data_lib.validation_tokens(
+        sweep_cfg.data,
+        tokenizer,
+        seq_len=config.seq_len,
+        n_sequences=config.n_probe,
+        seed=config.seed,
+    )
+    rows = []
+    for rate in config.mask_rates:
+        xt = mask_tokens(np.asarray(probe), rate, tokenizer.mask_id, config.seed)
+        before = record(ckpt.bind_params(unbound, init_params), xt, rate)
+        after = record(ckpt.bind_params(unbound, final_params), xt, rate)
+        for kind in LAYER_TYPES:
+            rows.append(
+                dict(
+                    optimizer=name,
+                    width=width,
+                    lr=lr,
+                    steps=config.steps,
+                    mask_rate=rate,
+                    layer=kind,
+                    rms_init=float(np.sqrt(np.mean(before[kind] ** 2))),
+                    rms=float(np.sqrt(np.mean(after[kind] ** 2))),
+                    delta_rms=float(np.sqrt(np.mean((after[kind] - before[kind]) ** 2))),
+                )
+            )
+    return rows
+
+
+CSV_FIELDS = (
+    "optimizer",
+    "width",
+    "lr",
+    "steps",
+    "mask_rate",
+    "layer",
+    "rms_init",
+    "rms",
+    "delta_rms",
+)
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    """coord_check.{png,svg}: rms at init (dashed) and after training (solid) vs width;
+    coord_delta.{png,svg}: rms of the change. One row of panels per optimizer, one column per
+    layer type, one colour per mask rate; log-log axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["optimizer"] for r in rows))
+    rates = sorted({r["mask_rate"] for r in rows})
+    colors = plt.get_cmap("coolwarm")(np.linspace(0.1, 0.9, len(rates)))
+    written = []
+    for stem, series in (("coord_check", ("rms_init", "rms")), ("coord_delta", ("delta_rms",))):
+        fig, axes = plt.subplots(
+            len(names),
+            len(LAYER_TYPES),
+            figsize=(3.0 * len(LAYER_TYPES), 2.4 * len(names)),
+            squeeze=False,
+        )
+        for i, name in enumerate(names):
+            for j, kind in enumerate(LAYER_TYPES):
+                ax = axes[i][j]
+                positive = False
+                for color, rate in zip(colors, rates, strict=True):
+                    sel = sorted(
+                        (
+                            r
+                            for r in rows
+                            if r["optimizer"] == name
+                            and r["layer"] == kind
+                            and r["mask_rate"] == rate
+                        ),
+                        key=lambda r: r["width"],
+                    )
+                    for field in series:
+                        y = np.array([r[field] for r in sel])
+                        positive |= bool((y > 0).any())
+                        style = "--" if field == "rms_init" else "-"
+                        label = f"mask {rate:g}" + (" init" if field == "rms_init" else "")
+                        ax.plot(
+                            [r["width"] for r in sel],
+                            np.where(y > 0, y, np.nan),
+                            style,
+                            marker="o",
+                            ms=3,
+                            color=color,
+                            label=label,
+                        )
+                ax.set_xscale("log", base=2)
+                if positive:  # all-zero panels (e.g. logits at init) stay linear
+                    ax.set_yscale("log")
+                ax.grid(alpha=0.3, which="both")
+                if i == 0:
+                    ax.set_title(kind)
+                if j == 0:
+                    ax.set_ylabel(f"{name}\n{'rms' if stem == 'coord_check' else 'rms of change'}")
+                if i == len(names) - 1:
+                    ax.set_xlabel("width")
+        axes[0][-1].legend(fontsize=6)
+        fig.tight_layout()
+        for ext in ("png", "svg"):
+            path = out / f"{stem}.{ext}"
+            fig.savefig(path, dpi=110, bbox_inches="tight")
+            written.append(path)
+        plt.close(fig)
+    return written
+
+
+def read_rows(path: Path) -> list[dict]:
+    """coord.csv rows with numbers parsed."""
+    if not path.exists():
+        raise ValueError(f"no {path}; run the coordinate check first (without --plot-only)")
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["width"], row["steps"] = int(row["width"]), int(row["steps"])
+        for name in ("lr", "mask_rate", "rms_init", "rms", "delta_rms"):
+            row[name] = float(row[name])
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    import tyro
+
+    config = resolve(tyro.cli(CoordConfig, args=argv))
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.plot_only:
+        rows = read_rows(out / "coord.csv")
+        plot(rows, out)
+        return rows
+    print(json.dumps(dataclasses.asdict(config)), flush=True)
+    lrs = dict(
+        zip(
+            config.optimizers, config.lrs or [default_lr(n) for n in config.optimizers], strict=True
+        )
+    )
+    from tqdm import tqdm
+
+    rows, runs = [], sweep.CompiledRuns()
+    jobs = [(name, width) for width in config.widths for name in config.optimizers]
+    for name, width in tqdm(jobs, desc="coord check", unit="model"):
+        rows.extend(check_one(name, width, lrs[name], config, runs))
+    with (out / "coord.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, out)
+    for name in config.optimizers:
+        for kind in LAYER_TYPES:
+            sel = sorted(
+                (r for r in rows if r["optimizer"] == name and r["layer"] == kind),
+                key=lambda r: r["width"],
+            )
+            ratio = [r["delta_rms"] for r in sel if r["width"] == max(config.widths)]
+            base = [r["delta_rms"] for r in sel if r["width"] == min(config.widths)]
+            growth = np.mean(ratio) / np.mean(base) if np.mean(base) > 0 else math.nan
+            print(
+                f"{name:10s} {kind:10s} change rms x{growth:.2f} from width {min(config.widths)} to {max(config.widths)}"
+            )
+    print(f"wrote {out}/coord.csv and figures")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
