@@ -56,7 +56,7 @@ class AppConfig:
 MAX_STEPS = 2000
 MAX_SAMPLES = 8
 MAX_CACHED_MODELS = 4
-DEFAULT_TEMPLATE = "Once upon a time, [MASK:40]"
+DEFAULT_TEMPLATE = "Once upon a time, [MASK:12] happy."
 MASK_GLYPH = "\u2591\u2591"  # placeholder drawn for a masked position
 PLACEHOLDER_CLASS = "jif-mask"  # every placeholder span carries this class
 
@@ -91,8 +91,8 @@ def checkpoint_label(info) -> str:
     return f"{run} · step {info.step} · data {info.data} · val NELBO {nelbo}"
 
 
-def scan_checkpoints(root: str, source=ckpt) -> list[tuple[str, str]]:
-    """[(label, path)] for every checkpoint under root, newest first; [] when none or unreadable."""
+def scan_checkpoints(root: str, source=ckpt) -> list:
+    """CheckpointInfo of every checkpoint under root, newest first; [] when none or unreadable."""
     if not os.path.isdir(root):
         return []
     try:
@@ -100,7 +100,7 @@ def scan_checkpoints(root: str, source=ckpt) -> list[tuple[str, str]]:
     except (OSError, ValueError) as e:  # an unreadable folder must not take the page down
         print(f"[app] could not list checkpoints under {root}: {e}", file=sys.stderr)
         return []
-    return [(checkpoint_label(i), str(i.path)) for i in infos if _is_inside(str(i.path), root)]
+    return [i for i in infos if _is_inside(str(i.path), root)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -325,10 +325,16 @@ class DiffusionApp:
         self.ema = ema
         self.source = source  # provides list_checkpoints and load_for_inference
         self.models = _LRU(MAX_CACHED_MODELS)
+        self.contexts: dict[str, int] = {}  # realpath -> training seq_len, from the listing
 
     # -- the picker -------------------------------------------------------------------
     def choices(self) -> list[tuple[str, str]]:
-        listed = scan_checkpoints(self.root, self.source)
+        """[(label, path)] for the picker, newest first."""
+        infos = scan_checkpoints(self.root, self.source)
+        for i in infos:
+            if isinstance((i.config or {}).get("seq_len"), int):
+                self.contexts[os.path.realpath(i.path)] = i.config["seq_len"]
+        listed = [(checkpoint_label(i), str(i.path)) for i in infos]
         if self.checkpoint and not any(_same(p, self.checkpoint) for _, p in listed):
             listed.insert(0, (f"{self.checkpoint} (given with --checkpoint)", self.checkpoint))
         return listed
@@ -362,12 +368,13 @@ class DiffusionApp:
             raise gr.Error(f"Could not load checkpoint{where}: {e}") from e
 
     def context_length(self, loaded) -> int | None:
-        cfg = getattr(loaded, "config", None) or {}
-        for key in ("seq_len", "context_length"):
-            if isinstance(cfg.get(key), int):
-                return cfg[key]
-        train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
-        return train.get("seq_len")
+        """The sequence length the checkpoint was trained on (its context), if recorded."""
+        seq_len = (getattr(loaded, "config", None) or {}).get("seq_len")
+        return seq_len if isinstance(seq_len, int) else None
+
+    def default_length(self, path: str | None) -> int:
+        """Length offered for a checkpoint: its training context (64 when unknown)."""
+        return self.contexts.get(os.path.realpath(path), 64) if path else 64
 
     # -- one generation ---------------------------------------------------------------
     def run_sampler(
@@ -546,7 +553,9 @@ def build_demo(
         with gr.Row():
             method = gr.Dropdown(methods, value=default_method, label="Method")
             steps = gr.Number(value=64, precision=0, label="Steps")
-            length = gr.Number(value=64, precision=0, label="Length (tokens)")
+            length = gr.Number(
+                value=app.default_length(first), precision=0, label="Length (tokens)"
+            )
             n_samples = gr.Number(value=2, precision=0, label="Samples")
             seed = gr.Number(value=0, precision=0, label="Seed")
         with gr.Row():
@@ -566,14 +575,15 @@ def build_demo(
         state = gr.State(None)
 
         def on_pick(path):
-            return f"Checkpoint: `{path}`" if path else no_checkpoint_message(root)
+            text = f"Checkpoint: `{path}`" if path else no_checkpoint_message(root)
+            return text, app.default_length(path)
 
         def on_rescan(current):
             new = app.choices()
             value = current if any(p == current for _, p in new) else (new[0][1] if new else None)
-            return gr.update(choices=new, value=value), on_pick(value)
+            return gr.update(choices=new, value=value), on_pick(value)[0]
 
-        picker.change(on_pick, picker, status, api_name=False)
+        picker.change(on_pick, picker, [status, length], api_name=False)
         rescan.click(on_rescan, picker, [picker, status], api_name="rescan")
         generate.click(
             app.generate,

@@ -203,6 +203,37 @@ def test_second_generate_reuses_model_and_compiled_sampler(fake_server):
     assert app.sampling._sample._cache_size() == n_compiled, "a second generate recompiled"
 
 
+def test_rescan_lists_new_checkpoints_and_only_inside_root(tmp_path):
+    root = tmp_path / "runs"
+    infos = []
+    asked = []
+
+    def listing(r):
+        asked.append(r)
+        return list(infos)
+
+    source = types.SimpleNamespace(list_checkpoints=listing, load_for_inference=None)
+    root.mkdir()
+    demo = app.build_demo(str(root), source=source)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        run = root / "r1" / "checkpoints" / "5"
+        infos.append(FakeInfo(str(run), str(root / "r1"), 5, "stories", 2.5, {"seq_len": 32}))
+        infos.append(FakeInfo("/elsewhere/x/checkpoints/9", "/elsewhere/x", 9, "s", None, {}))
+        update, status = client.predict(None, api_name="/rescan")
+        assert update["value"] == str(run) and str(run) in status
+        assert [path for _, path in update["choices"]] == [str(run)]
+        assert [label for label, _ in demo.jif_app.choices()] == [
+            "r1 · step 5 · data stories · val NELBO 2.500"
+        ]
+        assert demo.jif_app.default_length(str(run)) == 32
+        assert set(asked) == {str(root)}, "the picker only lists the root it was given"
+    finally:
+        demo.close()
+
+
 def test_no_checkpoint_names_the_command(tmp_path, capsys):
     root = tmp_path / "empty"
     demo = app.build_demo(str(root))
