@@ -86,7 +86,7 @@ class Linear(Atom):
         axes = (*self.in_axes, *self.out_axes)
 
         def per_copy(m):
-            out = fn(m.reshape(self.fan_in, self.fan_out))
+            out = fn(m.reshape(self.fan_in, self.fan_out).astype(jnp.float32))
             return out.reshape(m.shape) if out.ndim == 2 else out
 
         out = pz.nx.nmap(per_copy)(w.untag(*axes))

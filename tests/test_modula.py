@@ -192,18 +192,29 @@ def _out_rms(y):
     return _rms(y.unwrap(*sorted(y.named_shape)))
 
 
+_JITTED = {}
+
+
+def _jit(module, method):
+    """One compiled function per (module, method): the bound checks reuse it."""
+    key = (id(module), method)
+    if key not in _JITTED:
+        _JITTED[key] = (module, jax.jit(getattr(module, method)))
+    return _JITTED[key][1]
+
+
 def _ratio_input(module, w, x, key, eps=1e-3):
     """RMS(f(x + dx) - f(x)) / RMS(dx) for a random dx."""
     dx = _named(key, x.named_shape, eps)
-    fwd = jax.jit(module.forward)
+    fwd = _jit(module, "forward")
     return _out_rms(fwd(w, x + dx) - fwd(w, x)) / _out_rms(dx)
 
 
 def _weight_ratio(module, w, x, dw, eps=1e-3):
     """RMS(output change) / ||dw|| with dw scaled to modular norm eps."""
-    scale = eps / _scalar(jax.jit(module.norm)(dw))
+    scale = eps / _scalar(_jit(module, "norm")(dw))
     dw = {k: v * scale for k, v in dw.items()}
-    fwd = jax.jit(module.forward)
+    fwd = _jit(module, "forward")
     return _out_rms(fwd(_add(w, dw), x) - fwd(w, x)) / eps
 
 
@@ -272,10 +283,10 @@ def test_optimizer_step_has_modular_norm_lr_and_projects():
     g = _random_like(jax.random.key(31), w)
     sched = optax.linear_schedule(0.2, 0.1, 10)
     opt = modula.optimizer(sched, params=w, module=module, weight_decay=0.0)
-    u, _ = opt.update(g, opt.init(w), w)
+    u, _ = jax.jit(opt.update)(g, opt.init(w), w)
     assert abs(_scalar(module.norm(u)) - 0.2) < 2e-3
     proj = modula.optimizer(0.5, params=w, module=module, project=True, weight_decay=0.1)
-    u, _ = proj.update(g, proj.init(w), w)
+    u, _ = jax.jit(proj.update)(g, proj.init(w), w)
     new = _add(w, u)
     q = new["q"].unwrap("blocks", "embedding", "heads", "projection").reshape(2, D, 16)
     sv = jnp.linalg.svd(q, compute_uv=False)
