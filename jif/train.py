@@ -237,8 +237,10 @@ def make_train_step(unbound, tx: optax.GradientTransformation, cfg: TrainConfig,
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        # The EMA averages the weights that are evaluated (schedule-free: its averaged iterate).
+        target = optim.eval_params(opt_state, params)
         ema = jax.tree_util.tree_map(
-            lambda e, p: (cfg.ema * e + (1 - cfg.ema) * p).astype(e.dtype), state["ema"], params
+            lambda e, p: (cfg.ema * e + (1 - cfg.ema) * p).astype(e.dtype), state["ema"], target
         )
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
         metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
@@ -311,11 +313,19 @@ class Logger:
         self.path = os.path.join(run_dir, "metrics.jsonl") if run_dir else None
         self.tb = self.wb = None
         if run_dir and cfg.tensorboard:
-            from tensorboardX import SummaryWriter  # optional extra
+            try:
+                from tensorboardX import SummaryWriter  # optional extra
+            except ImportError:
+                raise ValueError(
+                    "--tensorboard needs tensorboardX: pip install tensorboardX"
+                ) from None
 
             self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
         if run_dir and cfg.wandb:
-            import wandb  # optional extra
+            try:
+                import wandb  # optional extra
+            except ImportError:
+                raise ValueError("--wandb needs wandb: pip install wandb") from None
 
             self.wb = wandb.init(project="jif", config=dataclasses.asdict(cfg), dir=run_dir)
 
@@ -461,9 +471,8 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         ckpt.save(manager, state, meta)
 
     def do_eval(step: int) -> dict:
-        eval_p = optim.eval_params(state["opt_state"], state["ema"])
         row = evaluate(
-            cfg, unbound, eval_p, val_batches, tokenizer, jax.random.key(cfg.seed + step)
+            cfg, unbound, state["ema"], val_batches, tokenizer, jax.random.key(cfg.seed + step)
         )
         row = {"step": step, **row}
         logger.log(row)
