@@ -104,7 +104,8 @@ def scan_checkpoints(root: str, source=ckpt) -> list:
 
 
 # ----------------------------------------------------------------------------------------
-# Caches: loaded models and jitted samplers (a second Generate does not recompile)
+# Caches: loaded models here; compiled samplers in jif.sampling's jit cache, keyed on the
+# cached model's denoise_fn object, so a second Generate neither reloads nor recompiles
 # ----------------------------------------------------------------------------------------
 
 
@@ -127,12 +128,15 @@ class _LRU:
             with self._lock:
                 if key in self._items:
                     return self._items[key]
-            value = make()
+            try:
+                value = make()
+            finally:
+                with self._lock:
+                    self._key_locks.pop(key, None)
             with self._lock:
                 self._items[key] = value
                 while len(self._items) > self.capacity:
                     self._items.popitem(last=False)
-                self._key_locks.pop(key, None)
             return value
 
     def __len__(self) -> int:
@@ -321,6 +325,12 @@ class DiffusionApp:
 
     def __init__(self, root: str, checkpoint: str | None = None, *, ema: bool = True, source=ckpt):
         self.root = root
+        resolve = getattr(source, "resolve_step_dir", None)
+        if checkpoint and resolve is not None:  # a run folder given: its newest step folder
+            try:
+                checkpoint = resolve(checkpoint)
+            except ValueError as e:  # reported on the page when it is used
+                print(f"[app] --checkpoint {checkpoint}: {e}", file=sys.stderr)
         self.checkpoint = checkpoint
         self.ema = ema
         self.source = source  # provides list_checkpoints and load_for_inference

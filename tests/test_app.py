@@ -329,6 +329,10 @@ def test_real_tiny_checkpoint_streams_to_the_end(tiny_run):
     try:
         listed = demo.jif_app.choices()
         assert listed and "step 2" in listed[0][0]
+        assert demo.jif_app.default_length(listed[0][1]) == 32  # the training seq_len
+        # --checkpoint with a run folder opens its newest step, the one the picker lists.
+        given = app.DiffusionApp(tiny_run, os.path.join(tiny_run, "tiny"))
+        assert given.initial_choice(given.choices()) == listed[0][1]
         client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
         args = generate_args(listed[0][1], method="ddpm_cache", steps=8, length=32)
         outputs, final = run_job(client, args)
