@@ -18,16 +18,12 @@ entries. Inside the model the embedding and output tables are padded to a multip
 Parameters (label = path; "blocks" is a leading stacked axis; fan-in axes listed first):
   path                         axes (fan-in | fan-out)                 init (standard)
   dit/embed                    vocabulary | embedding                  N(0, 1)
-  dit/cond/in                  frequencies | cond_hidden               N(0, 1/fan_in)  [adaln]
-  dit/cond/in_bias             | cond_hidden                           0               [adaln]
-  dit/cond/out                 cond_hidden | cond                      N(0, 1/fan_in)  [adaln]
-  dit/cond/out_bias            | cond                                  0               [adaln]
-  dit/blocks/attn/norm         blocks, | embedding  (gain vector)      1
-  dit/blocks/attn/{shift,scale,gate}  blocks, cond | embedding         0               [adaln]
+  dit/cond/in ; dit/cond/out   frequencies | cond_hidden ; cond_hidden | cond   N(0, 1/fan_in)
+  dit/cond/{in,out}_bias       | cond_hidden, | cond (vectors)         0               [adaln]
+  dit/blocks/{attn,mlp}/norm   blocks, | embedding  (gain vector)      1
+  dit/blocks/{attn,mlp}/{shift,scale,gate}  blocks, cond | embedding   0               [adaln]
   dit/blocks/attn/{query,key,value}   blocks, embedding | heads, projection   N(0, 1/fan_in)
   dit/blocks/attn/output       blocks, heads, projection | embedding   N(0, 1/fan_in)
-  dit/blocks/mlp/norm          blocks, | embedding  (gain vector)      1
-  dit/blocks/mlp/{shift,scale,gate}   blocks, cond | embedding         0               [adaln]
   dit/blocks/mlp/up            blocks, embedding | neurons             N(0, 1/fan_in)
   dit/blocks/mlp/down          blocks, neurons | embedding             N(0, 1/fan_in)
   dit/out/norm                 | embedding  (gain vector)              1
@@ -54,6 +50,13 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
+# Fan-in axes by label suffix (longest match wins); fan_in_axes(model) reads the same from a model.
+FAN_IN_AXES: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("query", "key", "value", "up", "unembed"), ("embedding",)),
+    **dict.fromkeys(("shift", "scale", "gate"), ("cond",)),
+    **{"embed": ("vocabulary",), "cond/in": ("frequencies",), "cond/out": ("cond_hidden",)},
+    **{"attn/output": ("heads", "projection"), "down": ("neurons",)},
+}
 GELU_MAX_SLOPE = 1.1289  # max_x d/dx gelu(x) (attained near x = 2.4): makes GELU/1.1289 1-Lipschitz
 
 
@@ -233,16 +236,13 @@ class SoftmaxF32(pz.nn.Layer):
     axis: str = dataclasses.field(metadata={"pytree_node": False})
 
     def __call__(self, x: pz.nx.NamedArray, **_side) -> pz.nx.NamedArray:
-        if x.dtype == jnp.float32:
-            return pz.nx.nmap(jax.nn.softmax)(x.untag(self.axis)).tag(self.axis)
         y = pz.nx.nmap(jax.nn.softmax)(x.astype(jnp.float32).untag(self.axis))
         return y.tag(self.axis).astype(x.dtype)
 
 
 @pz.pytree_dataclass
 class Unembed(pz.nn.Layer):
-    """Output layer {"embedding"} -> {"vocabulary"}; drops the table's padding columns before
-    the matmul, so exactly `size` logits are computed."""
+    """{"embedding"} -> {"vocabulary"}: drops padding columns, then multiplies (size logits)."""
 
     weights: pz.nn.ParameterLike[pz.nx.NamedArray]  # {"embedding", "vocabulary"} (padded)
     size: int = dataclasses.field(metadata={"pytree_node": False})

@@ -89,6 +89,18 @@ def test_param_count_by_hand():
     assert M.count_params(M.build_model(cfg, jax.random.key(0))) == expected
 
 
+def test_fan_in_axes_table_matches_model():
+    m = M.build_model(M.make_config("tiny", adaln=True), jax.random.key(0))
+    from_model = M.fan_in_axes(m)
+    assert set(from_model) == set(M.params_dict(m))
+    for label, axes in from_model.items():
+        keys = [k for k in M.FAN_IN_AXES if label == k or label.endswith("/" + k)]
+        if keys:  # norms and biases are vectors without fan-in axes
+            assert M.FAN_IN_AXES[max(keys, key=len)] == axes, label
+        else:
+            assert axes == () and label.endswith(("norm", "bias")), label
+
+
 def test_flops_per_token_matches_xla():
     """Matmul FLOPs by formula vs XLA's count of the compiled forward (which adds a little
     elementwise work) on a model wide enough for matmuls to dominate."""
