@@ -27,8 +27,10 @@ The whole loop is one `jax.lax.while_loop` inside one jitted program.
 
 Token values come from Gumbel-max on the filtered, temperature-scaled logits. The mask logit
 is never sampled. For the methods whose choice of positions does not depend on the sampled
-value, each position gets one Gumbel draw for the whole run (it is revealed once), which is
-what makes "ddpm" and "ddpm_cache" agree sample for sample.
+value, each position gets one Gumbel draw for the whole run (it is revealed once, and its
+noise comes from a counter-based stream keyed by position, see `noise_bits`), which is
+what makes "ddpm" and "ddpm_cache" agree sample for sample; they also draw tokens only at
+the positions being revealed, so a cached call costs little more than the network itself.
 """
 
 from __future__ import annotations
@@ -73,17 +75,22 @@ class SampleResult(NamedTuple):
 # ----------------------------------------------------------------------------- token sampling
 
 
-def gumbel(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Standard Gumbel noise [shape] in float32 with a faithful upper tail.
+def gumbel_from_bits(bits: jax.Array) -> jax.Array:
+    """Standard Gumbel noise from uniform uint32 bits, float32 with a faithful upper tail.
 
-    G = -log(E), E = -log1p(-v) ~ Exponential(1). v is built from 32 random bits so that it is
-    fine-grained near 0, where E is small and G large: the largest G is about 22.9 (probability
-    of exceeding it 1e-10), where the usual -log(-log(u)) with a 23-bit u stops at about 16.
+    G = -log(E), E = -log1p(-v) ~ Exponential(1). v is built from all 32 bits so that it is
+    fine-grained near 0, where E is small and G large: the largest G is about 22.9
+    (probability of exceeding it 1e-10), where the usual -log(-log(u)) with a 23-bit u stops
+    at about 16.
     """
-    bits = jax.random.bits(key, shape, jnp.uint32)
     v = (bits.astype(jnp.float32) + 0.5) * 2.0**-32  # in (0, 1]
     v = jnp.minimum(v, 1.0 - 2.0**-24)  # largest float32 below 1: E stays finite
     return -jnp.log(-jnp.log1p(-v))
+
+
+def gumbel(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Standard Gumbel noise [shape], float32 (see gumbel_from_bits)."""
+    return gumbel_from_bits(jax.random.bits(key, shape, jnp.uint32))
 
 
 def filter_logits(
@@ -259,15 +266,17 @@ def score_random(logp, chosen_logp, rand) -> jax.Array:
 
 class Method(NamedTuple):
     """planner: a key of PLANNERS. score: which positions an "expected" step reveals (None for
-    ancestral). every_step: call the network at every step, even one that reveals nothing.
-    needs_logp: the score reads the log-probabilities. fresh_noise: draw new Gumbel noise
-    every call (the score depends on the sampled value, so a position passed over keeps no
-    memory of the draw that was passed over)."""
+    ancestral). score_uses_logits: the score reads the predicted distribution, so every
+    masked position's token is drawn at every call; otherwise the positions are chosen first
+    and tokens are drawn only there. every_step: call the network at every step, even one
+    that reveals nothing. fresh_noise: new Gumbel noise at every call (the score depends on
+    the sampled value, so a position passed over must not keep the draw it was passed over
+    for). cached: reuses logits across steps (refused for noise-conditioned denoisers)."""
 
     planner: str
     score: Callable | None = None
+    score_uses_logits: bool = False
     every_step: bool = False
-    needs_logp: bool = False
     fresh_noise: bool = False
     cached: bool = False
 
@@ -275,14 +284,45 @@ class Method(NamedTuple):
 METHODS: dict[str, Method] = {
     "ddpm": Method("ancestral", every_step=True),
     "ddpm_cache": Method("ancestral", cached=True),
-    "confidence": Method("expected", score_confidence, needs_logp=True, fresh_noise=True),
-    "margin": Method("expected", score_margin, needs_logp=True),
-    "entropy": Method("expected", score_entropy, needs_logp=True),
+    "confidence": Method("expected", score_confidence, score_uses_logits=True, fresh_noise=True),
+    "margin": Method("expected", score_margin, score_uses_logits=True),
+    "entropy": Method("expected", score_entropy, score_uses_logits=True),
     "random": Method("expected", score_random),
 }
 
 
 # ----------------------------------------------------------------------------- the loop
+
+GATHER = 8  # positions per row drawn at once when the positions are known before the draw
+
+
+def _argmax(x: jax.Array) -> jax.Array:
+    """argmax over the last axis, int32 [...] (first index on ties). Two vectorised max
+    reductions: XLA's CPU argmax (a (value, index) reduction) is several times slower."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    neg_iota = -jnp.arange(x.shape[-1], dtype=jnp.float32)
+    return (-jnp.max(jnp.where(x == m, neg_iota, -jnp.inf), axis=-1)).astype(jnp.int32)
+
+
+def _fmix32(x: jax.Array) -> jax.Array:
+    """murmur3's 32-bit finaliser: a bijection of uint32 that mixes every bit into every bit."""
+    x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
+    x = (x ^ (x >> 13)) * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def noise_bits(seed: jax.Array, vocab: int, counter: jax.Array | int = 0) -> jax.Array:
+    """Random uint32 [..., vocab] from per-position seeds uint32 [...] (threefry draws).
+
+    A counter-based stream (SplitMix-style: a Weyl sequence over the vocabulary through two
+    bijective mixes), so the noise of any subset of positions is computed on the spot, the
+    same whenever it is computed: "ddpm" and "ddpm_cache" draw identical tokens without
+    storing [B, L, V] noise, and `counter` gives fresh noise per call where needed.
+    """
+    v = jnp.arange(vocab, dtype=jnp.uint32)
+    x = _fmix32(seed[..., None] + v * jnp.uint32(0x9E3779B9))
+    salt = jnp.asarray(counter).astype(jnp.uint32) * jnp.uint32(0x632BE5AB) + jnp.uint32(1)
+    return _fmix32(x ^ salt)
 
 
 class _State(NamedTuple):
@@ -331,7 +371,15 @@ def _sample(
     k_plan, k_noise = jax.random.split(key)
     masked0 = tokens == mask_id
     plan = planner.plan(k_plan, masked0, block_id, n_blocks, steps // n_blocks)
-    need_logp = spec.needs_logp or return_trajectory
+    rows = jnp.arange(batch)[:, None]
+    filt = functools.partial(
+        filter_logits,
+        mask_id=mask_id,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        use_top_p=use_top_p,
+    )
 
     def call(tokens, step):
         if time_conditioned:
@@ -339,34 +387,52 @@ def _sample(
         return denoise_fn(tokens)
 
     vocab = jax.eval_shape(call, tokens, jnp.zeros((batch,), jnp.int32)).shape[-1]
-    if not spec.fresh_noise:
-        # One draw per position for the whole run: each position is revealed once.
-        fixed_noise = gumbel(k_noise, (batch, length, vocab))
+    seeds = jax.random.bits(k_noise, (batch, length), jnp.uint32)  # one noise stream a position
+
+    def draw(logits, noise):
+        """Gumbel-max at the temperature (argmax at 0), int32 [...], and its log-prob."""
+        chosen = _argmax(jnp.where(temperature > 0, logits + noise, logits))
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return chosen, logp, jnp.take_along_axis(logp, chosen[..., None], axis=-1)[..., 0]
+
+    def fill(raw, todo, tokens, prob):
+        """Draw tokens at the positions `todo` [B, L] only, GATHER per row at a time."""
+
+        def chunk(carry):
+            tokens, prob, todo = carry
+            idx = jnp.argsort(~todo, axis=1, stable=True)[:, :GATHER]  # todo positions first
+            take = jnp.take_along_axis(todo, idx, axis=1)
+            logits = filt(jnp.take_along_axis(raw, idx[..., None], axis=1))
+            noise = gumbel_from_bits(noise_bits(jnp.take_along_axis(seeds, idx, 1), vocab))
+            chosen, _, chosen_logp = draw(logits, noise)
+            old = jnp.take_along_axis(tokens, idx, axis=1)
+            tokens = tokens.at[rows, idx].set(jnp.where(take, chosen, old))
+            if return_trajectory:
+                p = jnp.where(take, jnp.exp(chosen_logp), jnp.take_along_axis(prob, idx, 1))
+                prob = prob.at[rows, idx].set(p)
+            return tokens, prob, todo.at[rows, idx].set(False)
+
+        tokens, prob, _ = jax.lax.while_loop(lambda c: jnp.any(c[2]), chunk, (tokens, prob, todo))
+        return tokens, prob
 
     def body(state: _State) -> _State:
         masked = state.tokens == mask_id
-        logits = filter_logits(
-            call(state.tokens, state.step),
-            mask_id=mask_id,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            use_top_p=use_top_p,
-        )
-        if spec.fresh_noise:
-            noise = gumbel(jax.random.fold_in(k_noise, state.n_calls), logits.shape)
-        else:
-            noise = fixed_noise
-        noisy = jnp.where(temperature > 0, logits + noise, logits)  # temperature 0: argmax
-        chosen = jnp.argmax(noisy, axis=-1).astype(jnp.int32)
-        if need_logp:
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            chosen_logp = jnp.take_along_axis(logp, chosen[..., None], axis=-1)[..., 0]
-        else:
-            logp = chosen_logp = None
-        score = spec.score(logp, chosen_logp, plan.rand) if spec.score else None
-        reveal = planner.choose(plan, masked, state.step, block_id, score)
-        tokens = jnp.where(reveal, chosen, state.tokens)
+        raw = call(state.tokens, state.step)
+        if spec.score_uses_logits:  # draw everywhere, then choose where to keep the draw
+            # Without fresh noise, each position keeps one draw for the whole run (it is
+            # revealed once).
+            noise = gumbel_from_bits(
+                noise_bits(seeds, vocab, state.n_calls + 1 if spec.fresh_noise else 0)
+            )
+            chosen, logp, chosen_logp = draw(filt(raw), noise)
+            score = spec.score(logp, chosen_logp, plan.rand)
+            reveal = planner.choose(plan, masked, state.step, block_id, score)
+            tokens = jnp.where(reveal, chosen, state.tokens)
+            prob = jnp.where(reveal, jnp.exp(chosen_logp), state.prob)
+        else:  # the positions do not depend on the logits: draw only there
+            score = spec.score(None, None, plan.rand) if spec.score else None
+            reveal = planner.choose(plan, masked, state.step, block_id, score)
+            tokens, prob = fill(raw, reveal, state.tokens, state.prob)
         if spec.every_step:
             step = state.step + 1
         else:
@@ -375,7 +441,7 @@ def _sample(
             tokens=tokens,
             step=step,
             reveal_step=jnp.where(reveal, state.step[:, None], state.reveal_step),
-            prob=jnp.where(reveal, jnp.exp(chosen_logp), state.prob) if need_logp else state.prob,
+            prob=prob,
             n_calls=state.n_calls + 1,
         )
 
@@ -393,9 +459,9 @@ def _sample(
     state = jax.lax.while_loop(lambda s: jnp.any(s.step < plan.n_steps), body, state)
     trajectory = None
     if return_trajectory:
-        rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, length))
         where = jnp.where(state.reveal_step >= 0, state.reveal_step, plan.n_steps)
-        counts = jnp.zeros((batch, plan.n_steps), jnp.int32).at[rows, where].add(1, mode="drop")
+        counts = jnp.zeros((batch, plan.n_steps), jnp.int32)
+        counts = counts.at[jnp.broadcast_to(rows, where.shape), where].add(1, mode="drop")
         trajectory = Trajectory(state.reveal_step, state.prob, counts)
     return SampleResult(state.tokens, state.n_calls, trajectory)
 
