@@ -391,6 +391,11 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         "step": jnp.zeros((), jnp.int32),
     }
     mesh = sharding.make_mesh(cfg.mesh)
+    if jax.process_count() > 1 and mesh is None:
+        raise ValueError(
+            f"{jax.process_count()} processes need a mesh over all devices: pass --mesh DxM "
+            f"with D * M = {jax.device_count()}."
+        )
     if mesh is not None:
         state_shardings = sharding.tree_shardings(state, mesh)
         state = jax.device_put(state, state_shardings)
