@@ -1,7 +1,6 @@
 """A bidirectional diffusion transformer (DiT) in penzai, ported from SEDD's DiT.
 
-Read top to bottom: axes -> config and presets -> parameters and initialisers -> small layers
-(embedding, adaLN, scaled residual) -> attention -> MLP -> block -> model -> helpers.
+Top to bottom: config -> parameters -> small layers -> attention -> MLP -> block -> model.
 
 Named axes (every activation and parameter carries names, never positions):
   "batch", "seq" (query positions), "kv_seq" (key positions inside attention), "embedding"
@@ -44,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 from collections.abc import Callable
 
 import jax
@@ -95,10 +95,11 @@ class ModelConfig:
                 f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} into an "
                 "even head size (RoPE rotates pairs); pick e.g. n_heads=d_model // 64."
             )
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch={self.arch!r} is not one of {sorted(ARCHS)}.")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}.")
+        for field, allowed in (("arch", ARCHS), ("dtype", DTYPES)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(
+                    f"{field}={getattr(self, field)!r} is not one of {sorted(allowed)}."
+                )
         if min(self.vocab_size, self.d_model, self.n_layers, self.vocab_multiple) < 1:
             raise ValueError(f"sizes must be positive, got {self}.")
         return self
@@ -165,8 +166,29 @@ def _param(name: str, key, config: ModelConfig, in_axes: dict, out_axes: dict, i
     return pz.Parameter(value=pz.nx.wrap(value).tag(*in_axes, *out_axes), label=name)
 
 
+def flat_contract(x: pz.nx.NamedArray, w: pz.nx.NamedArray, ins, outs) -> pz.nx.NamedArray:
+    """x {rest, ins} . w {ins, outs} -> {rest, outs} as ONE [rest, ins] @ [ins, outs] matmul
+    (penzai's contract vmaps over "batch"/"seq"; XLA:CPU then transposes weight gradients)."""
+    rest = tuple(n for n in x.named_shape if n not in ins)
+    k = math.prod(w.named_shape[n] for n in ins)
+    y = x.unwrap(*rest, *ins).reshape(-1, k) @ w.unwrap(*ins, *outs).reshape(k, -1)
+    shape = [x.named_shape[n] for n in rest] + [w.named_shape[n] for n in outs]
+    return pz.nx.wrap(y.reshape(shape)).tag(*rest, *outs)
+
+
+@pz.pytree_dataclass(has_implicitly_inherited_fields=True)
+class FlatLinear(pz.nn.Linear):
+    """pz.nn.Linear computed by `flat_contract` (same parameters, same result, faster)."""
+
+    def __call__(self, x: pz.nx.NamedArray, **side) -> pz.nx.NamedArray:
+        w, ins, outs = self.weights.value, tuple(self.in_axis_names), tuple(self.out_axis_names)
+        if not ins or x.positional_shape or set(w.named_shape) != {*ins, *outs}:
+            return super().__call__(x, **side)
+        return flat_contract(x, w, ins, outs)
+
+
 def _linear(name, key, config, in_axes, out_axes, init="normal") -> pz.nn.Linear:
-    return pz.nn.Linear(
+    return FlatLinear(
         weights=_param(name, key, config, in_axes, out_axes, init),
         in_axis_names=tuple(in_axes),
         out_axis_names=tuple(out_axes),
@@ -204,8 +226,7 @@ class AdaLNModulate(pz.nn.Layer):
     scale: pz.nn.Layer
 
     def __call__(self, x: pz.nx.NamedArray, **side) -> pz.nx.NamedArray:
-        c = side["cond"]
-        return x * (1 + self.scale(c)) + self.shift(c)
+        return x * (1 + self.scale(side["cond"])) + self.shift(side["cond"])
 
 
 @pz.pytree_dataclass
@@ -251,7 +272,7 @@ class Unembed(pz.nn.Layer):
         w = self.weights.value
         if w.named_shape["vocabulary"] != self.size:
             w = w[{"vocabulary": pz.slice[: self.size]}]
-        return pz.nn.contract("embedding", x, w)
+        return flat_contract(x, w, ("embedding",), ("vocabulary",))
 
 
 def _pre(name, key, config) -> list[pz.nn.Layer]:
@@ -271,10 +292,6 @@ def _post(name, key, config) -> list[pz.nn.Layer]:
         return []
     cond, emb = {"cond": config.cond_dim}, {"embedding": config.d_model}
     return [AdaLNGate(gate=_linear(f"{name}/gate", key, config, cond, emb, init="zeros"))]
-
-
-def _residual(branch: list[pz.nn.Layer], config: ModelConfig) -> pz.nn.Layer:
-    return ARCHS[config.arch]["residual"](pz.nn.Sequential(branch), config)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -325,24 +342,17 @@ def build_block(name: str, init_base_rng, config: ModelConfig) -> pz.nn.Sequenti
     key = init_base_rng
     attn = [*_pre(f"{name}/attn", key, config), build_attention(f"{name}/attn", key, config)]
     mlp = [*_pre(f"{name}/mlp", key, config), build_mlp(f"{name}/mlp", key, config)]
-    return pz.nn.Sequential(
-        [
-            _residual(attn + _post(f"{name}/attn", key, config), config),
-            _residual(mlp + _post(f"{name}/mlp", key, config), config),
-        ]
-    )
+    res, post = ARCHS[config.arch]["residual"], lambda part: _post(f"{name}/{part}", key, config)
+    attn, mlp = pz.nn.Sequential(attn + post("attn")), pz.nn.Sequential(mlp + post("mlp"))
+    return pz.nn.Sequential([res(attn, config), res(mlp, config)])
 
 
-ARCHS: dict[str, dict[str, Callable]] = {
-    "standard": {
-        "gelu": lambda x: jax.nn.gelu(x, approximate=True),
-        "residual": lambda branch, config: pz.nn.Residual(branch),
-    },
+_gelu = lambda x: jax.nn.gelu(x, approximate=True)
+ARCHS: dict[str, dict[str, Callable]] = {  # per architecture: MLP nonlinearity, residual wrapper
+    "standard": {"gelu": _gelu, "residual": lambda branch, config: pz.nn.Residual(branch)},
     "modula": {
-        "gelu": lambda x: jax.nn.gelu(x, approximate=True) / GELU_MAX_SLOPE,
-        "residual": lambda branch, config: ScaledResidual(
-            delta=branch, alpha=1.0 / (2 * config.n_layers)
-        ),
+        "gelu": lambda x: _gelu(x) / GELU_MAX_SLOPE,
+        "residual": lambda branch, cfg: ScaledResidual(delta=branch, alpha=1 / (2 * cfg.n_layers)),
     },
 }
 
@@ -355,11 +365,7 @@ N_FREQUENCIES = 256  # sinusoidal features of the mask rate (SEDD's frequency_em
 def noise_features(mask_rate: pz.nx.NamedArray, n: int = N_FREQUENCIES) -> pz.nx.NamedArray:
     """Sinusoidal features {"batch", "frequencies"} of mask_rate in [0, 1] (scaled by 1000)."""
     freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(n // 2) / (n // 2))
-
-    def feats(r):
-        args = 1000.0 * r * freqs
-        return jnp.concatenate([jnp.cos(args), jnp.sin(args)])
-
+    feats = lambda r: jnp.concatenate([jnp.cos(1000.0 * r * freqs), jnp.sin(1000.0 * r * freqs)])
     return pz.nx.nmap(feats)(mask_rate.astype(jnp.float32)).tag("frequencies")
 
 
@@ -393,8 +399,8 @@ class DiT(pz.nn.Layer):
         if self.cond is not None:
             if side_inputs.get("mask_rate") is None:
                 raise ValueError("this model has adaln=True: call it as model(tokens, mask_rate=r)")
-            side["cond"] = self.cond(noise_features(side_inputs["mask_rate"]))
-            side["cond"] = side["cond"].astype(DTYPES[self.config.dtype])
+            cond = self.cond(noise_features(side_inputs["mask_rate"]))
+            side["cond"] = cond.astype(DTYPES[self.config.dtype])
         x = self.embed(tokens)
         x = self.blocks(x, **side)
         return self.head(x, **side)
@@ -432,26 +438,20 @@ def build_model(config: ModelConfig, key: jax.Array) -> DiT:
 def apply_logits(model: DiT, tokens: jax.Array, mask_rate: jax.Array) -> jax.Array:
     """int32 [B, L], float32 [B] -> float32 logits [B, L, V]."""
     out = model(
-        pz.nx.wrap(tokens).tag("batch", "seq"),
-        mask_rate=pz.nx.wrap(mask_rate).tag("batch"),
+        pz.nx.wrap(tokens).tag("batch", "seq"), mask_rate=pz.nx.wrap(mask_rate).tag("batch")
     )
     return out.unwrap("batch", "seq", "vocabulary").astype(jnp.float32)
 
 
 def make_denoise_fn(model: DiT, *, mask_id: int) -> Callable[[jax.Array], jax.Array]:
     """tokens int32 [B, L] -> logits [B, L, V]; the mask rate is each row's mask fraction."""
-
-    def denoise(tokens: jax.Array) -> jax.Array:
-        mask_rate = jnp.mean((tokens == mask_id).astype(jnp.float32), axis=-1)
-        return apply_logits(model, tokens, mask_rate)
-
-    return denoise
+    mask_rate = lambda tokens: jnp.mean((tokens == mask_id).astype(jnp.float32), axis=-1)
+    return lambda tokens: apply_logits(model, tokens, mask_rate(tokens))
 
 
 def params_dict(model: pz.nn.Layer) -> dict[str, pz.nx.NamedArray]:
     """{label: value} of every parameter (stacked block parameters keep the "blocks" axis)."""
-    _, params = pz.unbind_params(model)
-    return {p.label: p.value for p in params}
+    return {p.label: p.value for p in pz.unbind_params(model)[1]}
 
 
 def fan_in_axes(model: pz.nn.Layer) -> dict[str, tuple[str, ...]]:
@@ -493,6 +493,5 @@ def show_model(model: pz.nn.Layer, path: str | None = None) -> str:
 
     html = treescope.render_to_html(model, roundtrip_mode=False)
     if path is not None:
-        with open(path, "w") as f:
-            f.write(html)
+        pathlib.Path(path).write_text(html)
     return html

@@ -290,3 +290,28 @@ def test_tiny_model_overfits_one_batch(adaln):
         first,
         last,
     )
+
+
+def test_flat_linear_equals_penzai_linear():
+    """The one-matmul Linear gives penzai's Linear values and gradients (multi-axis in/out)."""
+    w = pz.nx.wrap(jax.random.normal(jax.random.key(0), (2, 3, 5))).tag(
+        "heads", "projection", "embedding"
+    )
+    x = pz.nx.wrap(jax.random.normal(jax.random.key(1), (4, 6, 2, 3))).tag(
+        "batch", "seq", "heads", "projection"
+    )
+
+    def run(cls, w_raw):
+        weights = pz.ParameterValue(value=pz.nx.wrap(w_raw).tag(*w.named_shape), label="w")
+        layer = cls(
+            weights=weights, in_axis_names=("heads", "projection"), out_axis_names=("embedding",)
+        )
+        return layer(x).unwrap("batch", "seq", "embedding")
+
+    raw = w.unwrap("heads", "projection", "embedding")
+    np.testing.assert_allclose(run(M.FlatLinear, raw), run(pz.nn.Linear, raw), rtol=1e-5, atol=1e-6)
+    grads = [
+        jax.grad(lambda r, c=c: jnp.sum(jnp.sin(run(c, r))))(raw)
+        for c in (M.FlatLinear, pz.nn.Linear)
+    ]
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
