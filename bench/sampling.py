@@ -5,9 +5,9 @@
     python -m bench.sampling --methods ddpm ddpm_cache --steps 500 --length 128 --batch 8
 
 For each method: network calls, wall time per batch (median over repeats, compilation
-excluded), time per network call relative to one plain jitted forward pass of the same batch
-measured in the same process, and the wall time over (n_calls x forward time): the cost of
-everything that is not the network (1.0 = none). Random-init logits are nearly uniform, so
+excluded), and the time per network call relative to one plain jitted forward pass of the
+same batch, timed just before each run (wall / (n_calls x forward); 1.0 means the sampler
+itself costs nothing beyond its network calls). Random-init logits are nearly uniform, so
 the number of calls is the same as for a trained model (ancestral reveal steps do not depend
 on the logits) and the per-call costs are the same too.
 """
@@ -69,12 +69,13 @@ def run(
     tokens = np.full((batch, length), mask_id, np.int32)
     tokens[:, 0] = mask_id - 1  # end-of-text as BOS, like the training data
 
-    # One plain forward pass on a half-masked batch (the average state of a run).
+    # One plain forward pass on a half-masked batch (the average state of a run), timed next
+    # to every sampling run so that both see the same load on a shared machine.
     half = jnp.asarray(np.where(np.arange(length) % 2 == 0, tokens, 7))
     jax.block_until_ready(denoise_fn(half))
-    forward_s = _median_time(lambda i: denoise_fn(half), max(20, 5 * repeats))
+    forward = lambda: _median_time(lambda i: denoise_fn(half), 7)
 
-    results = {}
+    results, forward_all = {}, []
     for method in methods:
         go = lambda i, method=method: sampling.sample(
             denoise_fn,
@@ -87,19 +88,23 @@ def run(
         start = time.perf_counter()
         jax.block_until_ready(go(-1))
         compile_s = time.perf_counter() - start
-        calls, times = [], []
+        calls, times, fwds = [], [], []
         for i in range(repeats):
+            fwds.append(forward())
             start = time.perf_counter()
             calls.append(int(jax.block_until_ready(go(i)).n_calls))
             times.append(time.perf_counter() - start)
-        wall_s, n_calls = statistics.median(times), statistics.median(calls)
+        forward_all += fwds
+        ratios = [t / (c * f) for t, c, f in zip(times, calls, fwds, strict=True)]
         results[method] = {
-            "n_calls": n_calls,
-            "wall_s": wall_s,
+            "n_calls": statistics.median(calls),
+            "wall_s": statistics.median(times),
+            "forward_s": statistics.median(fwds),
             "first_call_s": compile_s,
-            "per_call_over_forward": wall_s / n_calls / forward_s,
-            "wall_over_calls_x_forward": wall_s / (n_calls * forward_s),
+            # time per network call over one plain forward pass = wall / (calls x forward)
+            "per_call_over_forward": statistics.median(ratios),
         }
+    forward_s = statistics.median(forward_all)
     return {
         "model": model_desc,
         "steps": steps,
@@ -119,13 +124,12 @@ def format_table(result: dict) -> str:
         f"sampling: {result['model']}, steps {result['steps']}, length {result['length']}, "
         f"batch {result['batch']}; forward pass {1e3 * result['forward_s']:.2f} ms "
         f"({result['machine']})",
-        f"{'method':<12} {'calls':>6} {'wall s':>8} {'per call / forward':>19} "
-        f"{'wall / (calls x fwd)':>21}",
+        f"{'method':<12} {'calls':>6} {'wall s':>8} {'fwd ms':>7} {'wall / (calls x fwd)':>21}",
     ]
     for name, r in result["methods"].items():
         lines.append(
-            f"{name:<12} {r['n_calls']:>6.0f} {r['wall_s']:>8.3f} "
-            f"{r['per_call_over_forward']:>19.3f} {r['wall_over_calls_x_forward']:>21.3f}"
+            f"{name:<12} {r['n_calls']:>6.0f} {r['wall_s']:>8.3f} {1e3 * r['forward_s']:>7.2f} "
+            f"{r['per_call_over_forward']:>21.3f}"
         )
     return "\n".join(lines)
 

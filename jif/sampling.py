@@ -248,9 +248,12 @@ def score_confidence(logp, chosen_logp, rand) -> jax.Array:
 
 
 def score_margin(logp, chosen_logp, rand) -> jax.Array:
-    """Top-1 minus top-2 probability, [B, L]."""
-    top2 = jnp.exp(jax.lax.top_k(logp, 2)[0])
-    return top2[..., 0] - top2[..., 1]
+    """Top-1 minus top-2 probability, [B, L] (two max reductions; lax.top_k is slow on CPU)."""
+    top1 = jnp.max(logp, axis=-1, keepdims=True)
+    rest = jnp.max(jnp.where(logp == top1, -jnp.inf, logp), axis=-1)
+    tied = jnp.sum(logp == top1, axis=-1) > 1
+    top1 = top1[..., 0]
+    return jnp.exp(top1) - jnp.exp(jnp.where(tied, top1, rest))
 
 
 def score_entropy(logp, chosen_logp, rand) -> jax.Array:
@@ -266,25 +269,27 @@ def score_random(logp, chosen_logp, rand) -> jax.Array:
 
 class Method(NamedTuple):
     """planner: a key of PLANNERS. score: which positions an "expected" step reveals (None for
-    ancestral). score_uses_logits: the score reads the predicted distribution, so every
-    masked position's token is drawn at every call; otherwise the positions are chosen first
-    and tokens are drawn only there. every_step: call the network at every step, even one
-    that reveals nothing. fresh_noise: new Gumbel noise at every call (the score depends on
-    the sampled value, so a position passed over must not keep the draw it was passed over
-    for). cached: reuses logits across steps (refused for noise-conditioned denoisers)."""
+    ancestral). score_uses_logits: the score reads the predicted distribution.
+    score_uses_sample: the score reads the sampled token, so every masked position is drawn
+    at every call, with fresh noise (a position passed over must not keep the draw it was
+    passed over for); otherwise the positions are chosen first and tokens drawn only there.
+    every_step: call the network at every step, even one that reveals nothing. cached:
+    reuses logits across steps (refused for noise-conditioned denoisers)."""
 
     planner: str
     score: Callable | None = None
     score_uses_logits: bool = False
+    score_uses_sample: bool = False
     every_step: bool = False
-    fresh_noise: bool = False
     cached: bool = False
 
 
 METHODS: dict[str, Method] = {
     "ddpm": Method("ancestral", every_step=True),
     "ddpm_cache": Method("ancestral", cached=True),
-    "confidence": Method("expected", score_confidence, score_uses_logits=True, fresh_noise=True),
+    "confidence": Method(
+        "expected", score_confidence, score_uses_logits=True, score_uses_sample=True
+    ),
     "margin": Method("expected", score_margin, score_uses_logits=True),
     "entropy": Method("expected", score_entropy, score_uses_logits=True),
     "random": Method("expected", score_random),
@@ -418,19 +423,16 @@ def _sample(
     def body(state: _State) -> _State:
         masked = state.tokens == mask_id
         raw = call(state.tokens, state.step)
-        if spec.score_uses_logits:  # draw everywhere, then choose where to keep the draw
-            # Without fresh noise, each position keeps one draw for the whole run (it is
-            # revealed once).
-            noise = gumbel_from_bits(
-                noise_bits(seeds, vocab, state.n_calls + 1 if spec.fresh_noise else 0)
-            )
+        if spec.score_uses_sample:  # draw everywhere, then choose where to keep the draw
+            noise = gumbel_from_bits(noise_bits(seeds, vocab, state.n_calls + 1))
             chosen, logp, chosen_logp = draw(filt(raw), noise)
             score = spec.score(logp, chosen_logp, plan.rand)
             reveal = planner.choose(plan, masked, state.step, block_id, score)
             tokens = jnp.where(reveal, chosen, state.tokens)
             prob = jnp.where(reveal, jnp.exp(chosen_logp), state.prob)
-        else:  # the positions do not depend on the logits: draw only there
-            score = spec.score(None, None, plan.rand) if spec.score else None
+        else:  # choose the positions first, then draw only there (one draw per position)
+            logp = jax.nn.log_softmax(filt(raw), axis=-1) if spec.score_uses_logits else None
+            score = spec.score(logp, None, plan.rand) if spec.score else None
             reveal = planner.choose(plan, masked, state.step, block_id, score)
             tokens, prob = fill(raw, reveal, state.tokens, state.prob)
         if spec.every_step:

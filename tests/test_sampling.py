@@ -424,3 +424,8 @@ def test_many_reveals_in_one_step(method):
     assert (hot != MASK_FAKE).all() and (
         hot[tokens != MASK_FAKE] == tokens[tokens != MASK_FAKE]
     ).all()
+
+
+def test_margin_score_with_ties():
+    logp = jnp.log(jnp.array([[0.4, 0.4, 0.2], [0.6, 0.3, 0.1]]))
+    np.testing.assert_allclose(sampling.score_margin(logp, None, None), [0.0, 0.3], atol=1e-6)
