@@ -108,7 +108,7 @@ class ModelConfig:
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(d_model=32, n_layers=2, n_heads=2, cond_dim=16),
-    "cpu": ModelConfig(d_model=128, n_layers=3, n_heads=4),
+    "cpu": ModelConfig(d_model=128, n_layers=2, n_heads=4),  # ~1M params; see ENVIRONMENT timings
     "small": ModelConfig(d_model=256, n_layers=3, n_heads=4),
     "medium": ModelConfig(d_model=384, n_layers=4, n_heads=6),
     "big": ModelConfig(d_model=512, n_layers=6, n_heads=8),
@@ -182,9 +182,25 @@ class FlatLinear(pz.nn.Linear):
 
     def __call__(self, x: pz.nx.NamedArray, **side) -> pz.nx.NamedArray:
         w, ins, outs = self.weights.value, tuple(self.in_axis_names), tuple(self.out_axis_names)
-        if not ins or x.positional_shape or set(w.named_shape) != {*ins, *outs}:
+        if x.positional_shape or set(w.named_shape) != {*ins, *outs}:
             return super().__call__(x, **side)
-        return flat_contract(x, w, ins, outs)
+        if not ins and set(outs) <= set(x.named_shape):  # a gain: keep x's axis order
+            rest = tuple(n for n in x.named_shape if n not in outs)
+            return pz.nx.wrap(x.unwrap(*rest, *outs) * w.unwrap(*outs)).tag(*rest, *outs)
+        return flat_contract(x, w, ins, outs) if ins else super().__call__(x, **side)
+
+
+@pz.pytree_dataclass(has_implicitly_inherited_fields=True)
+class FlatRMSStandardize(pz.nn.RMSStandardize):
+    """pz.nn.RMSStandardize in x's own axis order (penzai's nmap puts `across` first: a
+    transpose of every normed activation, forward and backward)."""
+
+    def __call__(self, x: pz.nx.NamedArray, **_side) -> pz.nx.NamedArray:
+        across = (self.across,) if isinstance(self.across, str) else tuple(self.across)
+        rest = tuple(n for n in x.named_shape if n not in across)
+        a = x.unwrap(*rest, *across)
+        ms = jnp.mean(jnp.square(a), axis=tuple(range(len(rest), a.ndim)), keepdims=True)
+        return pz.nx.wrap(a * jax.lax.rsqrt(ms + self.epsilon)).tag(*rest, *across)
 
 
 def _linear(name, key, config, in_axes, out_axes, init="normal") -> pz.nn.Linear:
@@ -198,9 +214,9 @@ def _linear(name, key, config, in_axes, out_axes, init="normal") -> pz.nn.Linear
 def _rms_norm(name, key, config) -> pz.nn.RMSLayerNorm:
     """RMS standardisation over "embedding" times a learned gain (penzai's RMSLayerNorm)."""
     w = _param(name, key, config, {}, {"embedding": config.d_model}, init="ones")
-    gain = pz.nn.Linear(weights=w, in_axis_names=(), out_axis_names=())  # parallel over axis
+    gain = FlatLinear(weights=w, in_axis_names=(), out_axis_names=())  # parallel over axis
     eps = jnp.asarray(config.norm_eps, DTYPES[config.dtype])
-    return pz.nn.RMSLayerNorm([pz.nn.RMSStandardize(across="embedding", epsilon=eps), gain])
+    return pz.nn.RMSLayerNorm([FlatRMSStandardize(across="embedding", epsilon=eps), gain])
 
 
 # ----------------------------------------------------------------------------- small layers
