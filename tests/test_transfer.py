@@ -176,17 +176,31 @@ def test_sweep_quick_end_to_end(tmp_path):
     assert finite and all(0 < r["val_nelbo"] < 50 for r in finite)
 
 
-def test_coord_check_quick_end_to_end(tmp_path):
-    out = tmp_path / "coord"
-    rows = coord_check.main(["--quick", "--out", str(out)])
-    assert len(rows) == 3 * 2 * 2 * len(coord_check.LAYER_TYPES)
+def _check_coord_rows(out, rows, n_models):
+    assert len(rows) == n_models * 2 * len(coord_check.LAYER_TYPES)
     with (out / "coord.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     for stem in ("coord_check", "coord_delta"):
         assert (out / f"{stem}.png").stat().st_size > 1000
+        assert (out / f"{stem}.svg").stat().st_size > 1000
     for r in rows:
         if r["layer"] == "logits":
             assert r["rms_init"] == 0.0  # zero-initialised output layer
         assert r["delta_rms"] > 0.0 and math.isfinite(r["rms"])
         if r["layer"] == "embedding" and r["optimizer"] == "modula":
             assert r["rms_init"] == pytest.approx(1.0, rel=1e-5)  # unit-RMS embedding rows
+
+
+def test_coord_check_quick_one_model(tmp_path):
+    out = tmp_path / "coord1"
+    rows = coord_check.main(
+        ["--quick", "--out", str(out), "--optimizers", "modula", "--widths", "16"]
+    )
+    _check_coord_rows(out, rows, 1)
+
+
+@pytest.mark.slow
+def test_coord_check_quick_end_to_end(tmp_path):
+    out = tmp_path / "coord"
+    rows = coord_check.main(["--quick", "--out", str(out)])
+    _check_coord_rows(out, rows, 3 * 2)

@@ -50,8 +50,8 @@ class SweepConfig:
     """Folder for runs.csv, summary.json and figures (created if missing)."""
     optimizers: tuple[str, ...] = ("adamw", "mup_adamw", "modula")
     """Parameterisations to sweep (keys of PARAMETERISATIONS)."""
-    widths: tuple[int, ...] = (64, 128, 256, 512)
-    """Model widths d_model."""
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    """Model widths d_model (a factor 8; 512 costs as much again as all four together)."""
     depths: tuple[int, ...] = (2,)
     """Numbers of transformer blocks; several values give a depth sweep as well."""
     n_lrs: int = 7
@@ -62,8 +62,8 @@ class SweepConfig:
     """Explicit learning rates for every parameterisation (overrides n_lrs / ranges)."""
     seeds: tuple[int, ...] = (0,)
     """Seeds; each grid point is trained once per seed (same seed -> same data order/init)."""
-    steps: int = 150
-    """Training steps per run."""
+    steps: int = 200
+    """Training steps per run (warmup: a tenth of them)."""
     batch_size: int = 16
     """Sequences per batch."""
     seq_len: int = 64
@@ -112,6 +112,7 @@ RUN_SETTINGS = (
     "data",
     "eval_sequences",
     "eval_times",
+    "engine",
 )
 
 
@@ -168,8 +169,12 @@ CSV_FIELDS = (
 
 def resolve(config: SweepConfig) -> SweepConfig:
     """Applies --quick and fills mup_base_width; validates names and values."""
-    if config.quick:
-        config = dataclasses.replace(config, **QUICK_OVERRIDES)
+    if config.quick:  # quick values for every field left at its default
+        default = SweepConfig()
+        quick = {
+            k: v for k, v in QUICK_OVERRIDES.items() if getattr(config, k) == getattr(default, k)
+        }
+        config = dataclasses.replace(config, **quick)
     for name in config.optimizers:
         if name not in PARAMETERISATIONS:
             raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(PARAMETERISATIONS)}")
@@ -443,6 +448,7 @@ def _check_settings(out: Path, config: SweepConfig) -> None:
     path = out / "settings.json"
     if path.exists():
         old = json.loads(path.read_text())
+        old = {k: old.get(k, v) for k, v in settings.items()}  # settings added later: default
         if old != settings:
             raise ValueError(
                 f"{out} holds runs trained with {old}, but this sweep uses {settings}; "
