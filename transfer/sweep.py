@@ -572,6 +572,7 @@ def summarize(rows: list[dict], metric: str) -> dict:
                 best_lr=lr,
                 best_loss=loss,
                 method=method,
+                at_edge=method == "grid" and i in (0, len(lrs) - 1),
                 grid_best_lr=lrs[i],
                 grid_best_loss=losses[i] if math.isfinite(losses[i]) else None,
                 n_diverged=int(sum(not math.isfinite(v) for v in losses)),
@@ -593,6 +594,8 @@ def summarize(rows: list[dict], metric: str) -> dict:
             }
         base = [o["best_lr"] for o in optima if o["depth"] == depths[0]]
         entry["spread"] = _spread(base)
+        # Optima at the edge of the lr grid only bound the spread: widen the grid there.
+        entry["any_optimum_at_grid_edge"] = any(o["at_edge"] for o in optima)
     return summary
 
 
@@ -656,12 +659,22 @@ def plot(summary: dict, out: Path) -> list[Path]:
                 (o for o in summary["optimizers"][name]["optima"] if o[fixed_name] == fixed_value),
                 key=lambda o: o[vary],
             )
-            ax.plot([o[vary] for o in optima], [o["best_lr"] for o in optima], "o-", label=name)
+            (line,) = ax.plot(
+                [o[vary] for o in optima], [o["best_lr"] for o in optima], "o-", label=name
+            )
+            edge = [o for o in optima if o["best_lr"] in (o["lrs"][0], o["lrs"][-1])]
+            ax.plot(  # optimum at the edge of the grid: a bound, not a measurement
+                [o[vary] for o in edge],
+                [o["best_lr"] for o in edge],
+                "o",
+                mfc="white",
+                color=line.get_color(),
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(vary)
         ax.set_ylabel("best learning rate")
-        ax.set_title(f"optimum vs {vary} ({fixed_name} {fixed_value})")
+        ax.set_title(f"optimum vs {vary} ({fixed_name} {fixed_value}; open: grid edge)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
         fig.tight_layout()
