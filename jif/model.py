@@ -19,13 +19,12 @@ Parameters (label = path; "blocks" is a leading stacked axis; fan-in axes listed
   dit/embed                    vocabulary | embedding                  N(0, 1)
   dit/cond/in ; dit/cond/out   frequencies | cond_hidden ; cond_hidden | cond   N(0, 1/fan_in)
   dit/cond/{in,out}_bias       | cond_hidden, | cond (vectors)         0               [adaln]
-  dit/blocks/{attn,mlp}/norm   blocks, | embedding  (gain vector)      1
+  dit/blocks/{attn,mlp}/norm   blocks, | embedding  (gain vector)      1   (dit/out/norm alike)
   dit/blocks/{attn,mlp}/{shift,scale,gate}  blocks, cond | embedding   0               [adaln]
   dit/blocks/attn/{query,key,value}   blocks, embedding | heads, projection   N(0, 1/fan_in)
   dit/blocks/attn/output       blocks, heads, projection | embedding   N(0, 1/fan_in)
   dit/blocks/mlp/up            blocks, embedding | neurons             N(0, 1/fan_in)
   dit/blocks/mlp/down          blocks, neurons | embedding             N(0, 1/fan_in)
-  dit/out/norm                 | embedding  (gain vector)              1
   dit/out/{shift,scale}        cond | embedding                        0               [adaln]
   dit/out/unembed              embedding | vocabulary                  0
 The embedding table is a lookup: its "vocabulary" axis is the (one-hot) input axis.
@@ -126,8 +125,7 @@ def make_config(preset: str = "cpu", **overrides) -> ModelConfig:
 # ----------------------------------------------------------------------------- parameters
 
 
-def _init_normal(key, shape, n_in, dtype):
-    """N(0, 1/fan_in) with fan_in = prod(shape[:n_in])."""
+def _init_normal(key, shape, n_in, dtype):  # N(0, 1/fan_in), fan_in = prod(shape[:n_in])
     fan_in = math.prod(shape[:n_in])
     return jax.random.normal(key, shape, jnp.float32).astype(dtype) / math.sqrt(fan_in)
 
@@ -139,8 +137,7 @@ def _init_orthogonal(key, shape, n_in, dtype):
     return (w * math.sqrt(fan_out / fan_in)).reshape(shape).astype(dtype)
 
 
-def _init_embed_rms1(key, shape, n_in, dtype):
-    """Embedding rows (one per token) normalised to RMS 1."""
+def _init_embed_rms1(key, shape, n_in, dtype):  # embedding rows normalised to RMS 1
     w = jax.random.normal(key, shape, jnp.float32)
     return (w * jax.lax.rsqrt(jnp.mean(w**2, axis=-1, keepdims=True))).astype(dtype)
 
@@ -182,18 +179,18 @@ class FlatLinear(pz.nn.Linear):
 
     def __call__(self, x: pz.nx.NamedArray, **side) -> pz.nx.NamedArray:
         w, ins, outs = self.weights.value, tuple(self.in_axis_names), tuple(self.out_axis_names)
-        if x.positional_shape or set(w.named_shape) != {*ins, *outs}:
+        par = tuple(n for n in w.named_shape if n not in ins + outs)  # parallel axes (gains)
+        if x.positional_shape or (par and (ins or outs)):
             return super().__call__(x, **side)
-        if not ins and set(outs) <= set(x.named_shape):  # a gain: keep x's axis order
-            rest = tuple(n for n in x.named_shape if n not in outs)
-            return pz.nx.wrap(x.unwrap(*rest, *outs) * w.unwrap(*outs)).tag(*rest, *outs)
-        return flat_contract(x, w, ins, outs) if ins else super().__call__(x, **side)
+        if par:  # elementwise gain, in x's own axis order
+            rest = tuple(n for n in x.named_shape if n not in par)
+            return pz.nx.wrap(x.unwrap(*rest, *par) * w.unwrap(*par)).tag(*rest, *par)
+        return flat_contract(x, w, ins, outs)
 
 
 @pz.pytree_dataclass(has_implicitly_inherited_fields=True)
 class FlatRMSStandardize(pz.nn.RMSStandardize):
-    """pz.nn.RMSStandardize in x's own axis order (penzai's nmap puts `across` first: a
-    transpose of every normed activation, forward and backward)."""
+    """pz.nn.RMSStandardize in x's own axis order (penzai's nmap transposes `across` first)."""
 
     def __call__(self, x: pz.nx.NamedArray, **_side) -> pz.nx.NamedArray:
         across = (self.across,) if isinstance(self.across, str) else tuple(self.across)
@@ -204,11 +201,8 @@ class FlatRMSStandardize(pz.nn.RMSStandardize):
 
 
 def _linear(name, key, config, in_axes, out_axes, init="normal") -> pz.nn.Linear:
-    return FlatLinear(
-        weights=_param(name, key, config, in_axes, out_axes, init),
-        in_axis_names=tuple(in_axes),
-        out_axis_names=tuple(out_axes),
-    )
+    w = _param(name, key, config, in_axes, out_axes, init)
+    return FlatLinear(weights=w, in_axis_names=tuple(in_axes), out_axis_names=tuple(out_axes))
 
 
 def _rms_norm(name, key, config) -> pz.nn.RMSLayerNorm:
@@ -388,16 +382,13 @@ def noise_features(mask_rate: pz.nx.NamedArray, n: int = N_FREQUENCIES) -> pz.nx
 def build_cond(name: str, key, config: ModelConfig) -> pz.nn.Sequential:
     """SEDD's TimestepEmbedder followed by SiLU: features -> MLP -> SiLU -> "cond"."""
     hid, cond = {"cond_hidden": config.cond_dim}, {"cond": config.cond_dim}
-    return pz.nn.Sequential(
-        [
-            _linear(f"{name}/in", key, config, {"frequencies": N_FREQUENCIES}, hid),
-            pz.nn.AddBias(_param(f"{name}/in_bias", key, config, {}, hid, "zeros"), ()),
-            pz.nn.Elementwise(jax.nn.silu),
-            _linear(f"{name}/out", key, config, hid, cond),
-            pz.nn.AddBias(_param(f"{name}/out_bias", key, config, {}, cond, "zeros"), ()),
-            pz.nn.Elementwise(jax.nn.silu),
-        ]
+    bias = lambda part, ax: pz.nn.AddBias(
+        _param(f"{name}/{part}", key, config, {}, ax, "zeros"), ()
     )
+    freq, silu = {"frequencies": N_FREQUENCIES}, pz.nn.Elementwise(jax.nn.silu)
+    layer_in = [_linear(f"{name}/in", key, config, freq, hid), bias("in_bias", hid), silu]
+    layer_out = [_linear(f"{name}/out", key, config, hid, cond), bias("out_bias", cond), silu]
+    return pz.nn.Sequential(layer_in + layer_out)
 
 
 @pz.pytree_dataclass
@@ -436,12 +427,8 @@ def build_model(config: ModelConfig, key: jax.Array) -> DiT:
     return DiT(
         embed=Embed(table=_param("dit/embed", key, config, vocab, emb, embed_init)),
         cond=build_cond("dit/cond", key, config) if config.adaln else None,
-        blocks=pz.nn.LayerStack.from_sublayer_builder(
-            builder=build_block,
-            stack_axis="blocks",
-            stack_axis_size=config.n_layers,
-            init_base_rng=key,
-            builder_kwargs=dict(name="dit/blocks", config=config),
+        blocks=pz.nn.LayerStack.from_sublayer_builder(  # builder, axis, size, key, kwargs
+            build_block, "blocks", config.n_layers, key, dict(name="dit/blocks", config=config)
         ),
         head=pz.nn.Sequential(head),
         config=config,
@@ -489,10 +476,8 @@ def count_params(model: pz.nn.Layer) -> int:
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Forward matmul FLOPs per token (2 per multiply-add), attention scores and logits included.
-
-    Per-sequence work (the adaLN conditioning) is divided by seq_len; logits use vocab_size.
-    """
+    """Forward matmul FLOPs per token (2 per multiply-add) incl. attention scores and logits;
+    per-sequence adaLN conditioning work is divided by seq_len."""
     d, L = config.d_model, seq_len
     per_block = 2 * (4 * d * d + 2 * config.mlp_ratio * d * d) + 2 * 2 * L * d  # qkvo, mlp, attn
     total = config.n_layers * per_block + 2 * d * config.vocab_size
