@@ -242,27 +242,31 @@ PLANNERS: dict[str, Planner] = {
 # ----------------------------------------------------------------------------- scores
 
 
-def score_confidence(logp, chosen_logp, rand) -> jax.Array:
+def score_confidence(logits, chosen_logp, rand) -> jax.Array:
     """Probability of the sampled token, [B, L]."""
     return jnp.exp(chosen_logp)
 
 
-def score_margin(logp, chosen_logp, rand) -> jax.Array:
-    """Top-1 minus top-2 probability, [B, L] (two max reductions; lax.top_k is slow on CPU)."""
-    top1 = jnp.max(logp, axis=-1, keepdims=True)
-    rest = jnp.max(jnp.where(logp == top1, -jnp.inf, logp), axis=-1)
-    tied = jnp.sum(logp == top1, axis=-1) > 1
-    top1 = top1[..., 0]
-    return jnp.exp(top1) - jnp.exp(jnp.where(tied, top1, rest))
+def score_margin(logits, chosen_logp, rand) -> jax.Array:
+    """Top-1 minus top-2 probability, [B, L], from logits [B, L, V] (any offset): three
+    vectorised reductions (lax.top_k and a full softmax are slow on CPU)."""
+    top1 = jnp.max(logits, axis=-1, keepdims=True)
+    z = jnp.sum(jnp.exp(logits - top1), axis=-1)
+    second = jnp.max(jnp.where(logits == top1, -jnp.inf, logits), axis=-1)
+    second = jnp.where(jnp.sum(logits == top1, axis=-1) > 1, top1[..., 0], second)
+    return (1.0 - jnp.exp(second - top1[..., 0])) / z
 
 
-def score_entropy(logp, chosen_logp, rand) -> jax.Array:
-    """Negative entropy sum_v p log p (lowest entropy first), [B, L]."""
-    p = jnp.exp(logp)
-    return jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+def score_entropy(logits, chosen_logp, rand) -> jax.Array:
+    """Negative entropy sum_v p log p (lowest entropy first), [B, L], from logits [B, L, V]:
+    with e = exp(l - max), Z = sum e, it is sum(e (l - max)) / Z - log Z."""
+    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(shifted)
+    z = jnp.sum(e, axis=-1)
+    return jnp.sum(jnp.where(e > 0, e * shifted, 0.0), axis=-1) / z - jnp.log(z)
 
 
-def score_random(logp, chosen_logp, rand) -> jax.Array:
+def score_random(logits, chosen_logp, rand) -> jax.Array:
     """Uniform random order, [B, L]."""
     return rand
 
@@ -397,8 +401,8 @@ def _sample(
     def draw(logits, noise):
         """Gumbel-max at the temperature (argmax at 0), int32 [...], and its log-prob."""
         chosen = _argmax(jnp.where(temperature > 0, logits + noise, logits))
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return chosen, logp, jnp.take_along_axis(logp, chosen[..., None], axis=-1)[..., 0]
+        picked = jnp.take_along_axis(logits, chosen[..., None], axis=-1)[..., 0]
+        return chosen, picked - jax.nn.logsumexp(logits, axis=-1)
 
     def fill(raw, todo, tokens, prob):
         """Draw tokens at the positions `todo` [B, L] only, GATHER per row at a time."""
@@ -409,7 +413,7 @@ def _sample(
             take = jnp.take_along_axis(todo, idx, axis=1)
             logits = filt(jnp.take_along_axis(raw, idx[..., None], axis=1))
             noise = gumbel_from_bits(noise_bits(jnp.take_along_axis(seeds, idx, 1), vocab))
-            chosen, _, chosen_logp = draw(logits, noise)
+            chosen, chosen_logp = draw(logits, noise)
             old = jnp.take_along_axis(tokens, idx, axis=1)
             tokens = tokens.at[rows, idx].set(jnp.where(take, chosen, old))
             if return_trajectory:
@@ -425,14 +429,14 @@ def _sample(
         raw = call(state.tokens, state.step)
         if spec.score_uses_sample:  # draw everywhere, then choose where to keep the draw
             noise = gumbel_from_bits(noise_bits(seeds, vocab, state.n_calls + 1))
-            chosen, logp, chosen_logp = draw(filt(raw), noise)
-            score = spec.score(logp, chosen_logp, plan.rand)
+            chosen, chosen_logp = draw(filt(raw), noise)
+            score = spec.score(None, chosen_logp, plan.rand)
             reveal = planner.choose(plan, masked, state.step, block_id, score)
             tokens = jnp.where(reveal, chosen, state.tokens)
             prob = jnp.where(reveal, jnp.exp(chosen_logp), state.prob)
         else:  # choose the positions first, then draw only there (one draw per position)
-            logp = jax.nn.log_softmax(filt(raw), axis=-1) if spec.score_uses_logits else None
-            score = spec.score(logp, None, plan.rand) if spec.score else None
+            logits = filt(raw) if spec.score_uses_logits else None
+            score = spec.score(logits, None, plan.rand) if spec.score else None
             reveal = planner.choose(plan, masked, state.step, block_id, score)
             tokens, prob = fill(raw, reveal, state.tokens, state.prob)
         if spec.every_step:

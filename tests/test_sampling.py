@@ -426,6 +426,10 @@ def test_many_reveals_in_one_step(method):
     ).all()
 
 
-def test_margin_score_with_ties():
-    logp = jnp.log(jnp.array([[0.4, 0.4, 0.2], [0.6, 0.3, 0.1]]))
-    np.testing.assert_allclose(sampling.score_margin(logp, None, None), [0.0, 0.3], atol=1e-6)
+def test_scores_against_direct_formulas():
+    p = np.array([[0.4, 0.4, 0.2, 0.0], [0.6, 0.3, 0.1, 0.0]])
+    with np.errstate(divide="ignore"):  # any offset, and a -inf (filtered) entry
+        logits = jnp.asarray(np.log(p) + 5.0, jnp.float32)
+    np.testing.assert_allclose(sampling.score_margin(logits, None, None), [0.0, 0.3], atol=1e-6)
+    neg_entropy = np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), axis=1)
+    np.testing.assert_allclose(sampling.score_entropy(logits, None, None), neg_entropy, atol=1e-6)
