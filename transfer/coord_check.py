@@ -338,6 +338,11 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
                 ax.set_xscale("log", base=2)
                 if positive:  # all-zero panels (e.g. logits at init) stay linear
                     ax.set_yscale("log")
+                    # At least a decade of y-range, so that flat really looks flat.
+                    lo, hi = ax.get_ylim()
+                    if hi / lo < 10:
+                        centre = math.sqrt(lo * hi)
+                        ax.set_ylim(centre / math.sqrt(10), centre * math.sqrt(10))
                 ax.grid(alpha=0.3, which="both")
                 if i == 0:
                     ax.set_title(kind)
