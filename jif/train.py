@@ -84,7 +84,8 @@ class TrainConfig:
     clip: float = 10.0
     """Clip the global gradient norm at this value (0: no clipping)."""
     ema: float = 0.995
-    """Decay of the exponential moving average of the weights used for evaluation."""
+    """Decay of the moving average of the weights used for evaluation and samples (warmed
+    up as min(ema, (1 + step) / (10 + step)))."""
     seed: int = 0
     """Seed of the initial weights, the data order and every step's noise."""
     # --- output
@@ -238,9 +239,12 @@ def make_train_step(unbound, tx: optax.GradientTransformation, cfg: TrainConfig,
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         # The EMA averages the weights that are evaluated (schedule-free: its averaged iterate).
+        # Decay warms up as min(ema, (1 + step) / (10 + step)) so that short runs do not
+        # evaluate mostly the initial weights (0.995 ** 100 = 0.6).
         target = optim.eval_params(opt_state, params)
+        decay = jnp.minimum(cfg.ema, (1.0 + state["step"]) / (10.0 + state["step"]))
         ema = jax.tree_util.tree_map(
-            lambda e, p: (cfg.ema * e + (1 - cfg.ema) * p).astype(e.dtype), state["ema"], target
+            lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype), state["ema"], target
         )
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
         metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
