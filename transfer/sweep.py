@@ -644,6 +644,9 @@ def plot(summary: dict, out: Path) -> list[Path]:
                     ax.plot(lrs[bad], np.full(bad.sum(), top), "x", color=color)
                 if math.isfinite(o["best_lr"]):
                     ax.plot([o["best_lr"]], [o["best_loss"]], "*", color=color, ms=11, mec="k")
+            finite = [v for o in optima for v in o["losses"] if v is not None]
+            if finite and max(finite) > min(finite) + 3.0:  # keep the basin readable
+                ax.set_ylim(top=min(finite) + 3.0)
             ax.set_xscale("log")
             ax.set_xlabel("learning rate")
             ax.set_title(f"{name} ({fixed_name} {fixed_value})")
