@@ -55,8 +55,8 @@ SPLITS = ("train", "validation")
 EOT_LINE = re.compile(r"^[ \t]*<\|endoftext\|>[ \t]*$", re.MULTILINE)
 OFFLINE_ALTERNATIVES = (
     "offline alternatives: --data stories (the embedded story grammar, no download) or "
-    "--data PATH to a local .txt/.jsonl/.json/.parquet file, e.g. "
-    "../shared/data/tinystories-valid-sample.txt (a slice of TinyStories)"
+    "--data PATH to a local .txt/.jsonl/.json/.parquet file "
+    "(e.g. TinyStories-valid.txt downloaded from the hub dataset's page)"
 )
 
 

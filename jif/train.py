@@ -2,7 +2,7 @@
 
     python -m jif.train                                    # cpu preset, embedded stories
     python -m jif.train --preset tiny --steps 2 --batch-size 4 --seq-len 32 --out runs/x
-    python -m jif.train --data ../shared/data/tinystories-valid-sample.txt --steps 50
+    python -m jif.train --data TinyStories-valid.txt --steps 50
     python -m jif.train --out runs/x --resume              # continue a run
     python -m jif.train --help                             # every flag, from TrainConfig
 

@@ -92,6 +92,7 @@ class SweepConfig:
 
 
 QUICK_OVERRIDES = dict(
+    out="transfer/results/sweep-quick",
     widths=(16, 32),
     depths=(1,),
     n_lrs=3,
