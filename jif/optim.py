@@ -271,7 +271,8 @@ def make_optimizer(
     name = canonical_name(cfg.optimizer)
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
-    schedule = make_schedule(cfg)
+    # Schedule-free keeps --lr after its own warmup: log that, not the unused --schedule.
+    schedule = SCHEDULES["constant"](cfg) if name == "schedule_free" else make_schedule(cfg)
     return OPTIMIZERS[name](cfg, schedule, model_config, params), schedule
 
 

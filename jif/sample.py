@@ -95,7 +95,8 @@ def run(cfg: SampleConfig) -> dict:
     if loaded.data == "stories":
         from jif.stories import check_text
 
-        scores = [check_text(t.replace("<|endoftext|>", " ").strip()).score for t in texts]
+        window = not (cfg.prompt or cfg.template)  # unprompted samples start mid-story
+        scores = [check_text(t, window=window).score for t in texts]
     return {
         "checkpoint": loaded.path,
         "step": loaded.step,

@@ -346,9 +346,10 @@ def _check_roles(slots: list[str], values: tuple, roles: dict) -> tuple[bool, di
     return ok, new
 
 
-def _check_story(text: str) -> tuple[int, int, bool, list[str]]:
+def _check_story(text: str, skip_first: bool = False) -> tuple[int, int, bool, list[str]]:
     """(n_sentences, n_valid, consistent, invalid sentences) for one story."""
     sentences, _tail = split_sentences(text)
+    sentences = sentences[1:] if skip_first else sentences
     roles: dict = {}
     n_valid, consistent, invalid = 0, True, []
     for sentence in sentences:
@@ -371,13 +372,19 @@ def _check_story(text: str) -> tuple[int, int, bool, list[str]]:
     return len(sentences), n_valid, consistent, invalid
 
 
-def check_text(text: str) -> CheckResult:
-    """Score any text against the grammar, story by story ("<|endoftext|>" separates)."""
-    stories = [s for s in text.split("<|endoftext|>") if s.strip()]
+def check_text(text: str, *, window: bool = False) -> CheckResult:
+    """Score any text against the grammar, story by story ("<|endoftext|>" separates).
+
+    window: the text is a window of packed text (what a model trained on packed windows
+    samples without a prompt): it may start mid-sentence, so the first sentence before the
+    first separator is left out, as the unfinished last sentence always is.
+    """
+    pieces = text.split("<|endoftext|>")
+    stories = [(i, s) for i, s in enumerate(pieces) if s.strip()]
     n_sent = n_valid = 0
     consistent, scores, invalid = True, [], []
-    for story in stories:
-        n, v, c, bad = _check_story(story)
+    for i, story in stories:
+        n, v, c, bad = _check_story(story, skip_first=window and i == 0)
         n_sent, n_valid, consistent = n_sent + n, n_valid + v, consistent and c
         scores.append(v / n if n else 0.0)
         invalid += bad

@@ -301,7 +301,7 @@ def draw_samples(cfg, model, tokenizer, key) -> dict:
     if cfg.data == "stories":
         from jif import stories
 
-        checks = [stories.check_text(text) for text in texts]
+        checks = [stories.check_text(text, window=True) for text in texts]
         n_sentences = sum(c.n_sentences for c in checks)
         out["grammar_score"] = sum(c.n_valid for c in checks) / max(n_sentences, 1)
     return out
@@ -395,10 +395,10 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         "step": jnp.zeros((), jnp.int32),
     }
     mesh = sharding.make_mesh(cfg.mesh)
-    if jax.process_count() > 1 and mesh is None:
+    if jax.process_count() > 1 and (mesh is None or mesh.size != jax.device_count()):
         raise ValueError(
             f"{jax.process_count()} processes need a mesh over all devices: pass --mesh DxM "
-            f"with D * M = {jax.device_count()}."
+            f"with D * M = {jax.device_count()} (got {cfg.mesh or 'no --mesh'})."
         )
     if mesh is not None:
         state_shardings = sharding.tree_shardings(state, mesh)

@@ -179,6 +179,13 @@ def test_cut_off_sentence_not_counted_and_junk_scored():
     r = check_text(cut)
     assert r.score == 1.0 and r.n_sentences == check_text(text).n_sentences - 1
     assert check_text("").n_sentences == 0 and check_text("").score == 0.0
+    second = split_sentences(text)[0][1]
+    window = text[text.index(second) + 3 :]  # starts mid-sentence, as a packed window may
+    full, r = check_text(text), check_text(window, window=True)
+    assert r.score == 1.0 and 0 < r.n_sentences < full.n_sentences
+    assert check_text(window).score < 1.0  # its cut first sentence counts without window=True
+    both = check_text(window + "<|endoftext|>" + text, window=True)  # later stories whole
+    assert both.n_sentences == r.n_sentences + full.n_sentences and both.score == 1.0
     r = check_text(text + "<|endoftext|>The moon ate a purple idea. Cats fly.")
     assert r.n_stories == 2 and r.story_scores[1] == 0.0
     assert "Cats fly." in r.invalid and 0 < r.score < 1
