@@ -219,7 +219,7 @@ def test_tinystories_offline_fails_fast(tok, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
-    with pytest.raises(DataError, match="not reachable.*--data stories.*tinystories-valid"):
+    with pytest.raises(DataError, match="not reachable.*--data stories.*--data PATH"):
         TokenBatches("tinystories", tok, batch_size=2, seq_len=8)
     assert time.monotonic() - t0 < 20  # the probe times out after 2 s; retries would take ~24 s
 
