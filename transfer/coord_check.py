@@ -84,12 +84,8 @@ QUICK_OVERRIDES = dict(
 
 
 def resolve(config: CoordConfig) -> CoordConfig:
-    if config.quick:  # quick values for every field left at its default
-        default = CoordConfig()
-        quick = {
-            k: v for k, v in QUICK_OVERRIDES.items() if getattr(config, k) == getattr(default, k)
-        }
-        config = dataclasses.replace(config, **quick)
+    if config.quick:
+        config = sweep.apply_quick(config, QUICK_OVERRIDES)
     for name in config.optimizers:
         if name not in sweep.PARAMETERISATIONS:
             raise ValueError(

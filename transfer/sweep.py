@@ -168,14 +168,17 @@ CSV_FIELDS = (
 )
 
 
+def apply_quick(config, overrides: dict):
+    """--quick: the quick value of every field the user left at its default."""
+    default = type(config)()
+    quick = {k: v for k, v in overrides.items() if getattr(config, k) == getattr(default, k)}
+    return dataclasses.replace(config, **quick)
+
+
 def resolve(config: SweepConfig) -> SweepConfig:
     """Applies --quick and fills mup_base_width; validates names and values."""
-    if config.quick:  # quick values for every field left at its default
-        default = SweepConfig()
-        quick = {
-            k: v for k, v in QUICK_OVERRIDES.items() if getattr(config, k) == getattr(default, k)
-        }
-        config = dataclasses.replace(config, **quick)
+    if config.quick:
+        config = apply_quick(config, QUICK_OVERRIDES)
     for name in config.optimizers:
         if name not in PARAMETERISATIONS:
             raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(PARAMETERISATIONS)}")
