@@ -92,6 +92,22 @@ def decay_mask(params: Params) -> dict[str, bool]:
     return {k: len([a for a in v.named_shape if a != "blocks"]) >= 2 for k, v in params.items()}
 
 
+def scale_labels(factors: dict[str, float]) -> optax.GradientTransformation:
+    """Multiplies the updates of the labelled parameters by their factor (others unchanged)."""
+
+    def scale(updates, params=None):
+        return {k: (u * factors[k] if k in factors else u) for k, u in updates.items()}
+
+    return optax.stateless(scale)
+
+
+def _embed_lr(cfg: TrainConfig, params: Params) -> list[optax.GradientTransformation]:
+    """Per-label learning-rate multiplier for the embedding table (cfg.embed_lr_mult)."""
+    mult = getattr(cfg, "embed_lr_mult", 1.0)
+    labels = [k for k in params if k.endswith("/embed")]
+    return [scale_labels(dict.fromkeys(labels, mult))] if mult != 1.0 and labels else []
+
+
 # ----------------------------------------------------------------------------- optimizers
 
 
@@ -107,6 +123,7 @@ def adamw(cfg: TrainConfig, schedule: optax.Schedule, model_config, params: Para
             weight_decay=cfg.weight_decay,
             mask=decay_mask(params),
         ),
+        *_embed_lr(cfg, params),
     )
 
 

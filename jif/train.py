@@ -69,6 +69,9 @@ class TrainConfig:
     """adamw, schedule_free, muon, modula or mup_adamw (jif.optim.OPTIMIZERS)."""
     lr: float = 3e-3
     """Peak learning rate."""
+    embed_lr_mult: float = 100.0
+    """adamw: learning rate of the embedding table as a multiple of lr (its N(0, 1) entries
+    move lr per step, far slower relative to their size than the 1/sqrt(d) hidden weights)."""
     schedule: str = "cosine"
     """Learning-rate schedule after warmup: cosine (to min_lr_ratio * lr) or constant."""
     warmup: int = 100
@@ -107,6 +110,10 @@ class TrainConfig:
     """Samples decoded at each evaluation."""
     sample_steps: int = 128
     """Denoising steps per sample."""
+    sample_method: str = "entropy"
+    """Sampler of those samples (jif.sampling.METHODS): entropy-ordered unmasking by default."""
+    sample_temperature: float = 0.5
+    """Temperature of those samples (0: argmax)."""
     log_every: int = 10
     """Write a metrics.jsonl line every N steps."""
     # --- machine
@@ -163,6 +170,16 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--dtype {cfg.dtype!r}: choose float32 or bfloat16")
     if cfg.mesh:
         sharding.parse_mesh(cfg.mesh)
+    if cfg.sample_temperature < 0:
+        raise ValueError(f"--sample-temperature must be >= 0, got {cfg.sample_temperature}")
+    if cfg.n_samples:
+        from jif import sampling
+
+        if cfg.sample_method not in sampling.METHODS:
+            raise ValueError(
+                f"--sample-method {cfg.sample_method!r} is unknown; choose one of "
+                f"{sorted(sampling.METHODS)}"
+            )
 
 
 def _data_name(data: str) -> str:
@@ -294,7 +311,13 @@ def draw_samples(cfg, model, tokenizer, key) -> dict:
     tokens[:, 0] = tokenizer.eot_id
     denoise = jax.jit(model_lib.make_denoise_fn(model, mask_id=tokenizer.mask_id))
     result = sampling.sample(
-        denoise, key, jnp.asarray(tokens), mask_id=tokenizer.mask_id, steps=cfg.sample_steps
+        denoise,
+        key,
+        jnp.asarray(tokens),
+        mask_id=tokenizer.mask_id,
+        steps=cfg.sample_steps,
+        method=cfg.sample_method,
+        temperature=cfg.sample_temperature,
     )
     texts = [tokenizer.decode(np.asarray(row)[1:].tolist()) for row in result.tokens]
     out: dict[str, Any] = {"samples": texts}
@@ -584,8 +607,8 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
 # Fields that may differ between a run and its resumption.
 _RESUME_FREE = {
     "resume", "steps", "ckpt_every", "keep", "eval_every", "eval_sequences", "eval_times",
-    "n_samples", "sample_steps", "log_every", "show_model", "tensorboard", "wandb",
-    "progress", "mesh", "distributed", "out",
+    "n_samples", "sample_steps", "sample_method", "sample_temperature", "log_every",
+    "show_model", "tensorboard", "wandb", "progress", "mesh", "distributed", "out",
 }  # fmt: skip
 
 

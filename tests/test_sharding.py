@@ -67,8 +67,10 @@ def test_sharded_losses_equal_single_device():
     assert sharded["val_nelbo"] == pytest.approx(single["val_nelbo"], abs=1e-5)
     up = sharded["final_params"]["dit/blocks/mlp/up"].data_array
     assert up.sharding.spec == P(None, None, "model") and len(up.sharding.device_set) == 8
-    # Weights agree to reduction-order noise (Adam's 1/sqrt(v) amplifies it a little).
+    # Weights agree to reduction-order noise (Adam's 1/sqrt(v) amplifies it a little, and the
+    # embedding's steps are embed_lr_mult times larger).
     for k, v in single["final_params"].items():
+        atol = 1e-4 * (cfg.embed_lr_mult if k == "dit/embed" else 1.0)
         np.testing.assert_allclose(
-            np.asarray(sharded["final_params"][k].data_array), v.data_array, atol=1e-4
+            np.asarray(sharded["final_params"][k].data_array), v.data_array, atol=atol, err_msg=k
         )

@@ -92,6 +92,8 @@ def test_bad_values_give_clear_errors(capsys):
     assert "sgdd" in err and "adamw" in err
     with pytest.raises(ValueError, match="mesh"):
         train.validate(train.TrainConfig(mesh="4by2"))
+    with pytest.raises(ValueError, match="'entropyy' is unknown; choose one of .*'entropy'"):
+        train.validate(train.TrainConfig(sample_method="entropyy"))
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
@@ -195,7 +197,8 @@ def test_warmup_cosine_schedule_known_values():
 
 
 def test_adamw_matches_optax_on_named_params():
-    """The registry's adamw on a dict of NamedArrays == optax.adamw on the plain arrays."""
+    """The registry's adamw on a dict of NamedArrays == optax.adamw on the plain arrays, with
+    the embedding table's step times embed_lr_mult."""
     from jif import model as model_lib
 
     cfg = train.TrainConfig(lr=1e-2, warmup=0, steps=10, clip=0.0, weight_decay=0.1)
@@ -208,8 +211,10 @@ def test_adamw_matches_optax_on_named_params():
     ref_tx = optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, mask=mask)
     g = {k: 0.01 * v + 0.001 for k, v in plain.items()}
     ref, _ = jax.jit(ref_tx.update)(g, ref_tx.init(plain), plain)
+    assert cfg.embed_lr_mult == 100.0  # the default
     for k in plain:
-        np.testing.assert_allclose(updates[k].data_array, ref[k], rtol=1e-6, err_msg=k)
+        mult = cfg.embed_lr_mult if k == "dit/embed" else 1.0
+        np.testing.assert_allclose(updates[k].data_array, mult * ref[k], rtol=1e-6, err_msg=k)
     assert not mask["dit/out/norm"] and mask["dit/blocks/mlp/up"]
 
 

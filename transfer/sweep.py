@@ -244,6 +244,7 @@ def train_config_for(spec: RunSpec, config: SweepConfig):
         seq_len=config.seq_len,
         lr=spec.lr,
         optimizer=p.optimizer,
+        embed_lr_mult=1.0,  # one learning rate for every parameter: the question is its transfer
         warmup=max(1, config.steps // 10),
         seed=spec.seed,
         out=None,
