@@ -7,7 +7,8 @@ work leafwise on the arrays inside the NamedArrays; axis-aware optimizers read `
     OPTIMIZERS[name](cfg, schedule, model_config, params) -> optax.GradientTransformation
 
 where `cfg` is a `jif.train.TrainConfig` (fields used: lr, warmup, steps, b1, b2,
-weight_decay, clip, min_lr_ratio) and `schedule` maps the step to the learning rate.
+weight_decay, clip, min_lr_ratio, embed_lr_mult) and `schedule` maps the step to the
+learning rate.
 """
 
 from __future__ import annotations
@@ -103,9 +104,9 @@ def scale_labels(factors: dict[str, float]) -> optax.GradientTransformation:
 
 def _embed_lr(cfg: TrainConfig, params: Params) -> list[optax.GradientTransformation]:
     """Per-label learning-rate multiplier for the embedding table (cfg.embed_lr_mult)."""
-    mult = getattr(cfg, "embed_lr_mult", 1.0)
-    labels = [k for k in params if k.endswith("/embed")]
-    return [scale_labels(dict.fromkeys(labels, mult))] if mult != 1.0 and labels else []
+    if cfg.embed_lr_mult == 1.0:
+        return []
+    return [scale_labels({k: cfg.embed_lr_mult for k in params if k.endswith("/embed")})]
 
 
 # ----------------------------------------------------------------------------- optimizers
