@@ -279,9 +279,10 @@ def make_train_step(unbound, tx: optax.GradientTransformation, cfg: TrainConfig,
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(cfg, unbound, params, val_batches, tokenizer, key) -> dict:
+def evaluate(cfg, unbound, params, val_batches, tokenizer, key, probes=None) -> dict:
     """Validation NELBO of `params` on the fixed validation set, plus decoded samples and
-    (for the embedded stories) the grammar checker's score."""
+    (for the embedded stories) the grammar checker's score and how well the model copies
+    names (`probes`: jif.stories.NameProbes)."""
     model = ckpt.bind_params(unbound, params)
     logits = jax.jit(lambda m, xt, r: model_lib.apply_logits(m, xt, r))
     result = diffusion.eval_nelbo(
@@ -296,6 +297,15 @@ def evaluate(cfg, unbound, params, val_batches, tokenizer, key) -> dict:
         for k, v in result.items()
         if np.ndim(v) == 0 and isinstance(v, int | float | np.floating | jax.Array)
     }
+    if probes is not None and len(probes.tokens):
+        nats, exact = diffusion.span_scores(
+            lambda xt, r: logits(model, xt, r),
+            probes.tokens,
+            probes.mask,
+            mask_id=tokenizer.mask_id,
+        )
+        out["val_name_nats"] = float(nats.mean())
+        out["val_name_exact"] = float(exact.mean())
     if cfg.n_samples > 0:
         out.update(draw_samples(cfg, model, tokenizer, key))
     return out
@@ -402,6 +412,11 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         cfg.data, tokenizer, seq_len=cfg.seq_len, n_sequences=cfg.eval_sequences, seed=cfg.seed
     )
     val_batches = [val[i : i + cfg.batch_size] for i in range(0, len(val), cfg.batch_size)]
+    probes = None
+    if cfg.data == "stories":
+        from jif import stories
+
+        probes = stories.name_probes(tokenizer, seq_len=cfg.seq_len, seed=cfg.seed)
 
     resolved = {**dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_config)}
     say(json.dumps(resolved, indent=2))
@@ -504,13 +519,25 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
 
     def do_eval(step: int) -> dict:
         row = evaluate(
-            cfg, unbound, state["ema"], val_batches, tokenizer, jax.random.key(cfg.seed + step)
+            cfg,
+            unbound,
+            state["ema"],
+            val_batches,
+            tokenizer,
+            jax.random.key(cfg.seed + step),
+            probes,
         )
         row = {"step": step, **row}
         logger.log(row)
         say(
             f"step {step}: val NELBO {row.get('val_nelbo', float('nan')):.4f} nats/token"
             + (f", grammar {row['grammar_score']:.2f}" if "grammar_score" in row else "")
+            + (
+                f", repeated names {row['val_name_nats']:.2f} nats"
+                f" ({row['val_name_exact']:.0%} exact)"
+                if "val_name_nats" in row
+                else ""
+            )
         )
         for text in row.get("samples", [])[:2]:
             say("  sample: " + text[:300].replace("\n", " "))

@@ -157,3 +157,29 @@ def test_eval_nelbo_rejects_empty():
     fn, _ = fake_logits_fn()
     with pytest.raises(ValueError, match="no sequences"):
         D.eval_nelbo(fn, [], mask_id=MASK)
+
+
+def test_span_scores_match_numpy():
+    """Each row's masked tokens scored in one call: -sum of SUBS log-probs, and whether
+    every masked token is the argmax. The logits depend on position, on the mask rate passed
+    and on the masks seen in xt, so numpy recomputes them."""
+    rng = np.random.default_rng(0)
+    table, by_rate, by_count = (rng.normal(size=(9, V)).astype(np.float32) for _ in range(3))
+    x0 = rng.integers(0, MASK, (5, 9)).astype(np.int32)
+    mask = rng.random((5, 9)) < 0.4
+    mask[:, 0], mask[1] = True, False  # row 1: nothing masked
+
+    def logits_fn(xt, r):
+        count = jnp.sum(xt == MASK, -1)[:, None, None]
+        return table + r[:, None, None] * by_rate + 0.1 * count * by_count
+
+    rate, count = mask.mean(-1)[:, None, None], mask.sum(-1)[:, None, None]
+    logits = table + rate * by_rate + 0.1 * count * by_count
+    x0[0] = np.argmax(logits[0, :, :MASK], -1)  # row 0: every token the most likely one
+    nats, exact = D.span_scores(logits_fn, x0, mask, mask_id=MASK, batch_size=2)
+    logp = logits - np.log(np.exp(logits[..., :MASK]).sum(-1, keepdims=True))
+    truth = np.take_along_axis(logp, x0[..., None], -1)[..., 0]
+    np.testing.assert_allclose(nats, -(truth * mask).sum(-1), rtol=1e-5)
+    right = (np.argmax(logits[..., :MASK], -1) == x0) | ~mask
+    np.testing.assert_array_equal(exact, right.all(-1))
+    assert exact[0] and exact[1] and nats[1] == 0 and not exact.all()

@@ -220,3 +220,22 @@ def test_cli(capsys, tmp_path):
     f.write_text(texts[0] + "\n<|endoftext|>\n" + "Cats fly.")
     stories.main(["--check", str(f)])
     assert '"n_valid": ' + str(check_text(texts[0]).n_sentences) in capsys.readouterr().out
+
+
+def test_name_probes_mask_one_repeated_name_fixed_by_the_grammar():
+    tok = load_tokenizer(2048, source="package")
+    probes = stories.name_probes(tok, n_stories=6, seq_len=128)
+    assert len(probes.tokens) >= 12
+    rows = zip(probes.tokens, probes.mask, probes.texts, probes.spans, strict=True)
+    for row, mask, text, (c0, c1) in rows:
+        name = text[c0:c1]
+        assert name in stories.WORDS["name"] and re.search(rf"\b{name}\b", text[:c0])
+        assert tok.decode(row[mask].tolist()).strip() == name  # exactly the name's tokens
+        assert np.all(np.diff(np.flatnonzero(mask)) == 1)  # one contiguous span
+        full = [tok.eot_id, *tok.encode(text)][:128]
+        assert row[: len(full)].tolist() == full  # the story's own tokenisation
+        fits = [
+            n for n in stories.WORDS["name"] if check_text(text[:c0] + n + text[c1:]).score == 1
+        ]
+        assert fits == [name]  # the story so far fixes the name: a copying model is sure
+    assert len(stories.name_probes(tok, n_stories=6, seq_len=16).tokens) == 0

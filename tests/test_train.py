@@ -53,6 +53,7 @@ def test_cli_two_steps_writes_a_loadable_run(tmp_path, capsys):
     evals = [r for r in rows if "val_nelbo" in r]
     assert evals and evals[-1]["step"] == 2 and len(evals[-1]["samples"]) == 1
     assert 0.0 <= evals[-1]["grammar_score"] <= 1.0
+    assert evals[-1]["val_name_nats"] > 0 and 0 <= evals[-1]["val_name_exact"] <= 1
 
     # The checkpoint loads for inference with the EMA weights and the raw weights.
     loaded = checkpoint.load_for_inference(str(out), ema=False)
