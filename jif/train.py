@@ -58,12 +58,12 @@ class TrainConfig:
     """Training text: stories (embedded grammar), tinystories (HF hub) or a file path."""
     n_bpe: int = 2048
     """Tokenizer size: the first n_bpe GPT-2 ids (plus end-of-text and mask tokens)."""
-    batch_size: int = 32
+    batch_size: int = 16
     """Sequences per step (global, over all devices)."""
     seq_len: int = 128
     """Tokens per sequence."""
     # --- optimisation
-    steps: int = 2000
+    steps: int = 3600
     """Training steps."""
     optimizer: str = "adamw"
     """adamw, schedule_free, muon, modula or mup_adamw (jif.optim.OPTIMIZERS)."""
@@ -96,11 +96,11 @@ class TrainConfig:
     """Run folder. "auto": runs/<preset>-<data>[-N]. None: write nothing (Python API)."""
     resume: bool = False
     """Continue the run in --out from its newest checkpoint (starts fresh if it has none)."""
-    ckpt_every: int = 500
+    ckpt_every: int = 900
     """Checkpoint every N steps and at the end (0: never)."""
     keep: int = 3
     """Keep the newest K checkpoints."""
-    eval_every: int = 500
+    eval_every: int = 900
     """Validation NELBO and samples every N steps and at the end (0: never)."""
     eval_sequences: int = 64
     """Number of fixed validation sequences."""
@@ -110,9 +110,9 @@ class TrainConfig:
     """Samples decoded at each evaluation."""
     sample_steps: int = 128
     """Denoising steps per sample."""
-    sample_method: str = "entropy"
-    """Sampler of those samples (jif.sampling.METHODS): entropy-ordered unmasking by default."""
-    sample_temperature: float = 0.5
+    sample_method: str = "confidence"
+    """Sampler of those samples (jif.sampling.METHODS): confidence-ordered unmasking by default."""
+    sample_temperature: float = 1.0
     """Temperature of those samples (0: argmax)."""
     log_every: int = 10
     """Write a metrics.jsonl line every N steps."""
