@@ -72,14 +72,19 @@ def q_xt(key: jax.Array, x0: jax.Array, rate: jax.Array, mask_id: int):
 # ----------------------------------------------------------------------------- SUBS
 
 
+def without_mask_logit(logits: jax.Array, mask_id: int) -> jax.Array:
+    """float32 logits with the mask token's at -inf: SUBS never predicts the mask."""
+    is_mask_col = jnp.arange(logits.shape[-1]) == mask_id
+    return jnp.where(is_mask_col, -jnp.inf, logits.astype(jnp.float32))
+
+
 def subs_log_probs(logits: jax.Array, xt: jax.Array, mask_id: int) -> jax.Array:
     """SUBS parameterisation: logits [B, L, V], xt [B, L] -> log p(x0 | xt) [B, L, V].
 
     The mask token is never predicted (log-prob -inf); unmasked positions carry over their
     token (log-prob 0 on xt, -inf elsewhere); masked positions get a softmax over real tokens.
     """
-    is_mask_col = jnp.arange(logits.shape[-1]) == mask_id
-    logp = jax.nn.log_softmax(jnp.where(is_mask_col, -jnp.inf, logits.astype(jnp.float32)))
+    logp = jax.nn.log_softmax(without_mask_logit(logits, mask_id))
     carry = jnp.where(jnp.arange(logits.shape[-1]) == xt[..., None], 0.0, -jnp.inf)
     return jnp.where((xt == mask_id)[..., None], logp, carry)
 
@@ -89,8 +94,7 @@ def masked_nll(logits: jax.Array, x0: jax.Array, masked: jax.Array, mask_id: int
 
     Equals -take(subs_log_probs(logits, xt), x0) but gathers before building [B, L, V] masks.
     """
-    is_mask_col = jnp.arange(logits.shape[-1]) == mask_id
-    logp = jax.nn.log_softmax(jnp.where(is_mask_col, -jnp.inf, logits.astype(jnp.float32)))
+    logp = jax.nn.log_softmax(without_mask_logit(logits, mask_id))
     nll = -jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
     return jnp.where(masked, nll, 0.0)
 
@@ -217,7 +221,7 @@ def span_scores(
         xt = jnp.where(mask, mask_id, x0)
         logits = logits_fn(xt, jnp.mean(mask, axis=-1, dtype=jnp.float32))
         nll = masked_nll(logits, x0, mask, mask_id)
-        guess = jnp.argmax(jnp.where(jnp.arange(logits.shape[-1]) == mask_id, -jnp.inf, logits), -1)
+        guess = jnp.argmax(without_mask_logit(logits, mask_id), -1)
         return jnp.sum(nll, -1), jnp.all((guess == x0) | ~mask, -1)
 
     nats, exact = [], []
