@@ -302,10 +302,13 @@ def plot_statistics(traj: Trajectory):
 def scores_markdown(traj: Trajectory, data: str) -> str:
     if traj.scores is None:
         return f"Grammar score: only for checkpoints trained on the embedded stories (this one: `{data}`)."
-    rows = ["| # | grammar | sentences | pronouns ok |", "|---|---|---|---|"]
+    rows = [
+        "| # | grammar in context | sentence by sentence | sentences | names and pronouns ok |",
+        "|---|---|---|---|---|",
+    ]
     for i, r in enumerate(traj.scores):
         ok = "yes" if r.pronouns_consistent else "no"
-        rows.append(f"| {i + 1} | {r.score:.2f} | {r.n_sentences} | {ok} |")
+        rows.append(f"| {i + 1} | {r.score:.2f} | {r.grammatical:.2f} | {r.n_sentences} | {ok} |")
     return "\n".join(rows)
 
 

@@ -23,6 +23,9 @@ Sequences (int32 [batch_size, seq_len]) always start with eot_id, which serves a
   sees separators learns where stories end, and long documents are never truncated. MDLM's
   `wrap` option packs the same way, and the loss floor of the embedded grammar
   (`jif.stories.entropy_nats_per_token`, one eot per story) is computed for this stream.
+- packing="align": as "pack", but every row starts at a document's first token (the rest
+  of a document that the previous row cut is skipped): rows open a story, as unprompted
+  samples then do, at the cost of the skipped tokens.
 - packing="pad": one document per row, BOS + its first seq_len - 1 tokens, padded with eot.
   Rows then hold whole stories from their start, at the cost of compute spent on padding.
 
@@ -346,7 +349,14 @@ def _pad_row(it: TokenBatches) -> np.ndarray:
     return row
 
 
-PACKERS: dict[str, Callable] = {"pack": _pack_row, "pad": _pad_row}
+def _align_row(it: TokenBatches) -> np.ndarray:
+    """BOS + the stream from the next document's start (the rest of a cut document is skipped)."""
+    chunk = it._current()
+    it._offset = int(chunk.starts[np.searchsorted(chunk.starts, it._offset)])  # may be the end
+    return _pack_row(it)  # its first _current() moves on to the next chunk at the end
+
+
+PACKERS: dict[str, Callable] = {"pack": _pack_row, "align": _align_row, "pad": _pad_row}
 
 
 class TokenBatches:
@@ -385,14 +395,16 @@ class TokenBatches:
         """The chunk holding the next unit (token or document), loading chunks as needed."""
         if self._chunk is None:
             self._chunk = next(self._chunks)
-        limit = len(self._chunk.tokens) if self.packing == "pack" else len(self._chunk.starts) - 1
+        limit = self._limit()
         while self._offset >= limit:
             self._chunk, self._offset = next(self._chunks), 0
-            limit = (
-                len(self._chunk.tokens) if self.packing == "pack" else len(self._chunk.starts) - 1
-            )
+            limit = self._limit()
         self._key = self._chunk.key
         return self._chunk
+
+    def _limit(self) -> int:
+        """Offsets count tokens when packing and documents when padding."""
+        return len(self._chunk.starts) - 1 if self.packing == "pad" else len(self._chunk.tokens)
 
     def __iter__(self) -> TokenBatches:
         return self
@@ -430,7 +442,13 @@ class TokenBatches:
 
 
 def validation_tokens(
-    data: str, tokenizer, *, seq_len: int, n_sequences: int, seed: int = 0
+    data: str,
+    tokenizer,
+    *,
+    seq_len: int,
+    n_sequences: int,
+    seed: int = 0,
+    packing: str = "pack",
 ) -> np.ndarray:
     """A fixed int32 [n_sequences, seq_len] array from the validation split (same for a seed).
 
@@ -439,7 +457,13 @@ def validation_tokens(
     if n_sequences < 1:
         raise ValueError(f"n_sequences={n_sequences}: need at least 1")
     it = TokenBatches(
-        data, tokenizer, split="validation", batch_size=n_sequences, seq_len=seq_len, seed=seed
+        data,
+        tokenizer,
+        split="validation",
+        batch_size=n_sequences,
+        seq_len=seq_len,
+        seed=seed,
+        packing=packing,
     )
     return next(it)
 
@@ -459,7 +483,7 @@ class ShowConfig:
     seed: int = 0
     """Seed of the order."""
     packing: str = "pack"
-    """"pack" or "pad"."""
+    """"pack", "align" or "pad"."""
     n_bpe: int = 2048
     """Tokenizer size."""
 

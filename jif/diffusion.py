@@ -232,3 +232,39 @@ def span_scores(
         nats.append(np.asarray(n))
         exact.append(np.asarray(e))
     return np.concatenate(nats), np.concatenate(exact)
+
+
+def span_logprob(
+    logits_fn: LogitsFn,
+    x0: np.ndarray,
+    mask: np.ndarray,
+    span: np.ndarray,
+    *,
+    mask_id: int,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """log p(x0's tokens in `span`) with every `mask` position masked, by the chain rule.
+
+    x0 int32 [N, L]; mask, span bool [N, L] with span inside mask. The span's tokens are
+    revealed left to right, one network call each (the longest span sets the number of
+    calls); the other masked positions stay masked. The network sees the current mask rate.
+    Returns log-probabilities [N] (0 for a row with an empty span).
+    """
+    if np.any(span & ~mask):
+        raise ValueError("span_logprob: every span position must also be masked.")
+    order = np.cumsum(span, axis=-1) * span  # 1, 2, ... along each row's span; 0 elsewhere
+    n_calls = int(order.max(initial=0))
+
+    @jax.jit
+    def step(x0, mask, order, j):
+        hidden = mask & ~((order > 0) & (order <= j))  # span tokens before the j+1-th revealed
+        xt = jnp.where(hidden, mask_id, x0)
+        logits = logits_fn(xt, jnp.mean(hidden, axis=-1, dtype=jnp.float32))
+        nll = masked_nll(logits, x0, order == j + 1, mask_id)
+        return -jnp.sum(nll, -1)
+
+    out = []
+    for i in range(0, len(x0), batch_size):
+        rows = [jnp.asarray(a[i : i + batch_size]) for a in (x0.astype(np.int32), mask, order)]
+        out.append(sum(np.asarray(step(*rows, j)) for j in range(n_calls)))
+    return np.concatenate(out) if out else np.zeros(0)

@@ -91,12 +91,14 @@ def run(cfg: SampleConfig) -> dict:
     out_tokens = np.asarray(result.tokens)
     seconds = time.perf_counter() - start
     texts = [tok.decode(r[1:].tolist()) for r in out_tokens]  # without the leading BOS
-    scores = None
+    scores = grammatical = None
     if loaded.data == "stories":
         from jif.stories import check_text
 
         window = not (cfg.prompt or cfg.template)  # unprompted samples start mid-story
-        scores = [check_text(t, window=window).score for t in texts]
+        checks = [check_text(t, window=window) for t in texts]
+        scores = [c.score for c in checks]
+        grammatical = [c.grammatical for c in checks]
     return {
         "checkpoint": loaded.path,
         "step": loaded.step,
@@ -109,12 +111,19 @@ def run(cfg: SampleConfig) -> dict:
         "tokens": out_tokens.tolist(),
         "scores": scores,
         "mean_score": None if scores is None else float(np.mean(scores)),
+        "grammatical": grammatical,
+        "mean_grammatical": None if grammatical is None else float(np.mean(grammatical)),
     }
 
 
 def print_report(out: dict) -> None:
     for i, text in enumerate(out["texts"]):
-        score = "" if out["scores"] is None else f"  grammar score {out['scores'][i]:.2f}"
+        score = ""
+        if out["scores"] is not None:
+            score = (
+                f"  grammar score {out['scores'][i]:.2f} in context, "
+                f"{out['grammatical'][i]:.2f} sentence by sentence"
+            )
         print(f"--- sample {i}{score}")
         print(text)
     summary = (
@@ -123,7 +132,10 @@ def print_report(out: dict) -> None:
         f"{out['seconds']:.2f} s including compilation"
     )
     if out["mean_score"] is not None:
-        summary += f", mean grammar score {out['mean_score']:.3f}"
+        summary += (
+            f", mean grammar score {out['mean_score']:.3f} in context"
+            f" ({out['mean_grammatical']:.3f} sentence by sentence)"
+        )
     print(summary)
 
 

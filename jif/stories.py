@@ -19,8 +19,9 @@ Slot syntax: `{+R}` introduces role R (A, F: a name; O: an object; P: an animal)
 `{R}` repeats it, `{R.sub}` / `{R.obj}` / `{R.pos}` / `{R.kid}` are the pronoun / "girl",
 "boy" agreeing with R's name (capitalised form: `{R.Sub}`), `{word_class}` is one word of
 `WORDS[word_class]`. The same templates compile to regular expressions for `check_text`,
-which scores any text by the fraction of its sentences the grammar can produce with names
-and pronouns that agree with the story so far.
+which scores any text by the fraction of its sentences the grammar can produce: sentence by
+sentence (`grammatical`), and in context, with names and pronouns that agree with the story
+so far (`score`).
 """
 
 from __future__ import annotations
@@ -251,11 +252,16 @@ class CheckResult:
     n_sentences: int
     """Complete sentences scored (an unfinished last sentence is left out)."""
     n_valid: int
-    """Sentences the grammar can produce."""
+    """Sentences the grammar can produce in their context (what `score` counts)."""
+    n_grammatical: int = 0
+    """Sentences the grammar can produce in some story: a template's words, with the names,
+    pronouns and "girl" / "boy" inside the sentence agreeing, whatever came before."""
     n_stories: int
     """Non-empty pieces of the text between "<|endoftext|>" separators."""
     story_scores: tuple[float, ...] = ()
     """Score of each story."""
+    grammatical: float = 0.0
+    """n_grammatical / n_sentences: sentence by sentence, ignoring the story (>= score)."""
     invalid: tuple[str, ...] = ()
     """Up to 20 sentences the grammar cannot produce (for display)."""
 
@@ -329,14 +335,14 @@ def _check_roles(slots: list[str], values: tuple, roles: dict) -> tuple[bool, di
             if slot == "+A":
                 new = {}
             new[slot[1:]] = value
-    if "F" in new and new.get("A") == new["F"]:  # the friend is never the main character
-        ok = False
     for slot, value in zip(slots, values, strict=True):  # repeated names
         if slot in ROLE_CLASS:
             if slot not in new:
                 new[slot] = value  # text that starts mid-story: learn the role
             elif new[slot] != value:
                 ok = False
+    if "F" in new and new.get("A") == new["F"]:  # the friend is never the main character
+        ok = False
     for slot, value in zip(slots, values, strict=True):  # pronouns and girl/boy
         bare = slot.lstrip("+")
         if "." in bare:
@@ -347,17 +353,18 @@ def _check_roles(slots: list[str], values: tuple, roles: dict) -> tuple[bool, di
     return ok, new
 
 
-def _check_story(text: str, skip_first: bool = False) -> tuple[int, int, bool, list[str]]:
-    """(n_sentences, n_valid, consistent, invalid sentences) for one story."""
+def _check_story(text: str, skip_first: bool = False) -> tuple[int, int, int, bool, list[str]]:
+    """(n_sentences, n_valid, n_grammatical, consistent, invalid sentences) for one story."""
     sentences, _tail = split_sentences(text)
     sentences = sentences[1:] if skip_first else sentences
     roles: dict = {}
-    n_valid, consistent, invalid = 0, True, []
+    n_valid, n_grammatical, consistent, invalid = 0, 0, True, []
     for sentence in sentences:
-        matches = [(rx, slots) for rx, slots in _COMPILED if rx.fullmatch(sentence)]
+        matches = [(slots, m.groups()) for rx, slots in _COMPILED if (m := rx.fullmatch(sentence))]
+        n_grammatical += any(_check_roles(slots, values, {})[0] for slots, values in matches)
         best = None
-        for rx, slots in matches:
-            ok, new = _check_roles(slots, rx.fullmatch(sentence).groups(), roles)
+        for slots, values in matches:
+            ok, new = _check_roles(slots, values, roles)
             if ok:
                 best = (True, new)
                 break
@@ -370,7 +377,7 @@ def _check_story(text: str, skip_first: bool = False) -> tuple[int, int, bool, l
         consistent &= ok
         if not ok:
             invalid.append(sentence)
-    return len(sentences), n_valid, consistent, invalid
+    return len(sentences), n_valid, n_grammatical, consistent, invalid
 
 
 def check_text(text: str, *, window: bool = False) -> CheckResult:
@@ -382,11 +389,11 @@ def check_text(text: str, *, window: bool = False) -> CheckResult:
     """
     pieces = text.split("<|endoftext|>")
     stories = [(i, s) for i, s in enumerate(pieces) if s.strip()]
-    n_sent = n_valid = 0
+    n_sent = n_valid = n_gram = 0
     consistent, scores, invalid = True, [], []
     for i, story in stories:
-        n, v, c, bad = _check_story(story, skip_first=window and i == 0)
-        n_sent, n_valid, consistent = n_sent + n, n_valid + v, consistent and c
+        n, v, g, c, bad = _check_story(story, skip_first=window and i == 0)
+        n_sent, n_valid, n_gram, consistent = n_sent + n, n_valid + v, n_gram + g, consistent and c
         scores.append(v / n if n else 0.0)
         invalid += bad
     return CheckResult(
@@ -394,8 +401,10 @@ def check_text(text: str, *, window: bool = False) -> CheckResult:
         pronouns_consistent=consistent,
         n_sentences=n_sent,
         n_valid=n_valid,
+        n_grammatical=n_gram,
         n_stories=len(stories),
         story_scores=tuple(scores),
+        grammatical=n_gram / n_sent if n_sent else 0.0,
         invalid=tuple(invalid[:20]),
     )
 
@@ -453,6 +462,64 @@ def name_probes(tokenizer, *, n_stories: int = 32, seq_len: int = 128, seed: int
         mask=np.array(masks, bool).reshape(-1, seq_len),
         texts=tuple(texts),
         spans=tuple(spans_out),
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FriendProbes:
+    """Validation stories with the hero's name written where the friend is introduced."""
+
+    tokens: np.ndarray
+    """int32 [n, seq_len]: BOS + the story with the hero's name at the friend's
+    introduction, eot-padded."""
+    mask: np.ndarray
+    """bool [n, seq_len]: that introduction's name and every later mention of the friend."""
+    span: np.ndarray
+    """bool [n, seq_len]: the hero's name at the introduction (inside mask)."""
+    texts: tuple[str, ...]
+    """The altered story of each row."""
+
+
+def friend_probes(tokenizer, *, n_stories: int = 64, seq_len: int = 128, seed: int = 0):
+    """Does a model name the friend after the hero? One probe per validation story with a
+    friend: the friend's name is masked everywhere, and the probe asks for the probability
+    that the introduction ("... a friend named [?]") names the hero. The grammar never does
+    (0); a model that knew only the gender would say about 1/16."""
+    rows, masks, spans, texts = [], [], [], []
+    for story in itertools.islice(iter_stories(seed, "validation"), n_stories):
+        names = [m for m in _NAME.finditer(story)]
+        hero = names[0].group(1)  # every introduction names the hero first
+        friends = [m for m in names if m.group(1) != hero]
+        if not friends:
+            continue
+        intro, friend = friends[0], friends[0].group(1)
+        text = story[: intro.start()] + hero + story[intro.end() :]
+        ids, mask, span, pos = [tokenizer.eot_id], [False], [False], 0
+        for m in _NAME.finditer(text):  # pretokens never cross a name's edges
+            cut = m.start() - (m.start() > 0 and text[m.start() - 1] == " ")
+            piece = tokenizer.encode(text[pos:cut])
+            ids, mask, span = ids + piece, mask + [False] * len(piece), span + [False] * len(piece)
+            name_ids = tokenizer.encode(text[cut : m.end()])
+            is_intro = m.start() == intro.start()
+            hide = is_intro or m.group(1) == friend
+            ids += name_ids
+            mask += [hide] * len(name_ids)
+            span += [is_intro] * len(name_ids)
+            pos = m.end()
+        tail = tokenizer.encode(text[pos:])
+        ids, mask, span = ids + tail, mask + [False] * len(tail), span + [False] * len(tail)
+        if not any(span[:seq_len]) or any(span[seq_len:]):  # the introduction is cut off
+            continue
+        pad = max(seq_len - len(ids), 0)
+        rows.append((ids + [tokenizer.eot_id] * pad)[:seq_len])
+        masks.append((mask + [False] * pad)[:seq_len])
+        spans.append((span + [False] * pad)[:seq_len])
+        texts.append(text)
+    return FriendProbes(
+        tokens=np.array(rows, np.int32).reshape(-1, seq_len),
+        mask=np.array(masks, bool).reshape(-1, seq_len),
+        span=np.array(spans, bool).reshape(-1, seq_len),
+        texts=tuple(texts),
     )
 
 

@@ -62,6 +62,9 @@ class TrainConfig:
     """Sequences per step (global, over all devices)."""
     seq_len: int = 128
     """Tokens per sequence."""
+    packing: str = "pack"
+    """How documents fill sequences (jif.data): pack (windows of the joined stream), align
+    (each sequence starts at a document, the stream packed after it) or pad (one each)."""
     # --- optimisation
     steps: int = 3600
     """Training steps."""
@@ -279,10 +282,11 @@ def make_train_step(unbound, tx: optax.GradientTransformation, cfg: TrainConfig,
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(cfg, unbound, params, val_batches, tokenizer, key, probes=None) -> dict:
+def evaluate(cfg, unbound, params, val_batches, tokenizer, key, probes=None, friends=None) -> dict:
     """Validation NELBO of `params` on the fixed validation set, plus decoded samples and
-    (for the embedded stories) the grammar checker's score and how well the model copies
-    names (`probes`: jif.stories.NameProbes)."""
+    (for the embedded stories) the grammar checker's scores, how well the model copies
+    names (`probes`: jif.stories.NameProbes) and how often it names the friend after the
+    hero (`friends`: jif.stories.FriendProbes)."""
     model = ckpt.bind_params(unbound, params)
     logits = jax.jit(lambda m, xt, r: model_lib.apply_logits(m, xt, r))
     result = diffusion.eval_nelbo(
@@ -306,6 +310,15 @@ def evaluate(cfg, unbound, params, val_batches, tokenizer, key, probes=None) -> 
         )
         out["val_name_nats"] = float(nats.mean())
         out["val_name_exact"] = float(exact.mean())
+    if friends is not None and len(friends.tokens):
+        logp = diffusion.span_logprob(
+            lambda xt, r: logits(model, xt, r),
+            friends.tokens,
+            friends.mask,
+            friends.span,
+            mask_id=tokenizer.mask_id,
+        )
+        out["val_hero_as_friend"] = float(np.exp(logp).mean())
     if cfg.n_samples > 0:
         out.update(draw_samples(cfg, model, tokenizer, key))
     return out
@@ -337,6 +350,7 @@ def draw_samples(cfg, model, tokenizer, key) -> dict:
         checks = [stories.check_text(text, window=True) for text in texts]
         n_sentences = sum(c.n_sentences for c in checks)
         out["grammar_score"] = sum(c.n_valid for c in checks) / max(n_sentences, 1)
+        out["grammatical"] = sum(c.n_grammatical for c in checks) / max(n_sentences, 1)
     return out
 
 
@@ -407,16 +421,23 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         batch_size=cfg.batch_size,
         seq_len=cfg.seq_len,
         seed=cfg.seed,
+        packing=cfg.packing,
     )
     val = data_lib.validation_tokens(
-        cfg.data, tokenizer, seq_len=cfg.seq_len, n_sequences=cfg.eval_sequences, seed=cfg.seed
+        cfg.data,
+        tokenizer,
+        seq_len=cfg.seq_len,
+        n_sequences=cfg.eval_sequences,
+        seed=cfg.seed,
+        packing=cfg.packing,
     )
     val_batches = [val[i : i + cfg.batch_size] for i in range(0, len(val), cfg.batch_size)]
-    probes = None
+    probes = friends = None
     if cfg.data == "stories":
         from jif import stories
 
         probes = stories.name_probes(tokenizer, seq_len=cfg.seq_len, seed=cfg.seed)
+        friends = stories.friend_probes(tokenizer, seq_len=cfg.seq_len, seed=cfg.seed)
 
     resolved = {**dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_config)}
     say(json.dumps(resolved, indent=2))
@@ -526,16 +547,27 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
             tokenizer,
             jax.random.key(cfg.seed + step),
             probes,
+            friends,
         )
         row = {"step": step, **row}
         logger.log(row)
         say(
             f"step {step}: val NELBO {row.get('val_nelbo', float('nan')):.4f} nats/token"
-            + (f", grammar {row['grammar_score']:.2f}" if "grammar_score" in row else "")
+            + (
+                f", grammar {row['grammar_score']:.2f} in context"
+                f" ({row['grammatical']:.2f} sentence by sentence)"
+                if "grammar_score" in row
+                else ""
+            )
             + (
                 f", repeated names {row['val_name_nats']:.2f} nats"
                 f" ({row['val_name_exact']:.0%} exact)"
                 if "val_name_nats" in row
+                else ""
+            )
+            + (
+                f", friend named after the hero {row['val_hero_as_friend']:.0%}"
+                if "val_hero_as_friend" in row
                 else ""
             )
         )
@@ -620,6 +652,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     result = {
         "val_nelbo": last_eval.get("val_nelbo"),
         "grammar_score": last_eval.get("grammar_score"),
+        "grammatical": last_eval.get("grammatical"),
         "train_loss_smoothed": smoothed,
         "diverged": diverged,
         "steps": start_step + len(losses),

@@ -51,6 +51,21 @@ def _reference_pack(doc_token_lists, eot, n_rows, seq_len):
     return np.array(rows, np.int32)
 
 
+def _reference_align(doc_token_lists, eot, n_rows, seq_len):
+    """Independent aligned packing: each row = BOS + the stream from the next document's
+    first token; the rest of the document a row cut is skipped."""
+    stream, starts = [], []
+    for ids in doc_token_lists:
+        starts.append(len(stream))
+        stream += ids + [eot]
+    rows, pos = [], 0
+    for _ in range(n_rows):
+        pos = next(s for s in starts if s >= pos)
+        rows.append([eot] + stream[pos : pos + seq_len - 1])
+        pos += seq_len - 1
+    return np.array(rows, np.int32)
+
+
 def test_stories_batches_match_reference_packing(tok, small_blocks):
     it = TokenBatches("stories", tok, batch_size=4, seq_len=64, seed=3)
     got = np.concatenate([next(it) for _ in range(30)])  # crosses several blocks
@@ -58,6 +73,16 @@ def test_stories_batches_match_reference_packing(tok, small_blocks):
     docs = [tok.encode(s) for s in itertools.islice(stories.iter_stories(3, "train"), 200)]
     np.testing.assert_array_equal(got, _reference_pack(docs, tok.eot_id, 120, 64))
     assert (got[:, 0] == tok.eot_id).all() and got.max() < tok.mask_id
+
+
+@pytest.mark.parametrize("seq_len", [64, 200])  # rows shorter and longer than a story
+def test_stories_aligned_rows_start_at_documents(tok, small_blocks, seq_len):
+    it = TokenBatches("stories", tok, batch_size=4, seq_len=seq_len, seed=3, packing="align")
+    got = np.concatenate([next(it) for _ in range(30)])  # crosses several blocks
+    docs = [tok.encode(s) for s in itertools.islice(stories.iter_stories(3, "train"), 400)]
+    np.testing.assert_array_equal(got, _reference_align(docs, tok.eot_id, 120, seq_len))
+    heads = {tuple(d[:8]) for d in docs}
+    assert all(tuple(row[1:9]) in heads for row in got)  # every row opens a story
 
 
 def test_stories_splits_disjoint_and_seeded(tok, small_blocks):
@@ -99,7 +124,7 @@ def _advance(it, n):
     return it
 
 
-@pytest.mark.parametrize("packing", ["pack", "pad"])
+@pytest.mark.parametrize("packing", ["pack", "align", "pad"])
 def test_stories_resume_exactly(tok, small_blocks, packing):
     make = lambda: TokenBatches("stories", tok, batch_size=3, seq_len=48, seed=5, packing=packing)
     _check_resume(make, n_before=25, n_after=10)

@@ -183,3 +183,36 @@ def test_span_scores_match_numpy():
     right = (np.argmax(logits[..., :MASK], -1) == x0) | ~mask
     np.testing.assert_array_equal(exact, right.all(-1))
     assert exact[0] and exact[1] and nats[1] == 0 and not exact.all()
+
+
+def test_span_logprob_chain_rule_matches_numpy():
+    """A span's tokens revealed left to right, other masks kept: numpy recomputes each call's
+    logits (they depend on the tokens seen, on the mask count and on the rate passed)."""
+    rng = np.random.default_rng(1)
+    table, by_rate, by_token = (rng.normal(size=(9, V)).astype(np.float32) for _ in range(3))
+    x0 = rng.integers(0, MASK, (4, 9)).astype(np.int32)
+    mask = rng.random((4, 9)) < 0.5
+    span = np.zeros_like(mask)
+    span[0, [2, 3, 6]] = span[1, 4] = span[3, [0, 1]] = True  # row 2: empty span
+    mask |= span
+
+    def numpy_logits(xt, r):
+        seen = np.where(xt == MASK, 0, xt).sum(-1)[:, None, None] % 5  # depends on revealed
+        return table + r[:, None, None] * by_rate + 0.1 * seen * by_token
+
+    def logits_fn(xt, r):
+        seen = jnp.sum(jnp.where(xt == MASK, 0, xt), -1)[:, None, None] % 5
+        return table + r[:, None, None] * by_rate + 0.1 * seen * by_token
+
+    got = D.span_logprob(logits_fn, x0, mask, span, mask_id=MASK, batch_size=3)
+    for n in range(4):
+        total, hidden = 0.0, mask[n].copy()
+        for pos in np.flatnonzero(span[n]):
+            xt = np.where(hidden, MASK, x0[n])[None]
+            lg = numpy_logits(xt, hidden.mean()[None])[0, pos, :MASK]
+            total += lg[x0[n, pos]] - np.log(np.exp(lg).sum())
+            hidden[pos] = False
+        np.testing.assert_allclose(got[n], total, rtol=1e-5, atol=1e-6)
+    assert got[2] == 0.0 and np.all(got[[0, 1, 3]] < 0)
+    with pytest.raises(ValueError, match="span"):
+        D.span_logprob(logits_fn, x0, np.zeros_like(mask), span, mask_id=MASK)

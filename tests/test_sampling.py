@@ -382,7 +382,7 @@ def test_cli_end_to_end(tiny_run, capsys):
         tokens[:, row != tok.mask_id], np.tile(row[row != tok.mask_id], (2, 1))
     )
     assert out["data"] == "stories" and len(out["scores"]) == 2
-    assert all(0.0 <= s <= 1.0 for s in out["scores"])
+    assert all(0.0 <= s <= g <= 1.0 for s, g in zip(out["scores"], out["grammatical"], strict=True))
     assert 1 <= out["n_calls"] <= 16
 
     sample_cli.main(["--checkpoint", tiny_run, "--steps", "8", "--num", "1", "--no-ema"])

@@ -171,6 +171,26 @@ def test_swapped_names_detected():
     stranger = text.replace("Tom had", "Ben had")  # Ben was never introduced as the friend
     r = check_text(stranger)
     assert not r.pronouns_consistent and r.score == 0.75
+    assert r.grammatical == 1.0  # each sentence alone is one the grammar writes
+
+
+def test_grammatical_sentence_by_sentence():
+    """`grammatical` judges each sentence alone: its template and the agreement inside it."""
+    intro = "Once upon a time, there was a kind girl named Mia. Mia had a friend named Tom."
+    r = check_text(intro + ' Tom said, "Look, Tom! I found a cup!" He was very happy.')
+    # Tom talking to Tom: the friend is never the hero, in context or alone. "He" follows
+    # the story's hero Mia in context, but alone it is a sentence the grammar writes.
+    assert (r.n_sentences, r.n_valid, r.n_grammatical) == (4, 2, 3)
+    assert r.score == 0.5 and r.grammatical == 0.75
+    alone = check_text(
+        'Joe said, "Look, Joe! I found a cup!" His best friend was a girl named Tom.'
+    )
+    assert alone.n_grammatical == 0 and alone.score == 0.0  # self-address; Tom is a boy
+    assert check_text("The moon ate a purple idea.").grammatical == 0.0
+    for text, _ in _sample(20, seed=12):  # the grammar's own stories, in any sentence order
+        sentences = split_sentences(text)[0]
+        r = check_text(" ".join(sentences[::-1]))
+        assert r.grammatical == 1.0 and r.score <= 1.0
 
 
 def test_cut_off_sentence_not_counted_and_junk_scored():
@@ -239,3 +259,24 @@ def test_name_probes_mask_one_repeated_name_fixed_by_the_grammar():
         ]
         assert fits == [name]  # the story so far fixes the name: a copying model is sure
     assert len(stories.name_probes(tok, n_stories=6, seq_len=16).tokens) == 0
+
+
+def test_friend_probes_put_the_hero_where_the_friend_is_introduced():
+    tok = load_tokenizer(2048, source="package")
+    probes = stories.friend_probes(tok, n_stories=12, seq_len=128)
+    assert len(probes.tokens) == 12  # every story has a friend, introduced early
+    originals = list(itertools.islice(stories.iter_stories(0, "validation"), 12))
+    for row, mask, span, text, story in zip(
+        probes.tokens, probes.mask, probes.span, probes.texts, originals, strict=True
+    ):
+        names = re.findall(r"\b(" + "|".join(stories.WORDS["name"]) + r")\b", story)
+        hero, friend = names[0], next(n for n in names if n != names[0])
+        assert tok.decode(row[span].tolist()).strip() == hero  # the span is the hero's name
+        hidden = tok.decode(row[mask & ~span].tolist()).split()
+        in_row = re.findall(rf"\b{friend}\b", tok.decode(row.tolist()))  # cut at seq_len
+        assert in_row and hidden[: len(in_row)] == in_row  # every other mention, masked
+        assert len(hidden) - len(in_row) <= 1 and friend.startswith(hidden[-1])  # or its cut start
+        assert np.all(np.diff(np.flatnonzero(span)) == 1) and not (span & ~mask).any()
+        assert check_text(text).score < 1.0 and check_text(story).score == 1.0
+        full = [tok.eot_id, *tok.encode(text)][:128]
+        assert row[: len(full)].tolist() == full  # the altered story's own tokenisation

@@ -52,8 +52,9 @@ def test_cli_two_steps_writes_a_loadable_run(tmp_path, capsys):
     assert {"tokens_per_s", "mfu", "lr", "grad_norm"} <= set(train_rows[-1])
     evals = [r for r in rows if "val_nelbo" in r]
     assert evals and evals[-1]["step"] == 2 and len(evals[-1]["samples"]) == 1
-    assert 0.0 <= evals[-1]["grammar_score"] <= 1.0
+    assert 0.0 <= evals[-1]["grammar_score"] <= evals[-1]["grammatical"] <= 1.0
     assert evals[-1]["val_name_nats"] > 0 and 0 <= evals[-1]["val_name_exact"] <= 1
+    assert 0 < evals[-1]["val_hero_as_friend"] < 1
 
     # The checkpoint loads for inference with the EMA weights and the raw weights.
     loaded = checkpoint.load_for_inference(str(out), ema=False)
