@@ -37,7 +37,8 @@ def _params_np(params):
 def test_cli_two_steps_writes_a_loadable_run(tmp_path, capsys):
     out = tmp_path / "run"
     argv = [*FLAGS, "--steps", "2", "--out", str(out), "--eval-every", "2", "--ckpt-every", "2"]
-    result = train.main([*argv, "--n-samples", "1", "--sample-steps", "8"])
+    # 48 tokens: long enough for some friends' introductions (val_hero_as_friend)
+    result = train.main([*argv, "--n-samples", "1", "--sample-steps", "8", "--seq-len", "48"])
     assert result["steps"] == 2 and not result["diverged"]
     assert all(np.isfinite(result["losses"])) and len(result["losses"]) == 2
     assert result["val_nelbo"] is not None and np.isfinite(result["val_nelbo"])
