@@ -119,7 +119,7 @@ def format_table(result: dict) -> str:
             f"{lo:>5.1%}-{hi:<5.1%} {mem:>7.0f}"
         )
     lines.append(
-        "GFLOP/s from XLA's cost analysis of the compiled step; peak = "
+        "GFLOP/s: the step's matmul FLOPs (logits at the positions the loss reads); peak = "
         + (result["train"][0]["peak_source"] if result["train"] else "-")
         + " (GFLOP/s, same process); MFU range over rounds; mem = process peak."
     )

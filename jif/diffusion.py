@@ -99,6 +99,51 @@ def masked_nll(logits: jax.Array, x0: jax.Array, masked: jax.Array, mask_id: int
     return jnp.where(masked, nll, 0.0)
 
 
+def masked_rows_nll(
+    features_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    readout_fn: Callable[[jax.Array], jax.Array],
+    xt: jax.Array,
+    rate: jax.Array,
+    x0: jax.Array,
+    masked: jax.Array,
+    mask_id: int,
+    capacity: int,
+) -> jax.Array:
+    """masked_nll(logits, x0, masked) [B, L] with logits computed only where they count.
+
+    features_fn(xt, rate) -> [B, L, D] is the network up to its readout; readout_fn [N, D] ->
+    logits [N, V] maps each position on its own. The loss needs logits at masked positions
+    only, so the readout runs on `capacity` of the B * L positions, masked ones first; when
+    more than `capacity` are masked it runs on all of them (`lax.cond`: one branch runs), so
+    the result is exact either way.
+    """
+    h = features_fn(xt, rate)
+    n = masked.size
+    flat_h, flat_x0, flat_m = h.reshape(n, h.shape[-1]), x0.reshape(n), masked.reshape(n)
+
+    def some():
+        rows = jnp.argsort(~flat_m, stable=True)[:capacity]  # masked first; all distinct
+        nll = masked_nll(readout_fn(flat_h[rows]), flat_x0[rows], flat_m[rows], mask_id)
+        return jnp.zeros(n, nll.dtype).at[rows].set(nll)
+
+    def every():
+        return masked_nll(readout_fn(flat_h), flat_x0, flat_m, mask_id)
+
+    if capacity >= n:
+        return every().reshape(masked.shape)
+    return jax.lax.cond(jnp.sum(flat_m) <= capacity, some, every).reshape(masked.shape)
+
+
+def readout_capacity(batch_size: int, seq_len: int, sigmas: float = 6.0) -> int:
+    """Positions the training loss reads out per batch (see masked_rows_nll): the number
+    masked when times come from `sample_t` is at most seq_len * (batch_size + 1) / 2 on
+    average (the grid's mean mask rate is within 1 / (2 batch_size) of 1/2), plus `sigmas`
+    standard deviations of the Bernoulli draws (variance below n / 4), rounded up to 8."""
+    n = batch_size * seq_len
+    mean = seq_len * (batch_size + 1) / 2
+    return min(n, 8 * math.ceil((mean + sigmas * math.sqrt(n / 4)) / 8))
+
+
 # ----------------------------------------------------------------------------- loss
 
 
@@ -114,23 +159,48 @@ def bucket_means(values: jax.Array, t: jax.Array, edges=BUCKETS) -> dict[str, ja
     return out
 
 
-def nelbo_terms(logits_fn: LogitsFn, x0: jax.Array, t: jax.Array, key: jax.Array, mask_id: int):
-    """Per-sequence NELBO estimates in nats/token [B] and the mask [B, L] they used."""
+def nelbo_terms(
+    logits_fn: LogitsFn,
+    x0: jax.Array,
+    t: jax.Array,
+    key: jax.Array,
+    mask_id: int,
+    readout_fn: Callable[[jax.Array], jax.Array] | None = None,
+    capacity: int | None = None,
+):
+    """Per-sequence NELBO estimates in nats/token [B] and the mask [B, L] they used.
+
+    With readout_fn, logits_fn returns features and only masked positions are read out
+    (masked_rows_nll, `capacity` positions; default: readout_capacity)."""
     rate = mask_rate(t)
     xt, masked = q_xt(key, x0, rate, mask_id)
-    nll = masked_nll(logits_fn(xt, rate), x0, masked, mask_id)
+    if readout_fn is None:
+        nll = masked_nll(logits_fn(xt, rate), x0, masked, mask_id)
+    else:
+        capacity = capacity if capacity is not None else readout_capacity(*x0.shape)
+        nll = masked_rows_nll(logits_fn, readout_fn, xt, rate, x0, masked, mask_id, capacity)
     return nelbo_weight(t) * jnp.mean(nll, axis=-1), masked, nll
 
 
 def mdlm_loss(
-    logits_fn: LogitsFn, x0: jax.Array, t: jax.Array, key: jax.Array, *, mask_id: int
+    logits_fn: LogitsFn,
+    x0: jax.Array,
+    t: jax.Array,
+    key: jax.Array,
+    *,
+    mask_id: int,
+    readout_fn: Callable[[jax.Array], jax.Array] | None = None,
+    capacity: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """MDLM NELBO in nats/token (scalar) for x0 int32 [B, L] at times t [B], and metrics.
 
-    Metrics: loss, bits_per_token, ppl_bound (exp of the NELBO per token), masked_ce (plain
-    cross-entropy on masked tokens), mask_frac, and loss_t{lo}-{hi} per noise-level bucket.
+    readout_fn: logits_fn then gives the network's features [B, L, D] and readout_fn maps
+    [N, D] -> logits [N, V]; the loss is the same, with logits computed at masked positions
+    only (see masked_rows_nll). Metrics: loss, bits_per_token, ppl_bound (exp of the NELBO
+    per token), masked_ce (plain cross-entropy on masked tokens), mask_frac, and
+    loss_t{lo}-{hi} per noise-level bucket.
     """
-    per_seq, masked, nll = nelbo_terms(logits_fn, x0, t, key, mask_id)
+    per_seq, masked, nll = nelbo_terms(logits_fn, x0, t, key, mask_id, readout_fn, capacity)
     loss = jnp.mean(per_seq)
     n_masked = jnp.sum(masked)
     aux = {

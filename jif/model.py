@@ -402,6 +402,10 @@ class DiT(pz.nn.Layer):
     config: ModelConfig = dataclasses.field(metadata={"pytree_node": False})
 
     def __call__(self, tokens: pz.nx.NamedArray, /, **side_inputs) -> pz.nx.NamedArray:
+        return self.readout(self.features(tokens, **side_inputs))
+
+    def features(self, tokens: pz.nx.NamedArray, /, **side_inputs) -> pz.nx.NamedArray:
+        """tokens {"batch","seq"} -> {"batch","seq","embedding"}: all but the readout."""
         side = {"token_positions": pz.nx.arange("seq", tokens.named_shape["seq"])}
         if self.cond is not None:
             if side_inputs.get("mask_rate") is None:
@@ -410,7 +414,19 @@ class DiT(pz.nn.Layer):
             side["cond"] = cond.astype(DTYPES[self.config.dtype])
         x = self.embed(tokens)
         x = self.blocks(x, **side)
-        return self.head(x, **side)
+        for layer in self.head.sublayers[: self._readout_start()]:  # final norm (+ adaLN)
+            x = layer(x, **side)
+        return x
+
+    def readout(self, x: pz.nx.NamedArray) -> pz.nx.NamedArray:
+        """{..., "embedding"} -> {..., "vocabulary"}: the unembedding (and muP's rescale),
+        position by position, so it can run on any subset of positions."""
+        for layer in self.head.sublayers[self._readout_start() :]:
+            x = layer(x)
+        return x
+
+    def _readout_start(self) -> int:
+        return next(i for i, la in enumerate(self.head.sublayers) if isinstance(la, Unembed))
 
 
 def build_model(config: ModelConfig, key: jax.Array) -> DiT:
@@ -446,6 +462,20 @@ def apply_logits(model: DiT, tokens: jax.Array, mask_rate: jax.Array) -> jax.Arr
     return out.unwrap("batch", "seq", "vocabulary").astype(jnp.float32)
 
 
+def apply_features(model: DiT, tokens: jax.Array, mask_rate: jax.Array) -> jax.Array:
+    """int32 [B, L], float32 [B] -> [B, L, d_model]: the network up to its readout."""
+    out = model.features(
+        pz.nx.wrap(tokens).tag("batch", "seq"), mask_rate=pz.nx.wrap(mask_rate).tag("batch")
+    )
+    return out.unwrap("batch", "seq", "embedding")
+
+
+def apply_readout(model: DiT, features: jax.Array) -> jax.Array:
+    """[N, d_model] (any positions' features) -> float32 logits [N, V]."""
+    out = model.readout(pz.nx.wrap(features).tag("rows", "embedding"))
+    return out.unwrap("rows", "vocabulary").astype(jnp.float32)
+
+
 def make_denoise_fn(model: DiT, *, mask_id: int) -> Callable[[jax.Array], jax.Array]:
     """tokens int32 [B, L] -> logits [B, L, V]; the mask rate is each row's mask fraction."""
     mask_rate = lambda tokens: jnp.mean((tokens == mask_id).astype(jnp.float32), axis=-1)
@@ -475,12 +505,13 @@ def count_params(model: pz.nn.Layer) -> int:
     return sum(int(v.data_array.size) for v in params_dict(model).values())
 
 
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+def flops_per_token(config: ModelConfig, seq_len: int, readout_fraction: float = 1.0) -> float:
     """Forward matmul FLOPs per token (2 per multiply-add) incl. attention scores and logits;
-    per-sequence adaLN conditioning work is divided by seq_len."""
+    per-sequence adaLN conditioning work is divided by seq_len. readout_fraction: the share
+    of positions whose logits are computed (the training loss needs only masked ones)."""
     d, L = config.d_model, seq_len
     per_block = 2 * (4 * d * d + 2 * config.mlp_ratio * d * d) + 2 * 2 * L * d  # qkvo, mlp, attn
-    total = config.n_layers * per_block + 2 * d * config.vocab_size
+    total = config.n_layers * per_block + readout_fraction * 2 * d * config.vocab_size
     if config.adaln:
         c = config.cond_dim
         per_seq = 2 * (N_FREQUENCIES * c + c * c) + 2 * c * d * (6 * config.n_layers + 2)

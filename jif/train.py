@@ -250,8 +250,11 @@ def make_train_step(unbound, tx: optax.GradientTransformation, cfg: TrainConfig,
         model = ckpt.bind_params(unbound, params)
         k_t, k_mask = jax.random.split(key)
         t = diffusion.sample_t(k_t, batch.shape[0])
-        logits_fn = lambda xt, mask_rate: model_lib.apply_logits(model, xt, mask_rate)
-        return diffusion.mdlm_loss(logits_fn, batch, t, k_mask, mask_id=mask_id)
+        features_fn = lambda xt, mask_rate: model_lib.apply_features(model, xt, mask_rate)
+        readout_fn = lambda h: model_lib.apply_readout(model, h)  # at masked positions only
+        return diffusion.mdlm_loss(
+            features_fn, batch, t, k_mask, mask_id=mask_id, readout_fn=readout_fn
+        )
 
     def train_step(state, batch):
         key = jax.random.fold_in(base_key, state["step"])
@@ -520,8 +523,10 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     )
     logger = Logger(cfg, run_dir if is_main else None)
     peak = measure_peak_flops()
+    tokens_per_step = cfg.batch_size * cfg.seq_len  # logits at masked positions only:
+    read = diffusion.readout_capacity(cfg.batch_size, cfg.seq_len) / tokens_per_step
     flops_per_step = (
-        3 * model_lib.flops_per_token(model_config, cfg.seq_len) * cfg.batch_size * cfg.seq_len
+        3 * model_lib.flops_per_token(model_config, cfg.seq_len, read) * tokens_per_step
     )
     say(f"peak {peak / 1e9:.0f} GFLOP/s; {flops_per_step / 1e9:.2f} GFLOP per step")
 

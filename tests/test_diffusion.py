@@ -216,3 +216,49 @@ def test_span_logprob_chain_rule_matches_numpy():
     assert got[2] == 0.0 and np.all(got[[0, 1, 3]] < 0)
     with pytest.raises(ValueError, match="span"):
         D.span_logprob(logits_fn, x0, np.zeros_like(mask), span, mask_id=MASK)
+
+
+def test_loss_with_readout_at_masked_rows_only_is_the_same():
+    """mdlm_loss reading out masked positions only (masked_rows_nll) equals the full loss,
+    value and gradients, whichever branch runs. The readout marks the branch: it adds 0.5 to
+    token 0's logit when it gets all B * L rows, so the two branches differ detectably."""
+    rng = np.random.default_rng(3)
+    B, L, Dm = 4, 16, 6
+    emb = jnp.asarray(rng.normal(size=(V, Dm)), jnp.float32)
+    x0 = jnp.asarray(rng.integers(0, MASK, (B, L)), jnp.int32)
+    t = D.sample_t(jax.random.key(1), B)
+
+    def loss(w, capacity, split, full_bonus):
+        features = lambda xt, r: jnp.tanh(emb[xt] + r[:, None, None])
+        first = jnp.arange(V) == 0  # a bonus on one token's logit changes the softmax
+        readout = lambda h: h @ w + full_bonus * (h.shape[0] == B * L) * first
+        if split:
+            return D.mdlm_loss(
+                features,
+                x0,
+                t,
+                jax.random.key(2),
+                mask_id=MASK,
+                readout_fn=readout,
+                capacity=capacity,
+            )[0]
+        return D.mdlm_loss(
+            lambda xt, r: readout(features(xt, r).reshape(B * L, Dm)).reshape(B, L, V),
+            x0,
+            t,
+            jax.random.key(2),
+            mask_id=MASK,
+        )[0]
+
+    w = jnp.asarray(rng.normal(size=(Dm, V)), jnp.float32)
+    n_masked = int(D.q_xt(jax.random.key(2), x0, D.mask_rate(t), MASK)[1].sum())
+    assert 0 < n_masked < B * L
+    ref, ref_grad = jax.value_and_grad(loss)(w, None, False, 0.0)
+    for capacity, bonus_seen in [(n_masked, False), (B * L - 8, False), (n_masked - 1, True)]:
+        f = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2))
+        got, grad = f(w, capacity, True, 0.0)
+        np.testing.assert_allclose(got, ref, rtol=1e-6)
+        np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-7)
+        marked = f(w, capacity, True, 0.5)[0]  # the all-rows branch ran iff the loss moved
+        assert (abs(float(marked) - float(ref)) > 1e-4) == bonus_seen, capacity
+    assert D.readout_capacity(16, 128) == 1224 and D.readout_capacity(1, 128) == 128

@@ -110,6 +110,11 @@ def test_flops_per_token_matches_xla():
     xla = f.lower(tokens(4, 64) % 512).compile().cost_analysis()["flops"]
     ours = M.flops_per_token(cfg, 64) * 4 * 64
     assert ours <= xla <= 1.15 * ours, (ours, xla)
+    # The readout on a quarter of the positions (as the training loss reads out masked ones).
+    part = jax.jit(lambda x: M.apply_readout(m, M.apply_features(m, x, jnp.zeros(4))[0, :64]))
+    xla = part.lower(tokens(4, 64) % 512).compile().cost_analysis()["flops"]
+    ours = M.flops_per_token(cfg, 64, readout_fraction=0.25) * 4 * 64
+    assert ours <= xla <= 1.15 * ours, (ours, xla)
 
 
 def test_output_layer_zero_at_init_and_adaln():
@@ -128,6 +133,23 @@ def test_output_layer_zero_at_init_and_adaln():
         b = logits(m, x, jnp.array([0.9, 0.1]))
         assert np.isfinite(np.asarray(a)).all()
         assert (np.abs(np.asarray(a - b)).max() > 1e-3) == adaln
+
+
+@pytest.mark.parametrize("kind", ["adaln", "mup"])
+def test_features_then_readout_is_the_model(kind):
+    """model = readout . features, the readout position by position (any subset of rows)."""
+    cfg = dict(adaln=True) if kind == "adaln" else dict(arch="modula", mup_base_width=8)
+    m = M.build_model(M.make_config("tiny", **cfg), jax.random.key(0))
+    for label in ("dit/out/unembed", "dit/out/shift" if kind == "adaln" else "dit/out/norm"):
+        randomize(m, label)
+    x, r = tokens(), jnp.array([0.2, 0.8])
+    h = M.apply_features(m, x, r)
+    assert h.shape == (2, 16, m.config.d_model)
+    whole = np.asarray(logits(m, x, r))
+    rows = np.array([5, 0, 31, 17])
+    some = M.apply_readout(m, h.reshape(32, -1)[rows])
+    np.testing.assert_allclose(some, whole.reshape(32, -1)[rows], rtol=1e-5, atol=1e-6)
+    assert np.abs(whole).max() > 1e-3
 
 
 def test_adaln_requires_mask_rate():
