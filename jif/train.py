@@ -66,7 +66,7 @@ class TrainConfig:
     """How documents fill sequences (jif.data): pack (windows of the joined stream), align
     (each sequence starts at a document, the stream packed after it) or pad (one each)."""
     # --- optimisation
-    steps: int = 3600
+    steps: int = 4000
     """Training steps."""
     optimizer: str = "adamw"
     """adamw, schedule_free, muon, modula or mup_adamw (jif.optim.OPTIMIZERS)."""
@@ -99,11 +99,11 @@ class TrainConfig:
     """Run folder. "auto": runs/<preset>-<data>[-N]. None: write nothing (Python API)."""
     resume: bool = False
     """Continue the run in --out from its newest checkpoint (starts fresh if it has none)."""
-    ckpt_every: int = 900
+    ckpt_every: int = 1000
     """Checkpoint every N steps and at the end (0: never)."""
     keep: int = 3
     """Keep the newest K checkpoints."""
-    eval_every: int = 900
+    eval_every: int = 1000
     """Validation NELBO and samples every N steps and at the end (0: never)."""
     eval_sequences: int = 64
     """Number of fixed validation sequences."""
