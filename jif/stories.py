@@ -428,6 +428,29 @@ class NameProbes:
     """Character span of the masked name in its story."""
 
 
+def _tokens_with_names(tokenizer, text: str) -> tuple[list[int], list[tuple[re.Match, int, int]]]:
+    """BOS + the text's tokens, and each name mention as (match, first token, n tokens).
+
+    Encoding the text piece by piece gives its own tokenisation: GPT-2 pretokens never
+    cross a name's edges (a name's leading space goes with the name)."""
+    ids, names, pos = [tokenizer.eot_id], [], 0
+    for m in _NAME.finditer(text):
+        cut = m.start() - (m.start() > 0 and text[m.start() - 1] == " ")
+        ids += tokenizer.encode(text[pos:cut])
+        name_ids = tokenizer.encode(text[cut : m.end()])
+        names.append((m, len(ids), len(name_ids)))
+        ids += name_ids
+        pos = m.end()
+    return ids + tokenizer.encode(text[pos:]), names
+
+
+def _row(tokenizer, ids: list[int], seq_len: int) -> np.ndarray:
+    """int32 [seq_len]: ids cut to seq_len or padded with eot."""
+    row = np.full(seq_len, tokenizer.eot_id, np.int32)
+    row[: min(len(ids), seq_len)] = ids[:seq_len]
+    return row
+
+
 def name_probes(tokenizer, *, n_stories: int = 32, seq_len: int = 128, seed: int = 0):
     """One probe per repeated name mention in the first `n_stories` validation stories.
 
@@ -436,27 +459,18 @@ def name_probes(tokenizer, *, n_stories: int = 32, seq_len: int = 128, seed: int
     goes there pays about log 32 = 3.47 nats (the 32 names are equally likely)."""
     rows, masks, texts, spans_out = [], [], [], []
     for story in itertools.islice(iter_stories(seed, "validation"), n_stories):
-        ids, spans, pos = [tokenizer.eot_id], [], 0
-        for m in _NAME.finditer(story):  # pretokens never cross a name's edges
-            cut = m.start() - (m.start() > 0 and story[m.start() - 1] == " ")
-            ids += tokenizer.encode(story[pos:cut])
-            name_ids = tokenizer.encode(story[cut : m.end()])
-            spans.append((m.group(1), len(ids), len(name_ids), m.start(), m.end()))
-            ids += name_ids
-            pos = m.end()
-        ids += tokenizer.encode(story[pos:])
-        row = np.full(seq_len, tokenizer.eot_id, np.int32)
-        row[: min(len(ids), seq_len)] = ids[:seq_len]
+        ids, names = _tokens_with_names(tokenizer, story)
+        row = _row(tokenizer, ids, seq_len)
         seen = set()
-        for name, start, n_tok, c0, c1 in spans:
-            if name in seen and start + n_tok <= seq_len:
+        for m, start, n_tok in names:
+            if m.group(1) in seen and start + n_tok <= seq_len:
                 mask = np.zeros(seq_len, bool)
                 mask[start : start + n_tok] = True
                 rows.append(row)
                 masks.append(mask)
                 texts.append(story)
-                spans_out.append((c0, c1))
-            seen.add(name)
+                spans_out.append((m.start(), m.end()))
+            seen.add(m.group(1))
     return NameProbes(
         tokens=np.array(rows, np.int32).reshape(-1, seq_len),
         mask=np.array(masks, bool).reshape(-1, seq_len),
@@ -471,7 +485,7 @@ class FriendProbes:
 
     tokens: np.ndarray
     """int32 [n, seq_len]: BOS + the story with the hero's name at the friend's
-    introduction, eot-padded."""
+    introduction, eot-padded or cut to seq_len."""
     mask: np.ndarray
     """bool [n, seq_len]: that introduction's name and every later mention of the friend."""
     span: np.ndarray
@@ -487,33 +501,27 @@ def friend_probes(tokenizer, *, n_stories: int = 64, seq_len: int = 128, seed: i
     (0); a model that knew only the gender would say about 1/16."""
     rows, masks, spans, texts = [], [], [], []
     for story in itertools.islice(iter_stories(seed, "validation"), n_stories):
-        names = [m for m in _NAME.finditer(story)]
+        names = list(_NAME.finditer(story))
         hero = names[0].group(1)  # every introduction names the hero first
         friends = [m for m in names if m.group(1) != hero]
         if not friends:
             continue
         intro, friend = friends[0], friends[0].group(1)
         text = story[: intro.start()] + hero + story[intro.end() :]
-        ids, mask, span, pos = [tokenizer.eot_id], [False], [False], 0
-        for m in _NAME.finditer(text):  # pretokens never cross a name's edges
-            cut = m.start() - (m.start() > 0 and text[m.start() - 1] == " ")
-            piece = tokenizer.encode(text[pos:cut])
-            ids, mask, span = ids + piece, mask + [False] * len(piece), span + [False] * len(piece)
-            name_ids = tokenizer.encode(text[cut : m.end()])
-            is_intro = m.start() == intro.start()
-            hide = is_intro or m.group(1) == friend
-            ids += name_ids
-            mask += [hide] * len(name_ids)
-            span += [is_intro] * len(name_ids)
-            pos = m.end()
-        tail = tokenizer.encode(text[pos:])
-        ids, mask, span = ids + tail, mask + [False] * len(tail), span + [False] * len(tail)
-        if not any(span[:seq_len]) or any(span[seq_len:]):  # the introduction is cut off
+        ids, mentions = _tokens_with_names(tokenizer, text)
+        mask, span = np.zeros(seq_len, bool), np.zeros(seq_len, bool)
+        for m, start, n_tok in mentions:
+            if m.start() == intro.start():
+                if start + n_tok > seq_len:  # the introduction is cut off
+                    break
+                span[start : start + n_tok] = mask[start : start + n_tok] = True
+            elif m.group(1) == friend:
+                mask[start : start + n_tok] = True  # (a mention cut at seq_len: its start)
+        if not span.any():
             continue
-        pad = max(seq_len - len(ids), 0)
-        rows.append((ids + [tokenizer.eot_id] * pad)[:seq_len])
-        masks.append((mask + [False] * pad)[:seq_len])
-        spans.append((span + [False] * pad)[:seq_len])
+        rows.append(_row(tokenizer, ids, seq_len))
+        masks.append(mask)
+        spans.append(span)
         texts.append(text)
     return FriendProbes(
         tokens=np.array(rows, np.int32).reshape(-1, seq_len),

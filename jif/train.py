@@ -291,9 +291,10 @@ def evaluate(cfg, unbound, params, val_batches, tokenizer, key, probes=None, fri
     names (`probes`: jif.stories.NameProbes) and how often it names the friend after the
     hero (`friends`: jif.stories.FriendProbes)."""
     model = ckpt.bind_params(unbound, params)
-    logits = jax.jit(lambda m, xt, r: model_lib.apply_logits(m, xt, r))
+    jitted = jax.jit(lambda m, xt, r: model_lib.apply_logits(m, xt, r))
+    logits = lambda xt, r: jitted(model, xt, r)
     result = diffusion.eval_nelbo(
-        lambda xt, r: logits(model, xt, r),
+        logits,
         val_batches,
         mask_id=tokenizer.mask_id,
         n_times=cfg.eval_times,
@@ -306,7 +307,7 @@ def evaluate(cfg, unbound, params, val_batches, tokenizer, key, probes=None, fri
     }
     if probes is not None and len(probes.tokens):
         nats, exact = diffusion.span_scores(
-            lambda xt, r: logits(model, xt, r),
+            logits,
             probes.tokens,
             probes.mask,
             mask_id=tokenizer.mask_id,
@@ -315,7 +316,7 @@ def evaluate(cfg, unbound, params, val_batches, tokenizer, key, probes=None, fri
         out["val_name_exact"] = float(exact.mean())
     if friends is not None and len(friends.tokens):
         logp = diffusion.span_logprob(
-            lambda xt, r: logits(model, xt, r),
+            logits,
             friends.tokens,
             friends.mask,
             friends.span,
