@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from jif import checkpoint as ckpt  # noqa: E402
-from jif import sampling  # noqa: E402
+from jif import hostmem, sampling  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -613,6 +613,7 @@ def build_demo(
 
 
 def main(argv: list[str] | None = None) -> None:
+    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU threads
     import tyro
 
     cfg = tyro.cli(AppConfig, args=argv, description=__doc__.split("\n\n")[0])

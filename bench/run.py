@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # `python bench/run.py`: make the repository impo
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import train as train_bench  # noqa: E402
+from jif import hostmem  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -132,6 +133,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """The CLI (flags from BenchConfig; see --help)."""
+    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU threads
     import tyro
 
     cfg = tyro.cli(BenchConfig, args=argv, description=__doc__)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jif import sampling
+from jif import hostmem, sampling
 
 
 def _denoiser(checkpoint: str | None, preset: str, seed: int):
@@ -135,6 +135,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU threads
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None, help="run or step folder (default: none)")
     parser.add_argument("--preset", default="cpu", help="model preset without --checkpoint")

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jif import checkpoint as ckpt
-from jif import diffusion, optim
+from jif import diffusion, hostmem, optim
 from jif import model as model_lib
 from jif import train as train_lib
 
@@ -78,6 +78,7 @@ def device_info() -> dict:
         "processor": _cpu_model(),
         "python": platform.python_version(),
         "jax": jax.__version__,
+        "host_memory_reuse": hostmem.applied(),  # see jif.hostmem
     }
 
 

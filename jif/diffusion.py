@@ -126,6 +126,7 @@ def masked_rows_nll(
         nll = masked_nll(readout_fn(flat_h[rows]), flat_x0[rows], flat_m[rows], mask_id)
         return jnp.zeros(n, nll.dtype).at[rows].set(nll)
 
+    @jax.checkpoint  # its residuals would be [B * L, V] buffers that the common branch fills
     def every():
         return masked_nll(readout_fn(flat_h), flat_x0, flat_m, mask_id)
 

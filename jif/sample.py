@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from jif import sampling
+from jif import hostmem, sampling
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -141,6 +141,7 @@ def print_report(out: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """The CLI (see --help). Exits with status 2 and a message on a user mistake."""
+    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU threads
     import tyro
 
     cfg = tyro.cli(SampleConfig, args=argv, description=__doc__)

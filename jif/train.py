@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from jif import checkpoint as ckpt
-from jif import diffusion, optim, sharding
+from jif import diffusion, hostmem, optim, sharding
 from jif import model as model_lib
 
 
@@ -701,6 +701,7 @@ def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """The CLI: flags from TrainConfig (see --help). Exits with status 1 on divergence."""
+    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU threads
     import tyro
 
     cfg = tyro.cli(

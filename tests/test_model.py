@@ -359,3 +359,25 @@ def test_flat_norm_equals_penzai_norm():
     )
     names = ("batch", "seq", "embedding")
     np.testing.assert_allclose(ours(x).unwrap(*names), ref(x).unwrap(*names), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_table_rope_equals_penzai_rope(static):
+    """The table RoPE rotates like penzai's ApplyRoPE (values and gradients), with positions
+    held in numpy (constant tables) or traced, and with other axes in any order."""
+    x = pz.nx.wrap(jax.random.normal(jax.random.key(0), (3, 16, 2, 8))).tag(
+        "batch", "seq", "heads", "projection"
+    )
+    pos = M.static_positions(16) if static else pz.nx.arange("seq", 16)
+    names = ("heads", "batch", "seq", "projection")
+
+    def run(cls, raw):
+        inp = pz.nx.wrap(raw).tag(*x.named_shape)
+        return cls("projection", 1e4, "p")(inp, p=pos).unwrap(*names)
+
+    raw = x.unwrap(*x.named_shape)
+    ours, ref = jax.jit(lambda r: run(M.TableRoPE, r)), lambda r: run(pz.nn.ApplyRoPE, r)
+    np.testing.assert_allclose(ours(raw), ref(raw), rtol=1e-5, atol=2e-6)
+    grads = [jax.grad(lambda r, f=f: jnp.sum(jnp.sin(f(r)) * f(r)))(raw) for f in (ours, ref)]
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=2e-6)
+    assert not np.allclose(ours(raw), raw.transpose(2, 0, 1, 3))  # it does rotate

@@ -34,6 +34,7 @@ import numpy as np
 if __package__ in (None, ""):  # `python transfer/coord_check.py` from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jif import hostmem  # noqa: E402
 from transfer import sweep  # noqa: E402
 
 LAYER_TYPES = ("embedding", "attention", "mlp", "residual", "logits")
@@ -377,6 +378,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
+    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU threads
     import tyro
 
     config = resolve(tyro.cli(CoordConfig, args=argv))

@@ -37,6 +37,7 @@ import optax
 if __package__ in (None, ""):  # `python transfer/sweep.py` from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jif import hostmem  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -705,6 +706,7 @@ def analyse(config: SweepConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None, run_fn: RunFn | None = None) -> dict:
+    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU threads
     import tyro
 
     config = resolve(tyro.cli(SweepConfig, args=argv))
