@@ -66,7 +66,7 @@ class TrainConfig:
     """How documents fill sequences (jif.data): pack (windows of the joined stream), align
     (each sequence starts at a document, the stream packed after it) or pad (one each)."""
     # --- optimisation
-    steps: int = 4000
+    steps: int = 6000
     """Training steps."""
     optimizer: str = "adamw"
     """adamw, schedule_free, muon, modula or mup_adamw (jif.optim.OPTIMIZERS)."""
