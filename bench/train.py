@@ -247,10 +247,9 @@ def run(bench: TrainBench, peak: MatmulPeak | None = None, log=print) -> dict:
         statistics.median(step_times[r * bench.steps : (r + 1) * bench.steps])
         for r in range(bench.rounds)
     ]
-    # The step's matmul work, counted: XLA's cost analysis also counts the branch of the
-    # loss that reads out every position, which runs only when unusually many are masked.
-    flops = flops_model
-    mfu_rounds = [flops / t / p for t, p in zip(per_round, peaks, strict=True)]
+    # MFU by the step's matmul work, counted: XLA's cost analysis also counts the branch of
+    # the loss that reads out every position, which runs only when unusually many are masked.
+    mfu_rounds = [flops_model / t / p for t, p in zip(per_round, peaks, strict=True)]
     step_s = statistics.median(step_times)
     result = {
         "preset": bench.preset,
@@ -266,7 +265,7 @@ def run(bench: TrainBench, peak: MatmulPeak | None = None, log=print) -> dict:
         "flops_per_step_xla": flops_xla,
         "flops_per_step_model": flops_model,
         "xla_over_model": flops_xla / flops_model if flops_xla else None,
-        "achieved_flops": flops / step_s,
+        "achieved_flops": flops_model / step_s,
         "peak_flops": statistics.median(peaks),
         "peak_source": "stated" if fixed_peak else f"matmul {bench.peak_n}^3 f32",
         "mfu": statistics.median(mfu_rounds),

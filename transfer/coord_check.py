@@ -80,13 +80,7 @@ class CoordConfig:
 
 QUICK_OVERRIDES = dict(
     out="transfer/results/coord-quick",
-    widths=(16, 32),
-    depth=1,
-    steps=4,
-    batch_size=4,
-    seq_len=16,
-    n_probe=4,
-    n_heads=2,
+    widths=(16, 32), depth=1, steps=4, batch_size=4, seq_len=16, n_probe=4, n_heads=2
 )
 
 
