@@ -4,11 +4,11 @@ Parameters are a `dict[label, pz.nx.NamedArray]` (penzai parameter labels such a
 "dit/blocks/attn/query"; block parameters carry a leading "blocks" axis). Optax transforms
 work leafwise on the arrays inside the NamedArrays; axis-aware optimizers read `.named_shape`.
 
-    OPTIMIZERS[name](cfg, schedule, model_config, params) -> optax.GradientTransformation
+    OPTIMIZERS[name](cfg: OptimConfig, schedule, model_config, params)
+        -> optax.GradientTransformation
 
-where `cfg` is a `jif.train.TrainConfig` (fields used: lr, warmup, steps, b1, b2,
-weight_decay, clip, min_lr_ratio, embed_lr_mult) and `schedule` maps the step to the
-learning rate.
+`OptimConfig` holds every optimizer setting (its fields are `jif.train`'s optimizer flags);
+`schedule` maps the step to the learning rate (`make_schedule(cfg, steps)`).
 """
 
 from __future__ import annotations
@@ -16,69 +16,108 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import optax
 from penzai import pz
 
-if TYPE_CHECKING:  # only for type hints: jif.train imports this module
-    from jif.model import ModelConfig
-    from jif.train import TrainConfig
+import modula
+from jif import mup, well_normed
 
 Params = dict[str, pz.nx.NamedArray]
-Builder = Callable[
-    ["TrainConfig", optax.Schedule, "ModelConfig", Params], optax.GradientTransformation
-]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """The optimizer, its learning-rate schedule and gradient clipping."""
+
+    optimizer: str = "adamw"
+    """adamw, schedule_free, muon, modula or mup_adamw (jif.optim.OPTIMIZERS)."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    embed_lr_mult: float = 100.0
+    """adamw: learning rate of the embedding table as a multiple of lr (its N(0, 1) entries
+    move lr per step, far slower relative to their size than the 1/sqrt(d) hidden weights)."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warmup: cosine (to min_lr_ratio * lr) or constant."""
+    warmup: int = 100
+    """Linear warmup steps (at most half the run)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine schedule, as a fraction of lr."""
+    b1: float = 0.9
+    """Adam first-moment decay."""
+    b2: float = 0.98
+    """Adam second-moment decay."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay on matrices."""
+    clip: float = 10.0
+    """Clip the global gradient norm at this value (0: no clipping)."""
+
+    def validate(self) -> OptimConfig:
+        """ValueError naming an unknown optimizer or schedule, or a negative warmup."""
+        if canonical_name(self.optimizer) not in OPTIMIZERS:
+            raise ValueError(
+                f"--optimizer {self.optimizer!r} is unknown; choose one of {sorted(OPTIMIZERS)}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule {self.schedule!r}: choose one of {sorted(SCHEDULES)}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        return self
+
+
+Builder = Callable[[OptimConfig, optax.Schedule, Any, Params], optax.GradientTransformation]
 
 
 # ----------------------------------------------------------------------------- schedules
 
 
-def warmup_cosine(cfg: TrainConfig) -> optax.Schedule:
+def warmup_cosine(cfg: OptimConfig, steps: int) -> optax.Schedule:
     """Linear warmup from 0 to cfg.lr over `warmup` steps, then cosine decay to
-    cfg.lr * cfg.min_lr_ratio at cfg.steps (the original's AdamW schedule)."""
-    warmup = effective_warmup(cfg)
+    cfg.lr * cfg.min_lr_ratio at `steps` (the original's AdamW schedule)."""
+    warmup = effective_warmup(cfg, steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.lr,
         warmup_steps=warmup,
-        decay_steps=max(cfg.steps, warmup + 1),
+        decay_steps=max(steps, warmup + 1),
         end_value=cfg.lr * cfg.min_lr_ratio,
     )
 
 
-def warmup_constant(cfg: TrainConfig) -> optax.Schedule:
+def warmup_constant(cfg: OptimConfig, steps: int) -> optax.Schedule:
     """Linear warmup from 0 to cfg.lr over `warmup` steps, then constant."""
-    warmup = effective_warmup(cfg)
+    warmup = effective_warmup(cfg, steps)
     return optax.join_schedules(
         [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)],
         [warmup],
     )
 
 
-def effective_warmup(cfg: TrainConfig) -> int:
+def effective_warmup(cfg: OptimConfig, steps: int) -> int:
     """Warmup steps actually used: cfg.warmup, but at most half the run (short test runs)."""
-    return int(min(cfg.warmup, cfg.steps // 2))
+    return int(min(cfg.warmup, steps // 2))
 
 
-SCHEDULES: dict[str, Callable[[TrainConfig], optax.Schedule]] = {
+SCHEDULES: dict[str, Callable[[OptimConfig, int], optax.Schedule]] = {
     "cosine": warmup_cosine,
     "constant": warmup_constant,
 }
 
 
-def make_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """The schedule named by cfg.schedule."""
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {cfg.schedule!r}; choose one of {sorted(SCHEDULES)}")
-    return SCHEDULES[cfg.schedule](cfg)
+def make_schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
+    """The schedule named by cfg.schedule, for a run of `steps` steps (schedule-free keeps
+    --lr after its own warmup: its schedule is the constant one, whatever --schedule says)."""
+    cfg.validate()
+    name = "constant" if canonical_name(cfg.optimizer) == "schedule_free" else cfg.schedule
+    return SCHEDULES[name](cfg, steps)
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _clip(cfg: TrainConfig) -> list[optax.GradientTransformation]:
+def _clip(cfg: OptimConfig) -> list[optax.GradientTransformation]:
     """Global-norm gradient clipping (cfg.clip; 0 turns it off)."""
     return [optax.clip_by_global_norm(cfg.clip)] if cfg.clip > 0 else []
 
@@ -102,7 +141,7 @@ def scale_labels(factors: dict[str, float]) -> optax.GradientTransformation:
     return optax.stateless(scale)
 
 
-def _embed_lr(cfg: TrainConfig, params: Params) -> list[optax.GradientTransformation]:
+def _embed_lr(cfg: OptimConfig, params: Params) -> list[optax.GradientTransformation]:
     """Per-label learning-rate multiplier for the embedding table (cfg.embed_lr_mult)."""
     if cfg.embed_lr_mult == 1.0:
         return []
@@ -112,7 +151,7 @@ def _embed_lr(cfg: TrainConfig, params: Params) -> list[optax.GradientTransforma
 # ----------------------------------------------------------------------------- optimizers
 
 
-def adamw(cfg: TrainConfig, schedule: optax.Schedule, model_config, params: Params):
+def adamw(cfg: OptimConfig, schedule: optax.Schedule, model_config, params: Params):
     """AdamW (b1 0.9, b2 0.98 by default) after clipping the global gradient norm at 10."""
     return optax.chain(
         *_clip(cfg),
@@ -128,14 +167,14 @@ def adamw(cfg: TrainConfig, schedule: optax.Schedule, model_config, params: Para
     )
 
 
-def schedule_free(cfg: TrainConfig, schedule: optax.Schedule, model_config, params: Params):
+def schedule_free(cfg: OptimConfig, schedule: optax.Schedule, model_config, params: Params):
     """Schedule-free AdamW (Defazio et al. 2024, optax.contrib): its own warmup, no decay.
-    Evaluate with `eval_params` (the averaged iterate), not the raw parameters."""
+    Evaluate with `eval_params` (the averaged iterate), not the raw parameters. `schedule`
+    (warmup then constant, from `make_schedule`) is the learning rate it follows."""
     return optax.chain(
         *_clip(cfg),
         optax.contrib.schedule_free_adamw(
-            learning_rate=cfg.lr,
-            warmup_steps=effective_warmup(cfg) or None,
+            learning_rate=schedule,
             b1=cfg.b1,
             b2=cfg.b2,
             weight_decay=cfg.weight_decay,
@@ -208,7 +247,7 @@ def on_data_arrays(inner: optax.GradientTransformation) -> optax.GradientTransfo
     return optax.GradientTransformation(init, update)
 
 
-def muon(cfg: TrainConfig, schedule: optax.Schedule, model_config, params: Params):
+def muon(cfg: OptimConfig, schedule: optax.Schedule, model_config, params: Params):
     """Muon (Jordan et al. 2024; optax.contrib.muon): Newton-Schulz-orthogonalised momentum
     for hidden matrices, Adam (b1, b2) for embeddings, the unembedding and vectors."""
     for label, value in params.items():
@@ -231,33 +270,25 @@ def muon(cfg: TrainConfig, schedule: optax.Schedule, model_config, params: Param
     )
 
 
-def modula(cfg: TrainConfig, schedule: optax.Schedule, model_config, params: Params):
-    """The modular-norm optimizer (`modula.optimizer`): dualised, well-normed updates."""
-    try:
-        import modula as modula_lib
-    except ImportError as e:  # pragma: no cover - depends on the checkout
-        raise ValueError(f"optimizer 'modula' needs the `modula` package of this repo: {e}") from e
+def modula_optimizer(cfg: OptimConfig, schedule: optax.Schedule, model_config, params: Params):
+    """The modular-norm optimizer (`modula.optimizer`) on the DiT's modular description
+    (`jif.well_normed.dit_module`): dualised, well-normed updates, momentum 0.95."""
     return optax.chain(
         *_clip(cfg),
-        modula_lib.optimizer(
+        modula.optimizer(
             schedule,
-            model_config=model_config,
-            params=params,
+            module=well_normed.dit_module(model_config, params),
             momentum=0.95,
             weight_decay=cfg.weight_decay,
         ),
     )
 
 
-def mup_adamw(cfg: TrainConfig, schedule: optax.Schedule, model_config, params: Params):
+def mup_adamw(cfg: OptimConfig, schedule: optax.Schedule, model_config, params: Params):
     """AdamW with muP per-layer learning rates (`jif.mup.mup_adamw`)."""
-    try:
-        from jif.mup import mup_adamw as mup_adamw_fn
-    except ImportError as e:  # pragma: no cover - depends on the checkout
-        raise ValueError(f"optimizer 'mup_adamw' needs jif/mup.py: {e}") from e
     return optax.chain(
         *_clip(cfg),
-        mup_adamw_fn(
+        mup.mup_adamw(
             schedule,
             model_config=model_config,
             params=params,
@@ -272,7 +303,7 @@ OPTIMIZERS: dict[str, Builder] = {
     "adamw": adamw,
     "schedule_free": schedule_free,
     "muon": muon,
-    "modula": modula,
+    "modula": modula_optimizer,
     "mup_adamw": mup_adamw,
 }
 
@@ -283,15 +314,11 @@ def canonical_name(name: str) -> str:
 
 
 def make_optimizer(
-    cfg: TrainConfig, model_config, params: Params
+    cfg: OptimConfig, steps: int, model_config, params: Params
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optimizer named by cfg.optimizer and its learning-rate schedule."""
-    name = canonical_name(cfg.optimizer)
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
-    # Schedule-free keeps --lr after its own warmup: log that, not the unused --schedule.
-    schedule = SCHEDULES["constant"](cfg) if name == "schedule_free" else make_schedule(cfg)
-    return OPTIMIZERS[name](cfg, schedule, model_config, params), schedule
+    """The optimizer named by cfg.optimizer for a run of `steps` steps, and its schedule."""
+    schedule = make_schedule(cfg, steps)  # validates cfg
+    return OPTIMIZERS[canonical_name(cfg.optimizer)](cfg, schedule, model_config, params), schedule
 
 
 def eval_params(opt_state: Any, params: Params) -> Params:

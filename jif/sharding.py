@@ -16,6 +16,8 @@ the mesh then spans all processes' devices and every process runs the same comma
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
@@ -105,3 +107,20 @@ def describe(tree, mesh: jax.sharding.Mesh) -> dict[str, str]:
         spec = s.data_array.spec if hasattr(s, "data_array") else s.spec
         out[k] = f"{dict(v.named_shape)} -> {tuple(spec)}"
     return out
+
+
+def place_state(state: dict, mesh_spec: str | None, say=print) -> tuple[dict, dict, object]:
+    """(state on its devices, its shardings, the batch sharding): over the mesh "DxM" (--mesh), or one device
+    (batch sharding None: batches go to the default device as they are)."""
+    mesh = make_mesh(mesh_spec)
+    if jax.process_count() > 1 and (mesh is None or mesh.size != jax.device_count()):
+        raise ValueError(
+            f"{jax.process_count()} processes need a mesh over all devices: pass --mesh DxM "
+            f"with D * M = {jax.device_count()} (got {mesh_spec or 'no --mesh'})."
+        )
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.device_put(state, device), jax.tree_util.tree_map(lambda _: device, state), None
+    shardings = tree_shardings(state, mesh)
+    say("sharding: " + json.dumps(describe(state["params"], mesh), indent=1))
+    return jax.device_put(state, shardings), shardings, batch_sharding(mesh)

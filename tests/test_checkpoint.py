@@ -17,7 +17,7 @@ TINY = dict(preset="tiny", batch_size=4, seq_len=16, eval_sequences=4, eval_time
 def run_dir(tmp_path_factory):
     """A 3-step tiny run checkpointed every step, keeping the last 2."""
     out = str(tmp_path_factory.mktemp("runs") / "tiny")
-    cfg = train.TrainConfig(**TINY, steps=3, eval_every=3, ckpt_every=1, keep=2, out=out)
+    cfg = train.configure(**TINY, steps=3, eval_every=3, ckpt_every=1, keep=2, out=out)
     result = train.run(cfg, progress=False)
     return out, result
 

@@ -1,5 +1,7 @@
 """Named-axis sharding on 8 forced host CPU devices (tests/conftest.py sets XLA_FLAGS)."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -49,7 +51,7 @@ def test_parameters_sharded_by_axis_name():
 
 @needs_8
 def test_sharded_losses_equal_single_device():
-    cfg = train.TrainConfig(
+    cfg = train.configure(
         preset="tiny",
         batch_size=8,
         seq_len=32,
@@ -62,7 +64,7 @@ def test_sharded_losses_equal_single_device():
         n_samples=0,
     )
     single = train.run(cfg, progress=False)
-    sharded = train.run(train.TrainConfig(**{**cfg.__dict__, "mesh": "4x2"}), progress=False)
+    sharded = train.run(dataclasses.replace(cfg, mesh="4x2"), progress=False)
     np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=0, atol=1e-5)
     assert sharded["val_nelbo"] == pytest.approx(single["val_nelbo"], abs=1e-5)
     up = sharded["final_params"]["dit/blocks/mlp/up"].data_array
@@ -70,7 +72,7 @@ def test_sharded_losses_equal_single_device():
     # Weights agree to reduction-order noise (Adam's 1/sqrt(v) amplifies it a little, and the
     # embedding's steps are embed_lr_mult times larger).
     for k, v in single["final_params"].items():
-        atol = 1e-4 * (cfg.embed_lr_mult if k == "dit/embed" else 1.0)
+        atol = 1e-4 * (cfg.optim.embed_lr_mult if k == "dit/embed" else 1.0)
         np.testing.assert_allclose(
             np.asarray(sharded["final_params"][k].data_array), v.data_array, atol=atol, err_msg=k
         )

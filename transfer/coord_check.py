@@ -24,18 +24,26 @@ import csv
 import dataclasses
 import json
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import matplotlib
 import numpy as np
+import tyro
+from penzai import pz
+from penzai.toolshed.save_intermediates import SaveIntermediate
+from tqdm import tqdm
 
-if __package__ in (None, ""):  # `python transfer/coord_check.py` from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from jif import checkpoint as ckpt
+from jif import data as data_lib
+from jif import hostmem
+from jif import model as model_lib
+from transfer import sweep
 
-from jif import hostmem  # noqa: E402
-from transfer import sweep  # noqa: E402
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 LAYER_TYPES = ("embedding", "attention", "mlp", "residual", "logits")
 
@@ -80,7 +88,13 @@ class CoordConfig:
 
 QUICK_OVERRIDES = dict(
     out="transfer/results/coord-quick",
-    widths=(16, 32), depth=1, steps=4, batch_size=4, seq_len=16, n_probe=4, n_heads=2
+    widths=(16, 32),
+    depth=1,
+    steps=4,
+    batch_size=4,
+    seq_len=16,
+    n_probe=4,
+    n_heads=2,
 )
 
 
@@ -116,7 +130,6 @@ def default_lr(name: str) -> float:
 
 def unroll_layer_stacks(model):
     """Replaces every pz.nn.LayerStack by a Sequential of its per-block slices (same math)."""
-    from penzai import pz
 
     def slice_block(stack, i):
         return (
@@ -143,10 +156,6 @@ def insert_recorders(model):
 
     model: a DiT with bound (frozen) parameters. Returns (model, labels by layer type).
     """
-    from penzai import pz
-    from penzai.toolshed.save_intermediates import SaveIntermediate
-
-    from jif import model as model_lib
 
     labels: dict[str, list[str]] = {name: [] for name in LAYER_TYPES}
 
@@ -175,7 +184,6 @@ def insert_recorders(model):
 @jax.jit
 def _forward(pure, values, tokens, rate):
     """Runs a model with recorders (state variables unbound): (logits [B, L, V], {label: value})."""
-    from penzai import pz
 
     out, new_values = pure.stateless_call(
         values,
@@ -190,8 +198,6 @@ def record(model, tokens: np.ndarray, mask_rate: float) -> dict[str, np.ndarray]
 
     tokens: int32 [B, L] (already masked); mask_rate: the rate passed as side input.
     """
-    import jax.numpy as jnp
-    from penzai import pz
 
     tapped, labels = insert_recorders(model)
     pure, state_vars = pz.unbind_state_vars(tapped)
@@ -225,8 +231,6 @@ def check_one(name: str, width: int, lr: float, config: CoordConfig, runs) -> li
 
     runs: a transfer.sweep.CompiledRuns (trains exactly as the sweep does).
     """
-    from jif import checkpoint as ckpt
-    from jif import data as data_lib
 
     sweep_cfg = sweep.SweepConfig(
         steps=config.steps,
@@ -288,10 +292,6 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     """coord_check.{png,svg}: rms at init (dashed) and after training (solid) vs width;
     coord_delta.{png,svg}: rms of the change. One row of panels per optimizer, one column per
     layer type, one colour per mask rate; log-log axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r["optimizer"] for r in rows))
     rates = sorted({r["mask_rate"] for r in rows})
@@ -372,8 +372,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU threads
-    import tyro
+    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU backend
 
     config = resolve(tyro.cli(CoordConfig, args=argv))
     out = Path(config.out)
@@ -388,7 +387,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             config.optimizers, config.lrs or [default_lr(n) for n in config.optimizers], strict=True
         )
     )
-    from tqdm import tqdm
 
     rows, runs = [], sweep.CompiledRuns()
     jobs = [(name, width) for width in config.widths for name in config.optimizers]

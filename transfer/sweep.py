@@ -18,12 +18,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import functools
 import io
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,13 +29,20 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 import optax
+import tyro
+from tqdm import tqdm
 
-if __package__ in (None, ""):  # `python transfer/sweep.py` from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from jif import checkpoint as ckpt
+from jif import data as data_lib
+from jif import eval as jif_eval
+from jif import hostmem, loop, optim, train
+from jif.tokenizer import load_tokenizer
 
-from jif import hostmem  # noqa: E402
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -228,12 +233,10 @@ def grid(config: SweepConfig) -> list[RunSpec]:
 # Running
 
 
-def train_config_for(spec: RunSpec, config: SweepConfig):
+def train_config_for(spec: RunSpec, config: SweepConfig) -> train.TrainConfig:
     """The jif.train.TrainConfig of one run (nothing written to disk)."""
-    from jif.train import TrainConfig
-
     p = PARAMETERISATIONS[spec.optimizer]
-    values = dict(
+    return train.TrainConfig(
         d_model=spec.width,
         n_layers=spec.depth,
         n_heads=config.n_heads,
@@ -243,32 +246,29 @@ def train_config_for(spec: RunSpec, config: SweepConfig):
         steps=config.steps,
         batch_size=config.batch_size,
         seq_len=config.seq_len,
-        lr=spec.lr,
-        optimizer=p.optimizer,
-        embed_lr_mult=1.0,  # one learning rate for every parameter: the question is its transfer
-        warmup=max(1, config.steps // 10),
+        optim=optim.OptimConfig(
+            optimizer=p.optimizer,
+            lr=spec.lr,
+            embed_lr_mult=1.0,  # one learning rate for every parameter: the question is its transfer
+            warmup=max(1, config.steps // 10),
+        ),
         seed=spec.seed,
         out=None,
         ckpt_every=0,
-        eval_every=config.steps,  # evaluate once, at the end
-        eval_sequences=config.eval_sequences,
-        eval_times=config.eval_times,
-        n_samples=0,
+        eval=jif_eval.EvalConfig(
+            eval_every=config.steps,  # evaluate once, at the end
+            eval_sequences=config.eval_sequences,
+            eval_times=config.eval_times,
+            n_samples=0,
+        ),
         progress=False,
     )
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in fields})
 
 
 def train_run(spec: RunSpec, config: SweepConfig) -> dict:
     """Trains one grid point with jif.train.run; a non-finite loss counts as diverged."""
-    from jif import train
-
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # keep the grid's progress bar readable
-            result = train.run(train_config_for(spec, config), progress=False)
-    except FloatingPointError:  # a non-finite value raised inside the run
-        result = {"diverged": True}
+    with contextlib.redirect_stdout(io.StringIO()):  # keep the grid's progress bar readable
+        result = train.run(train_config_for(spec, config), progress=False)
     nan_if_none = lambda v: math.nan if v is None else float(v)
     return {
         "val_nelbo": nan_if_none(result.get("val_nelbo")),
@@ -294,38 +294,10 @@ def scale_by_state_lr() -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: _LrState(jnp.ones((), jnp.float32)), update)
 
 
-@functools.partial(jax.jit, static_argnames="mask_id")
-def _nelbo_sums(model, x0, t, key, *, mask_id):
-    """Sum over the batch of the per-sequence NELBO at times t (jif.diffusion.nelbo_terms)."""
-    from jif import diffusion
-    from jif import model as model_lib
-
-    logits_fn = lambda xt, rate: model_lib.apply_logits(model, xt, rate)
-    per_seq, _, _ = diffusion.nelbo_terms(logits_fn, x0, t, key, mask_id)
-    return jnp.sum(per_seq)
-
-
-def eval_nelbo(model, batches: list[np.ndarray], *, mask_id: int, n_times: int, seed: int = 0):
-    """jif.diffusion.eval_nelbo's number (same time grid, same mask keys) from one compiled
-    function shared by every run of the same shape. batches: int32 [B, L] each."""
-    from jif import diffusion
-
-    times = diffusion.eval_times(n_times)
-    total, n_seq, base = 0.0, 0, jax.random.key(seed)
-    for b, x0 in enumerate(batches):
-        x0 = jnp.asarray(x0, jnp.int32)
-        for k, tk in enumerate(times):
-            key = jax.random.fold_in(jax.random.fold_in(base, b), k)
-            t = jnp.full((x0.shape[0],), tk, jnp.float32)
-            total += float(_nelbo_sums(model, x0, t, key, mask_id=mask_id))
-        n_seq += x0.shape[0]
-    return total / (n_seq * n_times)
-
-
 class CompiledRuns:
     """The default run function: trains like jif.train.run (same model, optimizer registry,
-    schedule, clipping, data order and train step, `jif.train.make_train_step`), but compiles
-    the step once per (optimizer, width, depth, seed) and passes the learning rate as data.
+    schedule, clipping, data order and train step, `jif.loop`), but compiles the step once
+    per (optimizer, width, depth, seed) and passes the learning rate as data.
 
     This is exact because every optimizer swept is linear in its learning rate (AdamW, muP
     AdamW and Modula all end in scale_by_learning_rate, weight decay included): the optimizer
@@ -338,9 +310,6 @@ class CompiledRuns:
         self._shared: dict[tuple, Any] = {}
 
     def _data(self, config: SweepConfig, seed: int):
-        from jif import data as data_lib
-        from jif.tokenizer import load_tokenizer
-
         key = ("data", seed, *(getattr(config, n) for n in RUN_SETTINGS))
         if key not in self._shared:
             tokenizer = load_tokenizer()
@@ -352,7 +321,7 @@ class CompiledRuns:
                 seq_len=config.seq_len,
                 seed=seed,
             )
-            train = [next(batches) for _ in range(config.steps)]
+            train_batches = [next(batches) for _ in range(config.steps)]
             val = data_lib.validation_tokens(
                 config.data,
                 tokenizer,
@@ -360,49 +329,38 @@ class CompiledRuns:
                 n_sequences=config.eval_sequences,
                 seed=seed,
             )
-            val = [val[i : i + config.batch_size] for i in range(0, len(val), config.batch_size)]
-            self._shared[key] = (tokenizer, train, val)
+            self._shared[key] = (tokenizer, train_batches, jif_eval.batched(val, config.batch_size))
         return self._shared[key]
 
     def _group(self, spec: RunSpec, config: SweepConfig) -> dict:
-        from jif import checkpoint as ckpt
-        from jif import model as model_lib
-        from jif import optim, train
-
         key = (spec.optimizer, spec.width, spec.depth, spec.seed, id(config))
         if key not in self._groups:
             tokenizer, _, _ = self._data(config, spec.seed)
             cfg = train_config_for(dataclasses.replace(spec, lr=1.0), config)
             model_config = train.resolve_model_config(cfg, tokenizer.vocab_size)
-            unbound, params = ckpt.split_params(
-                model_lib.build_model(model_config, jax.random.key(cfg.seed))
-            )
-            tx, _ = optim.make_optimizer(cfg, model_config, params)
+            unbound, params = ckpt.init_model(model_config, cfg.seed)
+            tx, _ = optim.make_optimizer(cfg.optim, cfg.steps, model_config, params)
             tx = optax.chain(tx, scale_by_state_lr())
-            step = jax.jit(train.make_train_step(unbound, tx, cfg, tokenizer.mask_id))
-            self._groups = {key: dict(unbound=unbound, params=params, tx=tx, step=step)}
+            step = loop.make_train_step(
+                unbound, tx, seed=cfg.seed, ema=cfg.ema, mask_id=tokenizer.mask_id
+            )
+            self._groups = {key: dict(unbound=unbound, params=params, tx=tx, step=jax.jit(step))}
         return self._groups[key]
 
     def train(self, spec: RunSpec, config: SweepConfig) -> tuple[Any, dict]:
         """Trains one run: (final parameters or None if diverged, outcome without val_nelbo)."""
         _, batches, _ = self._data(config, spec.seed)
         g = self._group(spec, config)
-        opt_state = g["tx"].init(g["params"])
-        opt_state = (*opt_state[:-1], _LrState(jnp.asarray(spec.lr, jnp.float32)))
-        state = {
-            "params": g["params"],
-            "ema": g["params"],
-            "opt_state": opt_state,
-            "step": jnp.zeros((), jnp.int32),
-        }
-        smoothed = None
-        for batch in batches:
-            state, metrics = g["step"](state, batch)
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                return None, {"train_loss_smoothed": math.nan, "diverged": True}
-            smoothed = loss if smoothed is None else 0.95 * smoothed + 0.05 * loss
-        return state["params"], {"train_loss_smoothed": smoothed, "diverged": False}
+        state = loop.init_state(g["params"], g["tx"])
+        opt_state = state["opt_state"]
+        state["opt_state"] = (*opt_state[:-1], _LrState(jnp.asarray(spec.lr, jnp.float32)))
+        last = None
+        try:
+            for s in loop.steps(g["step"], state, iter(batches), start=0, stop=len(batches)):
+                last = s
+        except loop.Diverged:
+            return None, {"train_loss_smoothed": math.nan, "diverged": True}
+        return last.state["params"], {"train_loss_smoothed": last.smoothed, "diverged": False}
 
     def init_params(self, spec: RunSpec, config: SweepConfig) -> tuple[Any, dict]:
         """(unbound model, initial parameters) of the run's shape and seed."""
@@ -410,17 +368,15 @@ class CompiledRuns:
         return g["unbound"], g["params"]
 
     def __call__(self, spec: RunSpec, config: SweepConfig) -> dict:
-        from jif import checkpoint as ckpt
-
         params, outcome = self.train(spec, config)
         if params is None:
             return {"val_nelbo": math.nan, **outcome}
         tokenizer, _, val = self._data(config, spec.seed)
         model = ckpt.bind_params(self._group(spec, config)["unbound"], params)
-        val_nelbo = eval_nelbo(
-            model, val, mask_id=tokenizer.mask_id, n_times=config.eval_times, seed=0
+        result = jif_eval.val_nelbo(
+            model, val, mask_id=tokenizer.mask_id, n_times=config.eval_times
         )
-        return {"val_nelbo": val_nelbo, **outcome}
+        return {"val_nelbo": result["nelbo"], **outcome}
 
 
 RUNNERS: dict[str, Callable[[], RunFn]] = {
@@ -475,8 +431,6 @@ def run_sweep(config: SweepConfig, run_fn: RunFn) -> list[dict]:
     n_total = len(grid(config))
     bar = None
     if config.progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=n_total, initial=n_total - len(todo), desc="sweep", unit="run")
     new_file = not path.exists()
     with path.open("a", newline="") as f:
@@ -612,11 +566,6 @@ def summarize(rows: list[dict], metric: str) -> dict:
 def plot(summary: dict, out: Path) -> list[Path]:
     """loss_vs_lr.{png,svg} (one panel per optimizer, one curve per width) and
     optimum_vs_width.{png,svg}; with several depths also the depth versions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(summary["optimizers"])
     written = []
 
@@ -706,9 +655,7 @@ def analyse(config: SweepConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None, run_fn: RunFn | None = None) -> dict:
-    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU threads
-    import tyro
-
+    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU backend
     config = resolve(tyro.cli(SweepConfig, args=argv))
     if not config.plot_only:
         print(json.dumps(dataclasses.asdict(config)), flush=True)

@@ -1,7 +1,7 @@
-"""Training throughput of the real jitted train step (jif.train.make_train_step).
+"""Training throughput of the real jitted train step (jif.loop.make_train_step).
 
 For one preset: compile time, steady-state step time and tokens/s, FLOP/s of the matmul work
-the step does (3 x jif.model.flops_per_token, the readout at the positions the loss reads
+the step does (jif.flops.train_step_flops, the readout at the positions the loss reads
 out; XLA's cost analysis of the compiled step is reported beside it, and also counts the
 loss's all-positions branch that rarely runs), model FLOPs utilisation (MFU) against the
 peak of this machine, memory, and the time the data pipeline needs per batch (which the loop
@@ -9,7 +9,7 @@ pays unless it is prefetched).
 
 Peak: on CPU the best FLOP/s of a jitted n x n float32 matmul measured in the same process,
 interleaved with the train steps so both see the same (shared, noisy) machine; on an
-accelerator its nameplate peak (jif.train.ACCELERATOR_PEAKS).
+accelerator its nameplate peak (jif.flops.ACCELERATOR_PEAKS).
 
 Timing: every step is blocked on the new state and the loss (dispatch is asynchronous; an
 empty aux would make steps look free), the way the training loop blocks on float(loss).
@@ -18,20 +18,21 @@ empty aux would make steps look free), the way the training loop blocks on float
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
+import platform
 import resource
 import statistics
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jif import checkpoint as ckpt
-from jif import diffusion, hostmem, optim
+from jif import data as data_lib
+from jif import flops, hostmem, loop, optim
 from jif import model as model_lib
-from jif import train as train_lib
+from jif.tokenizer import load_tokenizer
 
 N_BPE = 2048  # default tokenizer: vocab 2050, mask id 2049
 VOCAB_SIZE = N_BPE + 2
@@ -65,9 +66,6 @@ class TrainBench:
 
 def device_info() -> dict:
     """Machine facts stored with every result."""
-    import os
-    import platform
-
     dev = jax.devices()[0]
     return {
         "backend": jax.default_backend(),
@@ -90,37 +88,7 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
     return platform.processor()
-
-
-def stated_peak() -> float | None:
-    """Nameplate FLOP/s of all accelerators, or None on CPU (measure it instead)."""
-    devices = jax.devices()
-    kind = devices[0].device_kind.lower()
-    for name, peak in train_lib.ACCELERATOR_PEAKS.items():
-        if name.lower() in kind:
-            return peak * len(devices)
-    return None
-
-
-class MatmulPeak:
-    """A jitted n x n float32 matmul; `measure()` -> FLOP/s of the best of `repeats` calls."""
-
-    def __init__(self, n: int = 2048):
-        self.n = n
-        self.x = jax.device_put(jnp.ones((n, n), jnp.float32) / n)
-        self.f = jax.jit(lambda x: x @ x)
-        self.f(self.x).block_until_ready()
-
-    def measure(self, repeats: int = 3) -> float:
-        best = math.inf
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            self.f(self.x).block_until_ready()
-            best = min(best, time.perf_counter() - t0)
-        return 2 * self.n**3 / best
 
 
 # ----------------------------------------------------------------------------- the step
@@ -164,31 +132,20 @@ def peak_memory_bytes() -> dict:
 def build_step(bench: TrainBench):
     """(compiled train step, initial state, batch, model config, compile seconds, lowered).
 
-    The step is jif.train.make_train_step jitted exactly as jif.train.run does (state donated),
+    The step is jif.loop.make_train_step jitted as jif.train.run does (state donated),
     on one device, with random token batches of the benchmark's shape.
     """
-    cfg = train_lib.TrainConfig(
-        preset=bench.preset,
-        batch_size=bench.batch_size,
-        seq_len=bench.seq_len,
-        optimizer=bench.optimizer,
-        steps=1000,
-        out=None,
-    )
-    model_config = train_lib.resolve_model_config(cfg, VOCAB_SIZE)
+    model_config = model_lib.make_config(bench.preset, vocab_size=VOCAB_SIZE)
     unbound, params = ckpt.split_params(model_lib.build_model(model_config, jax.random.key(0)))
-    tx, _ = optim.make_optimizer(cfg, model_config, params)
-    state = {
-        "params": params,
-        "ema": jax.tree_util.tree_map(jnp.copy, params),
-        "opt_state": tx.init(params),
-        "step": jnp.zeros((), jnp.int32),
-    }
+    opt = optim.OptimConfig(optimizer=bench.optimizer)
+    tx, _ = optim.make_optimizer(opt, 1000, model_config, params)
+    state = loop.init_state(params, tx)
     rng = np.random.default_rng(0)
     batch = rng.integers(0, N_BPE, (bench.batch_size, bench.seq_len), dtype=np.int32)
     batch[:, 0] = N_BPE  # BOS, like the data pipeline
     batch = jax.device_put(batch)
-    step = jax.jit(train_lib.make_train_step(unbound, tx, cfg, MASK_ID), donate_argnums=0)
+    step = loop.make_train_step(unbound, tx, seed=0, ema=0.995, mask_id=MASK_ID)
+    step = jax.jit(step, donate_argnums=0)
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)
     t1 = time.perf_counter()
@@ -199,9 +156,6 @@ def build_step(bench: TrainBench):
 
 def time_data(bench: TrainBench, n: int = 5) -> dict:
     """Seconds per batch of jif.data.TokenBatches (first batch separately: it opens the source)."""
-    from jif import data as data_lib
-    from jif.tokenizer import load_tokenizer
-
     tok = load_tokenizer(N_BPE)
     t0 = time.perf_counter()
     batches = data_lib.TokenBatches(
@@ -217,18 +171,17 @@ def time_data(bench: TrainBench, n: int = 5) -> dict:
     return {"data_first_batch_s": first, "data_batch_s": statistics.median(times)}
 
 
-def run(bench: TrainBench, peak: MatmulPeak | None = None, log=print) -> dict:
+def run(bench: TrainBench, peak: flops.MatmulPeak | None = None, log=print) -> dict:
     """Benchmarks one preset's train step; see the module docstring for what is measured."""
     if min(bench.batch_size, bench.seq_len, bench.steps, bench.rounds) < 1:
         raise ValueError(f"batch_size, seq_len, steps and rounds must be >= 1, got {bench}")
-    fixed_peak = stated_peak()
+    fixed_peak = flops.stated_peak()
     if fixed_peak is None and peak is None:
-        peak = MatmulPeak(bench.peak_n)
+        peak = flops.MatmulPeak(bench.peak_n)
     compiled, state, batch, mc, compile_times = build_step(bench)
     tokens = bench.batch_size * bench.seq_len
     flops_xla = xla_flops(compiled)
-    read = diffusion.readout_capacity(bench.batch_size, bench.seq_len) / tokens  # see jif.train
-    flops_model = 3 * model_lib.flops_per_token(mc, bench.seq_len, read) * tokens
+    flops_model = flops.train_step_flops(mc, bench.batch_size, bench.seq_len)
 
     state, metrics = compiled(state, batch)  # warm-up (first call allocates)
     jax.block_until_ready((state, metrics["loss"]))

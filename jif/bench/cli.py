@@ -1,9 +1,9 @@
 """Benchmarks: training throughput and MFU per preset, then sampling speed per method.
 
-    python -m bench                                    # tiny, cpu, small; batch 32, seq 128
-    python bench/run.py --presets small --steps 20 --rounds 5
-    python -m bench --no-sampling --out bench/results/train.json
-    python -m bench --help
+    python -m jif.bench                                # tiny, cpu, small; batch 32, seq 128
+    python -m jif.bench --presets small --steps 20 --rounds 5
+    python -m jif.bench --no-sampling --out runs/bench/train.json
+    python -m jif.bench --help
 
 Writes one JSON file (machine info, one record per preset, the sampling results) and prints
 a short table. MFU on CPU is relative to a float32 matmul measured in the same process, so
@@ -18,11 +18,11 @@ import os
 import sys
 import time
 
-if __package__ in (None, ""):  # `python bench/run.py`: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tyro
 
-from bench import train as train_bench  # noqa: E402
-from jif import hostmem  # noqa: E402
+from jif import flops, hostmem
+from jif.bench import sampling as sampling_bench
+from jif.bench import train as train_bench
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,7 +59,7 @@ class BenchConfig:
     """Samples per batch."""
     sample_repeats: int = 3
     """Timed repeats per sampling method."""
-    out: str = "bench/results/bench-{time}.json"
+    out: str = "runs/bench/bench-{time}.json"
     """JSON output path ({time} becomes a UTC timestamp; empty: do not write)."""
 
 
@@ -71,7 +71,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
         "config": dataclasses.asdict(cfg),
         "train": [],
     }
-    peak = None if train_bench.stated_peak() else train_bench.MatmulPeak(cfg.peak_n)
+    peak = None if flops.stated_peak() else flops.MatmulPeak(cfg.peak_n)
     for preset in cfg.presets:
         bench = train_bench.TrainBench(
             preset=preset,
@@ -85,8 +85,6 @@ def run(cfg: BenchConfig, log=print) -> dict:
         )
         result["train"].append(train_bench.run(bench, peak, log=log))
     if cfg.sampling:
-        from bench import sampling as sampling_bench
-
         kwargs = {}
         if cfg.sample_methods is not None:
             kwargs["methods"] = tuple(cfg.sample_methods)
@@ -125,17 +123,13 @@ def format_table(result: dict) -> str:
         + " (GFLOP/s, same process); MFU range over rounds; mem = process peak."
     )
     if "sampling" in result:
-        from bench import sampling as sampling_bench
-
         lines.append(sampling_bench.format_table(result["sampling"]))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """The CLI (flags from BenchConfig; see --help)."""
-    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU threads
-    import tyro
-
+    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU backend
     cfg = tyro.cli(BenchConfig, args=argv, description=__doc__)
     try:
         result = run(cfg)

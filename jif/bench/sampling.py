@@ -1,8 +1,8 @@
 """Sampling speed: network calls, wall time and the sampler's overhead per method.
 
-    python -m bench.sampling                       # the `cpu` preset at random init
-    python -m bench.sampling --checkpoint runs/x   # a trained model
-    python -m bench.sampling --methods ddpm ddpm_cache --steps 500 --length 128 --batch 8
+    python -m jif.bench.sampling                       # the `cpu` preset at random init
+    python -m jif.bench.sampling --checkpoint runs/x   # a trained model
+    python -m jif.bench.sampling --methods ddpm ddpm_cache --steps 500 --length 128 --batch 8
 
 For each method: network calls, wall time per batch (median over repeats, compilation
 excluded), and the time per network call relative to one plain jitted forward pass of the
@@ -26,17 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jif import hostmem, sampling
+from jif import model as model_lib
+from jif.checkpoint import load_for_inference
 
 
 def _denoiser(checkpoint: str | None, preset: str, seed: int):
     """(denoise_fn, mask_id, description) for a checkpoint or a random-init preset."""
     if checkpoint:
-        from jif.checkpoint import load_for_inference
-
         loaded = load_for_inference(checkpoint)
         return loaded.denoise_fn, loaded.tokenizer.mask_id, f"{loaded.path} (step {loaded.step})"
-    from jif import model as model_lib
-
     config = model_lib.make_config(preset)
     model = model_lib.build_model(config, jax.random.key(seed))
     mask_id = config.vocab_size - 1  # the mask is the last id (n_bpe + 1)
@@ -145,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="bench/results/sampling.json", help="JSON output")
+    parser.add_argument("--out", default="runs/bench/sampling.json", help="JSON output")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods) - set(sampling.METHODS))
     if unknown:

@@ -1,0 +1,5 @@
+"""`python -m jif.bench`: see jif/bench/cli.py."""
+
+from jif.bench.cli import main
+
+main()

@@ -1,0 +1,145 @@
+"""The training step and loop, shared by `jif.train`, `transfer/sweep.py` and `jif.bench`.
+
+    state = init_state(params, tx)
+    train_step = jax.jit(make_train_step(unbound, tx, seed=0, ema=0.995, mask_id=m))
+    for s in steps(train_step, state, batches, start=0, stop=100):
+        ...  # s.done, s.state, s.metrics, s.loss, s.smoothed
+
+The state is a dict {"params", "ema", "opt_state", "step"}; every step's randomness is
+fold_in(key(seed), step), so a run resumed from a checkpoint repeats the same steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jif import checkpoint as ckpt
+from jif import diffusion, optim
+from jif import model as model_lib
+
+
+class Diverged(FloatingPointError):
+    """A step produced a non-finite loss; `.step` is the step number, `.loss` the value."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"non-finite loss ({loss}) at step {step}")
+        self.step, self.loss = step, loss
+
+
+def init_state(params: optim.Params, tx: optax.GradientTransformation) -> dict:
+    """The initial train state; params and EMA are copies (the step donates its state)."""
+    return {
+        "params": jax.tree_util.tree_map(jnp.copy, params),
+        "ema": jax.tree_util.tree_map(jnp.copy, params),
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+    }
+
+
+def make_train_step(
+    unbound, tx: optax.GradientTransformation, *, seed: int, ema: float, mask_id: int
+) -> Callable[[dict, jax.Array], tuple[dict, dict]]:
+    """train_step(state, batch int32 [B, L]) -> (state, metrics). The step's key is
+    fold_in(key(seed), step); `ema` is the decay of the weight average that is evaluated."""
+    base_key = jax.random.key(seed)
+
+    def loss_fn(params, batch, key):
+        model = ckpt.bind_params(unbound, params)
+        k_t, k_mask = jax.random.split(key)
+        t = diffusion.sample_t(k_t, batch.shape[0])
+        features_fn = lambda xt, mask_rate: model_lib.apply_features(model, xt, mask_rate)
+        readout_fn = lambda h: model_lib.apply_readout(model, h)  # at masked positions only
+        return diffusion.mdlm_loss(
+            features_fn, batch, t, k_mask, mask_id=mask_id, readout_fn=readout_fn
+        )
+
+    def train_step(state, batch):
+        key = jax.random.fold_in(base_key, state["step"])
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # The EMA averages the weights that are evaluated (schedule-free: its averaged iterate).
+        # Decay warms up as min(ema, (1 + step) / (10 + step)) so that short runs do not
+        # evaluate mostly the initial weights (0.995 ** 100 = 0.6).
+        target = optim.eval_params(opt_state, params)
+        decay = jnp.minimum(ema, (1.0 + state["step"]) / (10.0 + state["step"]))
+        new_ema = jax.tree_util.tree_map(
+            lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype), state["ema"], target
+        )
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
+        new_state = {
+            "params": params,
+            "ema": new_ema,
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+class Step(NamedTuple):
+    """One finished step of `steps`."""
+
+    done: int  # steps taken so far
+    state: dict  # the state after it
+    metrics: dict  # its metrics (device arrays)
+    loss: float
+    smoothed: float  # 0.95-decayed average of the losses since the loop started
+
+
+def steps(
+    train_step: Callable,
+    state: dict,
+    batches: Iterator,
+    *,
+    start: int,
+    stop: int,
+    put: Callable[[Any], Any] | None = None,
+) -> Iterator[Step]:
+    """Runs train_step from step `start` to `stop`, one `Step` per step; raises `Diverged`
+    on a non-finite loss (the state of that step is not yielded). `put` places a batch
+    (for example onto a mesh) before the step."""
+    smoothed = None
+    for step in range(start, stop):
+        batch = next(batches)
+        state, metrics = train_step(state, put(batch) if put else batch)
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            raise Diverged(step + 1, loss)
+        smoothed = loss if smoothed is None else 0.95 * smoothed + 0.05 * loss
+        yield Step(step + 1, state, metrics, loss, smoothed)
+
+
+class Throughput:
+    """Tokens/s and MFU over the steps since the last reading. The first step (compilation)
+    is left out; `pause()` after an evaluation or a save leaves its time out too."""
+
+    def __init__(self, tokens_per_step: int, flops_per_step: float, peak: float):
+        self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
+        self.t_last, self.tokens = time.perf_counter(), 0
+        self.started = False
+
+    def step(self) -> None:
+        if not self.started:  # the first step compiles: count from its end
+            self.started = True
+            self.t_last, self.tokens = time.perf_counter(), -self.tokens_per_step
+        self.tokens += self.tokens_per_step
+
+    def pause(self) -> None:
+        self.t_last = time.perf_counter()
+
+    def read(self) -> tuple[float, float]:
+        """(tokens/s, MFU) since the last reading; starts the next interval."""
+        tok_s = self.tokens / max(time.perf_counter() - self.t_last, 1e-9)
+        mfu = self.flops_per_step * tok_s / self.tokens_per_step / self.peak
+        self.t_last, self.tokens = time.perf_counter(), 0
+        return tok_s, mfu
