@@ -1,6 +1,7 @@
 """A bidirectional diffusion transformer (DiT) in penzai, ported from SEDD's DiT.
 
-Top to bottom: config -> parameters -> small layers -> attention -> MLP -> block -> model.
+Top to bottom: config -> parameters -> attention -> MLP -> block -> model. The fast
+penzai-compatible layers it is built from live in `jif.layers`.
 
 Named axes (every activation and parameter carries names, never positions):
   "batch", "seq" (query positions), "kv_seq" (key positions inside attention), "embedding"
@@ -14,7 +15,8 @@ with adaln=True) returns logits {"batch", "seq", "vocabulary"} with exactly voca
 entries. Inside the model the embedding and output tables are padded to a multiple of
 ``vocab_multiple`` so that "vocabulary" can be sharded; padded rows are never read out.
 
-Parameters (label = path; "blocks" is a leading stacked axis; fan-in axes listed first):
+Parameters (label = path; "blocks" is a leading stacked axis; fan-in axes listed first, as
+``fan_in_axes(label)`` returns them for jif.mup and jif.well_normed):
   path                         axes (fan-in | fan-out)                 init (standard)
   dit/embed                    vocabulary | embedding                  N(0, 1)
   dit/cond/in ; dit/cond/out   frequencies | cond_hidden ; cond_hidden | cond   N(0, 1/fan_in)
@@ -28,9 +30,8 @@ Parameters (label = path; "blocks" is a leading stacked axis; fan-in axes listed
   dit/out/{shift,scale}        cond | embedding                        0               [adaln]
   dit/out/unembed              embedding | vocabulary                  0
 The embedding table is a lookup: its "vocabulary" axis is the (one-hot) input axis.
-``fan_in_axes(model)`` returns this split for code that needs it (modular norms, muP).
 
-arch="modula": GELU / 1.129 (its largest slope, so the MLP nonlinearity is 1-Lipschitz),
+arch="modula" (all of it in ``ARCHS["modula"]``): GELU / GELU_MAX_SLOPE (1-Lipschitz),
 attention scores scaled 1/d_head, residual updates x <- (1 - 1/R) x + (1/R) f(x) with
 R = 2 n_layers, matrices initialised orthogonal and scaled to RMS->RMS operator norm 1
 (spectral norm sqrt(fan_out / fan_in)), embedding rows normalised to RMS 1; the output layer
@@ -40,7 +41,6 @@ attention scores 1/d_head; initialisation unchanged.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import pathlib
@@ -48,17 +48,22 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+import treescope
 from penzai import pz
 
-# Fan-in axes by label suffix (longest match wins); fan_in_axes(model) reads the same from a model.
-FAN_IN_AXES: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("query", "key", "value", "up", "unembed"), ("embedding",)),
-    **dict.fromkeys(("shift", "scale", "gate"), ("cond",)),
-    **{"embed": ("vocabulary",), "cond/in": ("frequencies",), "cond/out": ("cond_hidden",)},
-    **{"attn/output": ("heads", "projection"), "down": ("neurons",)},
-}
-GELU_MAX_SLOPE = 1.1290  # max_x d/dx gelu(x) = 1.12899 (tanh form), attained near x = sqrt(2)
+from jif.layers import (
+    Embed,
+    FlatLinear,
+    FlatRMSStandardize,
+    ScaledResidual,
+    SoftmaxF32,
+    TableRoPE,
+    Unembed,
+    static_positions,
+)
+from modula import GELU_MAX_SLOPE
+
+N_FREQUENCIES = 256  # sinusoidal features of the mask rate (SEDD's frequency_embedding_size)
 
 
 # ----------------------------------------------------------------------------- config
@@ -75,7 +80,7 @@ class ModelConfig:
     mlp_ratio: int = 4  # MLP width ("neurons") as a multiple of d_model
     cond_dim: int = 128  # width of the adaLN conditioning vector ("cond")
     adaln: bool = False  # condition blocks on the mask rate (SEDD adaLN shift/scale/gate)
-    arch: str = "standard"  # "standard" or "modula" (well-normed, see module docstring)
+    arch: str = "standard"  # a key of ARCHS: "standard" or "modula" (well-normed)
     dtype: str = "float32"  # "float32" | "bfloat16": parameters and activations
     mup_base_width: int | None = None  # muP: logits * base/d_model, scores 1/d_head
     rope_wavelength: float = 10_000.0  # maximum wavelength of the rotary embedding
@@ -97,19 +102,45 @@ class ModelConfig:
                 "even head size (RoPE rotates pairs); pick e.g. n_heads=d_model // 64."
             )
         for field, allowed in (("arch", ARCHS), ("dtype", DTYPES)):
-            if getattr(self, field) not in allowed:
-                raise ValueError(
-                    f"{field}={getattr(self, field)!r} is not one of {sorted(allowed)}."
-                )
+            if (value := getattr(self, field)) not in allowed:
+                raise ValueError(f"{field}={value!r} is not one of {sorted(allowed)}.")
         if min(self.vocab_size, self.d_model, self.n_layers, self.vocab_multiple) < 1:
             raise ValueError(f"sizes must be positive, got {self}.")
         return self
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Arch:
+    """Everything that differs between architecture variants (ModelConfig.arch)."""
+
+    gelu: Callable[[jax.Array], jax.Array]  # the MLP nonlinearity
+    residual: Callable[[pz.nn.Layer, ModelConfig], pz.nn.Layer]  # wraps each block branch
+    matrix_init: str  # INITS entry of the weight matrices that are not zero-initialised
+    embed_init: str  # INITS entry of the embedding table
+    score_scale: Callable[[ModelConfig], float]  # q . k is multiplied by this
+
+
+_gelu = lambda x: jax.nn.gelu(x, approximate=True)  # tanh approximation, as SEDD
+ARCHS: dict[str, Arch] = {
+    "standard": Arch(
+        gelu=_gelu,
+        residual=lambda branch, config: pz.nn.Residual(branch),
+        matrix_init="normal",
+        embed_init="unit_normal",
+        score_scale=lambda config: config.d_head**-0.5,
+    ),
+    "modula": Arch(  # well-normed: every layer has RMS->RMS operator norm at most 1
+        gelu=lambda x: _gelu(x) / GELU_MAX_SLOPE,
+        residual=lambda branch, cfg: ScaledResidual(delta=branch, alpha=1 / (2 * cfg.n_layers)),
+        matrix_init="orthogonal",
+        embed_init="embed_rms1",
+        score_scale=lambda config: 1.0 / config.d_head,  # O(1) scores when q and k align
+    ),
+}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(d_model=32, n_layers=2, n_heads=2, cond_dim=16),
-    "cpu": ModelConfig(d_model=128, n_layers=3, n_heads=4),  # 1.2M params: trains in ~10 min here
+    "cpu": ModelConfig(d_model=128, n_layers=3, n_heads=4),  # 1.2M params
     "small": ModelConfig(d_model=256, n_layers=3, n_heads=4),
     "medium": ModelConfig(d_model=384, n_layers=4, n_heads=6),
     "big": ModelConfig(d_model=512, n_layers=6, n_heads=8),
@@ -125,6 +156,27 @@ def make_config(preset: str = "cpu", **overrides) -> ModelConfig:
 
 
 # ----------------------------------------------------------------------------- parameters
+
+# Fan-in axes by label suffix (whole path parts, longest match wins), as in the table of the
+# module docstring; tests/test_model.py checks it against the layers of every variant.
+FAN_IN_AXES: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("query", "key", "value", "up", "unembed"), ("embedding",)),
+    **dict.fromkeys(("shift", "scale", "gate"), ("cond",)),
+    **{"embed": ("vocabulary",), "cond/in": ("frequencies",), "cond/out": ("cond_hidden",)},
+    **{"attn/output": ("heads", "projection"), "down": ("neurons",)},
+    **dict.fromkeys(("norm", "in_bias", "out_bias"), ()),  # gains and biases: vectors
+}
+
+
+def fan_in_axes(label: str) -> tuple[str, ...]:
+    """Fan-in axes of the parameter `label`; its other axes except "blocks" are fan-out."""
+    matches = [k for k in FAN_IN_AXES if label == k or label.endswith("/" + k)]
+    if not matches:
+        raise ValueError(
+            f"parameter {label!r} has no entry in jif.model.FAN_IN_AXES "
+            f"(label suffixes: {sorted(FAN_IN_AXES)})."
+        )
+    return FAN_IN_AXES[max(matches, key=len)]
 
 
 def _init_normal(key, shape, n_in, dtype):  # N(0, 1/fan_in), fan_in = prod(shape[:n_in])
@@ -156,8 +208,6 @@ INITS: dict[str, Callable] = {
 
 def _param(name: str, key, config: ModelConfig, in_axes: dict, out_axes: dict, init: str):
     """A pz.Parameter labelled exactly `name` with axes in_axes + out_axes."""
-    if init == "normal" and config.arch == "modula":
-        init = "orthogonal"
     shape = (*in_axes.values(), *out_axes.values())
     value = INITS[init](
         pz.nn.derive_param_key(key, name), shape, len(in_axes), DTYPES[config.dtype]
@@ -165,45 +215,9 @@ def _param(name: str, key, config: ModelConfig, in_axes: dict, out_axes: dict, i
     return pz.Parameter(value=pz.nx.wrap(value).tag(*in_axes, *out_axes), label=name)
 
 
-def flat_contract(x: pz.nx.NamedArray, w: pz.nx.NamedArray, ins, outs) -> pz.nx.NamedArray:
-    """x {rest, ins} . w {ins, outs} -> {rest, outs} as ONE [rest, ins] @ [ins, outs] matmul
-    (penzai's contract vmaps over "batch"/"seq"; XLA:CPU then transposes weight gradients)."""
-    rest = tuple(n for n in x.named_shape if n not in ins)
-    k = math.prod(w.named_shape[n] for n in ins)
-    y = x.unwrap(*rest, *ins).reshape(-1, k) @ w.unwrap(*ins, *outs).reshape(k, -1)
-    shape = [x.named_shape[n] for n in rest] + [w.named_shape[n] for n in outs]
-    return pz.nx.wrap(y.reshape(shape)).tag(*rest, *outs)
-
-
-@pz.pytree_dataclass(has_implicitly_inherited_fields=True)
-class FlatLinear(pz.nn.Linear):
-    """pz.nn.Linear computed by `flat_contract` (same parameters, same result, faster)."""
-
-    def __call__(self, x: pz.nx.NamedArray, **side) -> pz.nx.NamedArray:
-        w, ins, outs = self.weights.value, tuple(self.in_axis_names), tuple(self.out_axis_names)
-        par = tuple(n for n in w.named_shape if n not in ins + outs)  # parallel axes (gains)
-        if x.positional_shape or (par and (ins or outs)):
-            return super().__call__(x, **side)
-        if par:  # elementwise gain, in x's own axis order
-            rest = tuple(n for n in x.named_shape if n not in par)
-            return pz.nx.wrap(x.unwrap(*rest, *par) * w.unwrap(*par)).tag(*rest, *par)
-        return flat_contract(x, w, ins, outs)
-
-
-@pz.pytree_dataclass(has_implicitly_inherited_fields=True)
-class FlatRMSStandardize(pz.nn.RMSStandardize):
-    """pz.nn.RMSStandardize in x's own axis order (penzai's nmap transposes `across` first)."""
-
-    def __call__(self, x: pz.nx.NamedArray, **_side) -> pz.nx.NamedArray:
-        across = (self.across,) if isinstance(self.across, str) else tuple(self.across)
-        rest = tuple(n for n in x.named_shape if n not in across)
-        a = x.unwrap(*rest, *across)
-        ms = jnp.mean(jnp.square(a), axis=tuple(range(len(rest), a.ndim)), keepdims=True)
-        return pz.nx.wrap(a * jax.lax.rsqrt(ms + self.epsilon)).tag(*rest, *across)
-
-
-def _linear(name, key, config, in_axes, out_axes, init="normal") -> pz.nn.Linear:
-    w = _param(name, key, config, in_axes, out_axes, init)
+def _linear(name, key, config, in_axes, out_axes, init=None) -> pz.nn.Linear:
+    """in_axes -> out_axes; init defaults to the architecture's matrix init."""
+    w = _param(name, key, config, in_axes, out_axes, init or ARCHS[config.arch].matrix_init)
     return FlatLinear(weights=w, in_axis_names=tuple(in_axes), out_axis_names=tuple(out_axes))
 
 
@@ -213,21 +227,6 @@ def _rms_norm(name, key, config) -> pz.nn.RMSLayerNorm:
     gain = FlatLinear(weights=w, in_axis_names=(), out_axis_names=())  # parallel over axis
     eps = jnp.asarray(config.norm_eps, DTYPES[config.dtype])
     return pz.nn.RMSLayerNorm([FlatRMSStandardize(across="embedding", epsilon=eps), gain])
-
-
-# ----------------------------------------------------------------------------- small layers
-
-
-@pz.pytree_dataclass
-class Embed(pz.nn.Layer):
-    """Token embedding by ONE indexing op (table[ids]); penzai's lookup vmaps per token."""
-
-    table: pz.nn.ParameterLike[pz.nx.NamedArray]  # {"vocabulary", "embedding"}
-
-    def __call__(self, tokens: pz.nx.NamedArray, **_side) -> pz.nx.NamedArray:
-        names = tuple(tokens.named_shape)
-        table = self.table.value.unwrap("vocabulary", "embedding")
-        return pz.nx.wrap(table[tokens.unwrap(*names)]).tag(*names, "embedding")
 
 
 @pz.pytree_dataclass
@@ -249,78 +248,6 @@ class AdaLNGate(pz.nn.Layer):
 
     def __call__(self, x: pz.nx.NamedArray, **side) -> pz.nx.NamedArray:
         return x * self.gate(side["cond"])
-
-
-@pz.pytree_dataclass
-class ScaledResidual(pz.nn.Layer):
-    """x <- (1 - alpha) x + alpha f(x): the modula depth-scaled residual."""
-
-    delta: pz.nn.Layer
-    alpha: float = dataclasses.field(metadata={"pytree_node": False})
-
-    def __call__(self, x, **side):
-        return (1 - self.alpha) * x + self.alpha * self.delta(x, **side)
-
-
-@pz.pytree_dataclass
-class SoftmaxF32(pz.nn.Layer):
-    """Softmax over `axis` computed in float32, returned in the input dtype."""
-
-    axis: str = dataclasses.field(metadata={"pytree_node": False})
-
-    def __call__(self, x: pz.nx.NamedArray, **_side) -> pz.nx.NamedArray:
-        y = pz.nx.nmap(jax.nn.softmax)(x.astype(jnp.float32).untag(self.axis))
-        return y.tag(self.axis).astype(x.dtype)
-
-
-@pz.pytree_dataclass
-class Unembed(pz.nn.Layer):
-    """{"embedding"} -> {"vocabulary"}: drops padding columns, then multiplies (size logits)."""
-
-    weights: pz.nn.ParameterLike[pz.nx.NamedArray]  # {"embedding", "vocabulary"} (padded)
-    size: int = dataclasses.field(metadata={"pytree_node": False})
-
-    def __call__(self, x: pz.nx.NamedArray, **_side) -> pz.nx.NamedArray:
-        w = self.weights.value
-        if w.named_shape["vocabulary"] != self.size:
-            w = w[{"vocabulary": pz.slice[: self.size]}]
-        return flat_contract(x, w, ("embedding",), ("vocabulary",))
-
-
-@pz.pytree_dataclass(has_implicitly_inherited_fields=True)
-class TableRoPE(pz.nn.ApplyRoPE):
-    """pz.nn.ApplyRoPE (the same rotation, rotate-half convention) from cos/sin tables of
-    {positions} x frequencies. When the positions are a numpy array (`static_positions`) the
-    tables are numpy constants; traced, XLA:CPU fuses sin/cos into the rotation and computes
-    them again for every query/key entry (~7% of a `small` train step)."""
-
-    def __call__(self, inputs: pz.nx.NamedArray, **side_inputs) -> pz.nx.NamedArray:
-        pos, axis = side_inputs[self.positions_input_name], self.embedding_axis
-        names = tuple(n for n in inputs.named_shape if n != axis)
-        if (
-            axis in pos.named_shape
-            or pos.positional_shape
-            or not set(pos.named_shape) <= set(names)
-        ):
-            return super().__call__(inputs, **side_inputs)  # penzai's checks and messages
-        pos_names = tuple(n for n in names if n in pos.named_shape)  # in the input's order
-        xp = np if isinstance(pos.data_array, np.ndarray) else jnp
-        half = inputs.named_shape[axis] // 2
-        fraction = 2 * xp.arange(half, dtype=np.float32) / np.float32(2 * half)
-        timescale = np.float32(self.max_wavelength) ** fraction
-        angle = pos.unwrap(*pos_names)[..., None].astype(np.float32) / timescale
-        shape = [inputs.named_shape[n] if n in pos_names else 1 for n in names] + [half]
-        cos, sin = xp.cos(angle).reshape(shape), xp.sin(angle).reshape(shape)
-        x = inputs.unwrap(*names, axis)
-        x1, x2 = x[..., :half], x[..., half:]
-        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-        return pz.nx.wrap(out.astype(inputs.dtype)).tag(*names, axis)
-
-
-def static_positions(n: int, name: str = "seq") -> pz.nx.NamedArray:
-    """Positions 0..n-1 along `name`, held as a numpy array (constant under jit)."""
-    axes = collections.OrderedDict({name: n})
-    return pz.nx.NamedArray(named_axes=axes, data_array=np.arange(n, dtype=np.int32))
 
 
 def _pre(name, key, config) -> list[pz.nn.Layer]:
@@ -348,10 +275,10 @@ def _post(name, key, config) -> list[pz.nn.Layer]:
 def build_attention(name: str, key, config: ModelConfig) -> pz.nn.Attention:
     """Bidirectional multi-head attention with RoPE on queries and keys (no mask)."""
     emb, hp = {"embedding": config.d_model}, {"heads": config.n_heads, "projection": config.d_head}
-    dt = DTYPES[config.dtype]
     rope = TableRoPE("projection", config.rope_wavelength, "token_positions")
-    one_over_d = config.arch == "modula" or config.mup_base_width is not None
-    q_scale = jnp.asarray(1.0 / config.d_head if one_over_d else config.d_head**-0.5, dt)
+    mup = config.mup_base_width is not None  # muP: 1/d_head scores, whatever the architecture
+    scale = 1.0 / config.d_head if mup else ARCHS[config.arch].score_scale(config)
+    q_scale = jnp.asarray(scale, DTYPES[config.dtype])
     q_ax = {"seq": "q", "heads": "h", "projection": "p"}  # einsum letters per named axis
     kv_ax = {"seq": "k", "heads": "h", "projection": "p"}  # keys/values: their "seq" is k
     attn_ax = {"heads": "h", "seq": "q", "kv_seq": "k"}
@@ -376,13 +303,13 @@ def build_attention(name: str, key, config: ModelConfig) -> pz.nn.Attention:
 
 
 def build_mlp(name: str, key, config: ModelConfig) -> pz.nn.Sequential:
-    """Linear up -> GELU (tanh approximation, as SEDD) -> Linear down."""
+    """Linear up -> GELU (the architecture's) -> Linear down."""
     emb, neurons = {"embedding": config.d_model}, {"neurons": config.mlp_ratio * config.d_model}
     up, down = (
         _linear(f"{name}/up", key, config, emb, neurons),
         _linear(f"{name}/down", key, config, neurons, emb),
     )
-    return pz.nn.Sequential([up, pz.nn.Elementwise(ARCHS[config.arch]["gelu"]), down])
+    return pz.nn.Sequential([up, pz.nn.Elementwise(ARCHS[config.arch].gelu), down])
 
 
 def build_block(name: str, init_base_rng, config: ModelConfig) -> pz.nn.Sequential:
@@ -390,24 +317,12 @@ def build_block(name: str, init_base_rng, config: ModelConfig) -> pz.nn.Sequenti
     key = init_base_rng
     attn = [*_pre(f"{name}/attn", key, config), build_attention(f"{name}/attn", key, config)]
     mlp = [*_pre(f"{name}/mlp", key, config), build_mlp(f"{name}/mlp", key, config)]
-    res, post = ARCHS[config.arch]["residual"], lambda part: _post(f"{name}/{part}", key, config)
+    res, post = ARCHS[config.arch].residual, lambda part: _post(f"{name}/{part}", key, config)
     attn, mlp = pz.nn.Sequential(attn + post("attn")), pz.nn.Sequential(mlp + post("mlp"))
     return pz.nn.Sequential([res(attn, config), res(mlp, config)])
 
 
-_gelu = lambda x: jax.nn.gelu(x, approximate=True)
-ARCHS: dict[str, dict[str, Callable]] = {  # per architecture: MLP nonlinearity, residual wrapper
-    "standard": {"gelu": _gelu, "residual": lambda branch, config: pz.nn.Residual(branch)},
-    "modula": {
-        "gelu": lambda x: _gelu(x) / GELU_MAX_SLOPE,
-        "residual": lambda branch, cfg: ScaledResidual(delta=branch, alpha=1 / (2 * cfg.n_layers)),
-    },
-}
-
-
 # ----------------------------------------------------------------------------- the model
-
-N_FREQUENCIES = 256  # sinusoidal features of the mask rate (SEDD's frequency_embedding_size)
 
 
 def noise_features(mask_rate: pz.nx.NamedArray, n: int = N_FREQUENCIES) -> pz.nx.NamedArray:
@@ -471,13 +386,13 @@ def build_model(config: ModelConfig, key: jax.Array) -> DiT:
     """Builds the DiT with freshly initialised parameters (labels as in the module docstring)."""
     config.validate()
     emb, vocab = {"embedding": config.d_model}, {"vocabulary": config.padded_vocab}
-    embed_init = "embed_rms1" if config.arch == "modula" else "unit_normal"
     head = [*_pre("dit/out", key, config)]
     unembed = _param("dit/out/unembed", key, config, emb, vocab, init="zeros")
     head.append(Unembed(weights=unembed, size=config.vocab_size))
     if config.mup_base_width is not None:
         mult = config.mup_base_width / config.d_model
         head.append(pz.nn.ConstantRescale(by=jnp.asarray(mult, DTYPES[config.dtype])))
+    embed_init = ARCHS[config.arch].embed_init
     return DiT(
         embed=Embed(table=_param("dit/embed", key, config, vocab, emb, embed_init)),
         cond=build_cond("dit/cond", key, config) if config.adaln else None,
@@ -494,18 +409,14 @@ def build_model(config: ModelConfig, key: jax.Array) -> DiT:
 
 def apply_logits(model: DiT, tokens: jax.Array, mask_rate: jax.Array) -> jax.Array:
     """int32 [B, L], float32 [B] -> float32 logits [B, L, V]."""
-    out = model(
-        pz.nx.wrap(tokens).tag("batch", "seq"), mask_rate=pz.nx.wrap(mask_rate).tag("batch")
-    )
-    return out.unwrap("batch", "seq", "vocabulary").astype(jnp.float32)
+    x, r = pz.nx.wrap(tokens).tag("batch", "seq"), pz.nx.wrap(mask_rate).tag("batch")
+    return model(x, mask_rate=r).unwrap("batch", "seq", "vocabulary").astype(jnp.float32)
 
 
 def apply_features(model: DiT, tokens: jax.Array, mask_rate: jax.Array) -> jax.Array:
     """int32 [B, L], float32 [B] -> [B, L, d_model]: the network up to its readout."""
-    out = model.features(
-        pz.nx.wrap(tokens).tag("batch", "seq"), mask_rate=pz.nx.wrap(mask_rate).tag("batch")
-    )
-    return out.unwrap("batch", "seq", "embedding")
+    x, r = pz.nx.wrap(tokens).tag("batch", "seq"), pz.nx.wrap(mask_rate).tag("batch")
+    return model.features(x, mask_rate=r).unwrap("batch", "seq", "embedding")
 
 
 def apply_readout(model: DiT, features: jax.Array) -> jax.Array:
@@ -525,42 +436,13 @@ def params_dict(model: pz.nn.Layer) -> dict[str, pz.nx.NamedArray]:
     return {p.label: p.value for p in pz.unbind_params(model)[1]}
 
 
-def fan_in_axes(model: pz.nn.Layer) -> dict[str, tuple[str, ...]]:
-    """{parameter label: its fan-in axes}; the other axes except "blocks" are fan-out."""
-    out = {model.embed.table.label: ("vocabulary",)}
-    for layer in (
-        pz.select(model).at_instances_of(pz.nn.Linear | Unembed | pz.nn.AddBias).get_sequence()
-    ):
-        if isinstance(layer, pz.nn.AddBias):
-            out[layer.bias.label] = ()
-        else:
-            out[layer.weights.label] = getattr(layer, "in_axis_names", ("embedding",))
-    return out
-
-
 def count_params(model: pz.nn.Layer) -> int:
     """Number of stored parameter scalars (including vocabulary padding rows)."""
     return sum(int(v.data_array.size) for v in params_dict(model).values())
 
 
-def flops_per_token(config: ModelConfig, seq_len: int, readout_fraction: float = 1.0) -> float:
-    """Forward matmul FLOPs per token (2 per multiply-add) incl. attention scores and logits;
-    per-sequence adaLN conditioning work is divided by seq_len. readout_fraction: the share
-    of positions whose logits are computed (the training loss needs only masked ones)."""
-    d, L = config.d_model, seq_len
-    per_block = 2 * (4 * d * d + 2 * config.mlp_ratio * d * d) + 2 * 2 * L * d  # qkvo, mlp, attn
-    total = config.n_layers * per_block + readout_fraction * 2 * d * config.vocab_size
-    if config.adaln:
-        c = config.cond_dim
-        per_seq = 2 * (N_FREQUENCIES * c + c * c) + 2 * c * d * (6 * config.n_layers + 2)
-        total += per_seq / L
-    return float(total)
-
-
 def show_model(model: pz.nn.Layer, path: str | None = None) -> str:
     """Renders the model with treescope; writes standalone HTML to `path` if given."""
-    import treescope
-
     html = treescope.render_to_html(model, roundtrip_mode=False)
     if path is not None:
         pathlib.Path(path).write_text(html)

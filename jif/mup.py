@@ -6,7 +6,7 @@ base_width / d_model, attention scores times 1/d_head, a zero-initialised output
 this file does the optimizer one: Adam learning rates per parameter, chosen by its role.
 
 Roles follow the `mup` package's `MuAdam` (its Table 8 convention); fan-in and fan-out axes
-come from `jif.model.fan_in_axes`, width axes are the ones that grow with d_model:
+come from `jif.model.fan_in_axes(label)`, width axes are the ones that grow with d_model:
 
     role        example path            fan-in | fan-out                  Adam lr
     ----------  ----------------------  --------------------------------  ---------------------
@@ -26,7 +26,6 @@ as `MuAdamW` does, so that lr x wd stays width-independent.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from penzai import pz
+
+from jif import model as model_lib
 
 # Axes whose size grows with d_model, grouped by the width they follow (every one of them is a
 # fixed multiple of d_model: d_model itself, n_heads x d_head = d_model, mlp_ratio x d_model).
@@ -49,16 +50,6 @@ STACK_AXES = frozenset({"blocks"})
 VOCAB_AXIS = "vocabulary"
 
 
-@functools.lru_cache(maxsize=16)
-def model_fan_in_axes(model_config: Any) -> dict[str, tuple[str, ...]]:
-    """{label: fan-in axes} from `jif.model.fan_in_axes` of a model built with model_config."""
-    from jif import model as model_lib
-
-    if not hasattr(model_lib, "fan_in_axes"):
-        return {}  # roles then come from axis names alone (same answer for this DiT)
-    return model_lib.fan_in_axes(model_lib.build_model(model_config, jax.random.key(0)))
-
-
 def parameter_role(
     path: str, named_shape: Mapping[str, int], fan_in: tuple[str, ...] | None = None
 ) -> str:
@@ -66,7 +57,7 @@ def parameter_role(
 
     path: the parameter label, e.g. "dit/blocks/mlp/up".
     named_shape: its axis sizes, e.g. {"blocks": 2, "embedding": 64, "neurons": 256}.
-    fan_in: its fan-in axes (`jif.model.fan_in_axes`); without them the role is read from
+    fan_in: its fan-in axes (`jif.model.fan_in_axes(path)`); without them the role is read from
         axis names alone (vocabulary tables by name, a matrix spanning two width groups is
         hidden).
     """
@@ -130,12 +121,14 @@ def _named_shape(leaf: Any) -> dict[str, int]:
     return {f"axis{i}": n for i, n in enumerate(jnp.shape(leaf))}
 
 
-def mup_roles(params: Any, model_config: Any = None) -> dict[str, str]:
-    """Role of every parameter, keyed by path (see `parameter_role`); fan-in axes are taken
-    from the model when model_config is given, else roles come from axis names alone."""
-    fan_in = model_fan_in_axes(model_config) if model_config is not None else {}
+def mup_roles(
+    params: Any, fan_in_axes: Callable[[str], tuple[str, ...]] | None = None
+) -> dict[str, str]:
+    """Role of every parameter, keyed by path (see `parameter_role`); fan-in axes are
+    ``fan_in_axes(path)`` when given (e.g. `jif.model.fan_in_axes`), else roles come from
+    axis names alone."""
     return {
-        path: parameter_role(path, _named_shape(leaf), fan_in.get(path.split(".")[0]))
+        path: parameter_role(path, _named_shape(leaf), fan_in_axes(path) if fan_in_axes else None)
         for path, leaf in _named_leaves(params)
     }
 
@@ -143,7 +136,7 @@ def mup_roles(params: Any, model_config: Any = None) -> dict[str, str]:
 def mup_lr_scales(model_config: Any, params: Any) -> dict[str, float]:
     """Per-parameter learning-rate multiplier (relative to the base lr), keyed by path."""
     m = width_multiplier(model_config)
-    roles = mup_roles(params, model_config)
+    roles = mup_roles(params, model_lib.fan_in_axes)
     return {path: LR_MULTIPLIERS[role](m) for path, role in roles.items()}
 
 
@@ -192,7 +185,7 @@ def mup_adamw(
         matrices so that the product lr x wd is width-independent.
     """
     m = width_multiplier(model_config)
-    roles = mup_roles(params, model_config)
+    roles = mup_roles(params, model_lib.fan_in_axes)
     lr_scales = {path: LR_MULTIPLIERS[role](m) for path, role in roles.items()}
     chain = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
     if weight_decay:

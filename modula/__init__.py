@@ -1,9 +1,12 @@
 """Well-normed modules and the modular-dualisation optimizer, for penzai models.
 
+Model-agnostic: a model is described by composing modules whose weights are its parameters,
+keyed by label (jif's DiT is described in `jif.well_normed`).
+
 import modula
 m = modula.Linear("out", {"embedding": 64}, {"vocabulary": 128}) @ modula.GELU() @ ...
 w = m.initialize(key); m.norm(w); m.dualize(grads, target_norm=0.1)
-opt = modula.optimizer(0.1, model_config=cfg, params=params)   # jif's DiT
+opt = modula.optimizer(0.1, module=m)   # opt.init(w) checks that w's labels are m's
 """
 
 from modula.atoms import NS_COEFFS, Bias, Embedding, Gain, Linear, orthogonalize
@@ -20,7 +23,6 @@ from modula.core import (
     Tuple,
     residual,
 )
-from modula.dit import dit_module
 from modula.optim import optimizer, projection, scale_by_dualization
 
 __all__ = [
@@ -43,7 +45,6 @@ __all__ = [
     "RoPE",
     "Sequential",
     "Tuple",
-    "dit_module",
     "optimizer",
     "orthogonalize",
     "projection",

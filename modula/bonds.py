@@ -8,14 +8,16 @@ from penzai import pz
 
 from modula.core import Bond
 
-# max_x d/dx [x * Phi(x)] = Phi(sqrt 2) + sqrt(2) phi(sqrt 2) = 1.1289 (second derivative
-# (2 - x^2) phi(x) vanishes at x = sqrt 2; checked in tests/test_modula.py):
-# dividing by it makes GELU 1-Lipschitz, hence sensitivity 1 in any elementwise RMS norm.
-GELU_MAX_SLOPE = 1.1289
+# The largest slope of GELU, rounded up. Exact GELU x * Phi(x): its second derivative
+# (2 - x^2) phi(x) vanishes at x = sqrt 2, so max slope = Phi(sqrt 2) + sqrt(2) phi(sqrt 2)
+# = 1.128904; the tanh approximation (jax.nn.gelu's default) peaks at 1.128993 near x = 1.4185.
+# 1.1290 is above both, so dividing by it makes either form 1-Lipschitz, hence sensitivity 1 in
+# any elementwise RMS norm (checked in tests/test_modula.py).
+GELU_MAX_SLOPE = 1.1290
 
 
 class GELU(Bond):
-    """Exact GELU / 1.1289: elementwise, slope in [-0.13, 1], sensitivity 1."""
+    """Exact GELU / GELU_MAX_SLOPE: elementwise, slope in [-0.13, 1], sensitivity 1."""
 
     def forward(self, weights, x):
         return pz.nx.nmap(lambda v: jax.nn.gelu(v, approximate=False) / GELU_MAX_SLOPE)(x)

@@ -9,15 +9,11 @@ rate (a float or an optax schedule) is therefore the modular norm of every step.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import jax
 import optax
 from penzai import pz
 
 from modula.core import Module, Weights
-
-_is_named = lambda x: isinstance(x, pz.nx.NamedArray | pz.nx.NamedArrayView)
 
 
 def _check_labels(module: Module, params: Weights) -> None:
@@ -27,17 +23,22 @@ def _check_labels(module: Module, params: Weights) -> None:
         raise ValueError(
             f"modular structure and parameters disagree: labels without parameters "
             f"{sorted(missing)}, parameters without a module {sorted(extra)}; build the "
-            "structure from the same model (modula.dit_module(model_config, params))."
+            "structure from the parameters of the same model."
         )
 
 
 def scale_by_dualization(module: Module) -> optax.GradientTransformation:
-    """Replaces the updates by their dual of modular norm 1 (stateless)."""
+    """Replaces the updates by their dual of modular norm 1 (stateless); its init checks
+    that the parameters' labels are the module's."""
+
+    def init_fn(params):
+        _check_labels(module, params)
+        return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
         return pz.nx.order_like(module.dualize(dict(updates), 1.0), updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def projection(module: Module) -> optax.GradientTransformation:
@@ -52,42 +53,31 @@ def projection(module: Module) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-class _Nothing(NamedTuple):
-    pass
-
-
 def optimizer(
     learning_rate: float | optax.Schedule,
     *,
-    model_config: Any = None,
-    params: Weights,
+    module: Module,
     momentum: float = 0.95,
     weight_decay: float = 0.0,
     project: bool = False,
-    module: Module | None = None,
 ) -> optax.GradientTransformation:
     """Momentum -> modular dualisation (target norm = learning rate) -> weight decay.
 
     Args:
       learning_rate: modular norm of each step (float or optax schedule of the step).
-      model_config: ``jif.model.ModelConfig``; the DiT's structure is built from it and
-        ``params`` unless ``module`` is given.
-      params: {label: NamedArray}; only their labels and axes are read.
+      module: the modular structure of the model, its atoms labelled like the parameters
+        ({label: NamedArray}); ``init(params)`` raises ValueError when the labels differ.
       momentum: EMA coefficient of the gradient (0 turns momentum off).
       weight_decay: decoupled, w <- w - lr * weight_decay * w.
       project: after each step, project the weights back to each atom's constraint set
         (orthogonal matrices, unit-RMS embeddings, clipped gains).
-      module: an explicit modular structure (e.g. for models other than the DiT).
     """
+    if not isinstance(module, Module):
+        raise TypeError(
+            f"module must be a modula.Module describing the model, got {type(module).__name__}"
+        )
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum={momentum} must be in [0, 1)")
-    if module is None:
-        if model_config is None:
-            raise ValueError("pass model_config (for the DiT) or an explicit module=")
-        from modula.dit import dit_module
-
-        module = dit_module(model_config, params)
-    _check_labels(module, params)
     parts = [optax.ema(momentum, debias=False)] if momentum > 0 else []
     parts.append(scale_by_dualization(module))
     if weight_decay > 0:

@@ -48,10 +48,10 @@ def _params(d_model, base, adaln=True):
 def test_roles_and_scales_match_hand_table():
     cfg, params = _params(64, 16)
     assert set(params) == set(EXPECTED)
-    roles = mup.mup_roles(params)
+    by_names, by_fan_in = mup.mup_roles(params), mup.mup_roles(params, M.fan_in_axes)
     scales = mup.mup_lr_scales(cfg, params)
     for path, (role, scale) in EXPECTED.items():
-        assert roles[path] == role, path
+        assert by_names[path] == by_fan_in[path] == role, path
         assert scales[path] == pytest.approx(scale), path
 
 

@@ -1,4 +1,4 @@
-"""modula on jif's DiT: structure by label, dual norms, measured bounds at initialisation."""
+"""jif.well_normed: the DiT's modular structure by label, dual norms, measured bounds."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +9,7 @@ from penzai import pz
 
 import modula
 from jif import model as M
+from jif import well_normed
 from modula.core import reduce_max
 
 # vocab_size 256 = a multiple of vocab_multiple: no padded rows, so the RMS over the returned
@@ -32,7 +33,7 @@ def _random_like(key, weights):
 def dit():
     model = M.build_model(CFG, jax.random.key(0))
     params = M.params_dict(model)
-    module = modula.dit_module(CFG, params)
+    module = well_normed.dit_module(CFG, params)
     # the output layer is zero at init (logits 0); give it its orthogonal modula init so that
     # every weight moves the output to first order
     params["dit/out/unembed"] = module.project(params)["dit/out/unembed"]
@@ -70,7 +71,7 @@ def test_dual_has_target_modular_norm(dit):
 def test_adaln_variant_is_covered():
     cfg = M.make_config("tiny", arch="modula", adaln=True, vocab_size=256)
     params = M.params_dict(M.build_model(cfg, jax.random.key(0)))
-    module = modula.dit_module(cfg, params)
+    module = well_normed.dit_module(cfg, params)
     assert sorted(module.labels) == sorted(params)
     d = jax.jit(lambda g: module.dualize(g, 0.1))(_random_like(jax.random.key(2), params))
     assert _scalar(jax.jit(module.norm)(d)) == pytest.approx(0.1, rel=2e-3)
@@ -115,14 +116,14 @@ def test_blocks_input_sensitivity(dit):
 
 def test_optimizer_trains_the_dit(dit):
     """A few modula steps fit a fixed batch (token reconstruction cross-entropy)."""
-    model, params, _ = dit
+    model, params, module = dit
     tokens = jax.random.randint(jax.random.key(6), (4, 16), 0, CFG.vocab_size)
 
     def loss(p):
         logp = jax.nn.log_softmax(_logits(model, p, tokens))
         return -jnp.mean(jnp.take_along_axis(logp, tokens[..., None], -1))
 
-    opt = modula.optimizer(0.5, model_config=CFG, params=params)
+    opt = modula.optimizer(0.5, module=module)
 
     @jax.jit
     def step(p, s):

@@ -1,15 +1,18 @@
 """The modular structure of jif's DiT, attached to its parameters by label and axis names.
 
-The tree mirrors the forward pass of ``jif.model`` (arch="modula"):
+The well-normed counterpart of `jif.mup`: where muP rescales Adam's learning rates by a
+parameter's role, `modula.optimizer(lr, module=dit_module(model_config, params))` dualises
+the gradient in the modular norm that this tree defines. It mirrors the forward pass of
+``jif.model`` (arch="modula"):
 
     model  = head @ Repeat(block, n_layers) @ embed
     block  = residual(mlp, R) @ residual(attn, R),            R = 2 n_layers
     attn   = output @ Attention @ (query, key, value) @ norm gain @ RMSNorm
-    mlp    = down @ GELU/1.1289 @ up @ norm gain @ RMSNorm
+    mlp    = down @ GELU / GELU_MAX_SLOPE @ up @ norm gain @ RMSNorm
     head   = unembed @ norm gain @ RMSNorm
 
-Sizes and fan-in/fan-out splits are read from the parameters' named axes and
-``jif.model.FAN_IN_AXES``, so any width/depth/head count works. With adaln=True the
+Sizes are read from the parameters' named axes and fan-in/fan-out splits from
+``jif.model.fan_in_axes``, so any width/depth/head count works. With adaln=True the
 conditioning network and the shift/scale/gate matrices (inputs: the noise level, not the
 residual stream) are dualised as a separate group composed in parallel (a `Tuple`), a
 simplification: their effect on the output is not covered by the measured bounds.
@@ -17,6 +20,7 @@ simplification: their effect on the output is not covered by the measured bounds
 
 from __future__ import annotations
 
+from jif.model import ModelConfig, fan_in_axes
 from modula.atoms import Bias, Embedding, Gain, Linear
 from modula.bonds import GELU, Attention, RMSNorm
 from modula.core import STACK_AXIS, Module, Repeat, Tuple, Weights, residual
@@ -28,15 +32,6 @@ BLOCKS_MASS = 5.0
 GAIN_MASS = 0.1
 
 
-def _fan_in(label: str) -> tuple[str, ...]:
-    from jif.model import FAN_IN_AXES
-
-    matches = [k for k in FAN_IN_AXES if label == k or label.endswith("/" + k)]
-    if not matches:
-        raise ValueError(f"parameter {label!r} has no entry in jif.model.FAN_IN_AXES")
-    return FAN_IN_AXES[max(matches, key=len)]
-
-
 def _axes(params: Weights, label: str) -> dict[str, int]:
     if label not in params:
         raise ValueError(f"parameter {label!r} missing: got labels {sorted(params)}")
@@ -44,8 +39,8 @@ def _axes(params: Weights, label: str) -> dict[str, int]:
 
 
 def linear(params: Weights, label: str, mass: float = 1.0) -> Linear:
-    """A Linear atom for ``label`` with fan-in axes from FAN_IN_AXES, the rest fan-out."""
-    axes, fan_in = _axes(params, label), _fan_in(label)
+    """A Linear atom for ``label``: fan-in axes from `jif.model.fan_in_axes`, the rest fan-out."""
+    axes, fan_in = _axes(params, label), fan_in_axes(label)
     return Linear(
         label,
         {a: axes[a] for a in fan_in},
@@ -58,7 +53,9 @@ def gain(params: Weights, label: str) -> Gain:
     return Gain(label, _axes(params, label), mass=GAIN_MASS)
 
 
-def dit_module(model_config, params: Weights, *, blocks_mass: float = BLOCKS_MASS) -> Module:
+def dit_module(
+    model_config: ModelConfig, params: Weights, *, blocks_mass: float = BLOCKS_MASS
+) -> Module:
     """The modular description of a jif DiT whose parameters are ``params``.
 
     Args:
