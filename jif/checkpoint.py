@@ -27,6 +27,9 @@ import jax
 import orbax.checkpoint as ocp
 from penzai import pz
 
+from jif import model as model_lib
+from jif.tokenizer import Tokenizer
+
 FORMAT = "jif-checkpoint-1"
 MAKE_ONE = "python -m jif.train --preset tiny --steps 200 --out runs/tiny"
 """The command named in error messages: it makes a small checkpoint in about a minute."""
@@ -51,8 +54,6 @@ def split_params(model: pz.nn.Layer) -> tuple[pz.nn.Layer, Params]:
 def init_model(model_config, seed: int) -> tuple[pz.nn.Layer, Params]:
     """(model with parameter slots, initial {label: value}) for a config and seed; cached,
     as building a model op by op takes seconds (callers must not donate these arrays)."""
-    from jif import model as model_lib
-
     return split_params(model_lib.build_model(model_config, jax.random.key(seed)))
 
 
@@ -279,8 +280,6 @@ def resolve_step_dir(path: str) -> str:
 
 def model_config_from_dict(d: dict):
     """jif.model.ModelConfig from its asdict() form; CheckpointError if fields do not fit."""
-    from jif import model as model_lib
-
     names = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -300,9 +299,6 @@ def load_for_inference(path: str, *, ema: bool = True) -> LoadedModel:
     ema=True loads the exponential moving average of the weights (what evaluation and
     samples use during training); ema=False the raw weights.
     """
-    from jif import model as model_lib
-    from jif.tokenizer import Tokenizer
-
     step_dir = resolve_step_dir(path)
     meta = _read_meta(step_dir)
     for key in ("model_config", "tokenizer", "step"):

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from transfer import coord_check, sweep
+from transfer import analysis, coord_check, sweep
 
 FIGURES = ("loss_vs_lr", "optimum_vs_width")
 
@@ -20,7 +20,7 @@ def test_fit_recovers_vertex_of_known_parabola():
     lrs = np.geomspace(1e-4, 1e-1, 7)
     true = 2.7e-3
     losses = 0.3 * (np.log(lrs) - np.log(true)) ** 2 + 2.0
-    lr, loss, method = sweep.fit_optimum(list(lrs), list(losses))
+    lr, loss, method = analysis.fit_optimum(list(lrs), list(losses))
     assert method == "parabola"
     assert lr == pytest.approx(true, rel=1e-9)
     assert loss == pytest.approx(2.0, abs=1e-9)
@@ -28,10 +28,10 @@ def test_fit_recovers_vertex_of_known_parabola():
 
 def test_fit_falls_back_to_grid_at_edges_and_next_to_divergence():
     lrs = [1e-3, 1e-2, 1e-1]
-    assert sweep.fit_optimum(lrs, [1.0, 2.0, 3.0]) == (1e-3, 1.0, "grid")
-    assert sweep.fit_optimum(lrs, [3.0, 2.0, 1.0]) == (1e-1, 1.0, "grid")
-    assert sweep.fit_optimum(lrs, [3.0, 1.0, math.inf]) == (1e-2, 1.0, "grid")
-    lr, _, method = sweep.fit_optimum(lrs, [math.nan, math.inf, math.nan])
+    assert analysis.fit_optimum(lrs, [1.0, 2.0, 3.0]) == (1e-3, 1.0, "grid")
+    assert analysis.fit_optimum(lrs, [3.0, 2.0, 1.0]) == (1e-1, 1.0, "grid")
+    assert analysis.fit_optimum(lrs, [3.0, 1.0, math.inf]) == (1e-2, 1.0, "grid")
+    lr, _, method = analysis.fit_optimum(lrs, [math.nan, math.inf, math.nan])
     assert math.isnan(lr) and method == "diverged"
 
 
@@ -59,14 +59,14 @@ def _optimum(spec):
 
 
 def _check_outputs(out, n_rows):
-    rows = sweep.read_rows(out / "runs.csv")
+    rows = analysis.read_rows(out / "runs.csv")
     assert len(rows) == n_rows
     summary = json.loads((out / "summary.json").read_text())
     for stem in FIGURES:
         for ext in ("png", "svg"):
             assert (out / f"{stem}.{ext}").stat().st_size > 1000
     # The reported optimum is the best grid point or a fitted vertex beside it.
-    curves = sweep.curves(rows, "val_nelbo")
+    curves = analysis.curves(rows, "val_nelbo")
     for name, entry in summary["optimizers"].items():
         for o in entry["optima"]:
             lrs, losses = curves[(name, o["width"], o["depth"])]
