@@ -29,11 +29,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import json
 import math
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+import tyro
+
+from jif.tokenizer import load_tokenizer
 
 GIRLS = "Lily Mia Anna Sue Amy Lucy Emma Kate Jane Rose Sara Zoe Ella Lisa Mary Ann".split()
 BOYS = "Tom Ben Sam Max Tim Jack Leo Bob Dan Joe Jim Ned Paul Mark Luke Adam".split()
@@ -141,10 +146,15 @@ class _Chooser:
     def __init__(self, rng: np.random.Generator):
         self.rng, self.buf, self.i, self.logp = rng, rng.random(64), 0, 0.0
 
-    def index(self, n: int) -> int:
+    def _uniform(self) -> float:
+        """The next U(0, 1) draw (drawn 64 at a time: one numpy call per 64 choices)."""
         if self.i == len(self.buf):
             self.buf, self.i = self.rng.random(64), 0
         u, self.i = self.buf[self.i], self.i + 1
+        return u
+
+    def index(self, n: int) -> int:
+        u = self._uniform()
         self.logp -= math.log(n)
         return min(int(u * n), n - 1)
 
@@ -152,9 +162,7 @@ class _Chooser:
         return options[self.index(len(options))]
 
     def coin(self, p: float) -> bool:
-        if self.i == len(self.buf):
-            self.buf, self.i = self.rng.random(64), 0
-        u, self.i = self.buf[self.i], self.i + 1
+        u = self._uniform()
         self.logp += math.log(p if u < p else 1.0 - p)
         return bool(u < p)
 
@@ -202,10 +210,15 @@ def generate_story(rng: np.random.Generator) -> tuple[str, float]:
     return " ".join(sentences), ch.logp
 
 
+def text_hash(text: str) -> int:
+    """A stable 64-bit hash of a text (blake2b): splits documents into train and validation
+    by their text alone, whatever the seed or the order they come in."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
 def is_validation(text: str) -> bool:
     """The split a story belongs to, from a hash of its text (so the splits never overlap)."""
-    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-    return h % 100 < VALIDATION_PERCENT
+    return text_hash(text) % 100 < VALIDATION_PERCENT
 
 
 def story_block(seed: int, split: str, block: int) -> list[str]:
@@ -299,6 +312,7 @@ def _all_templates() -> list[str]:
 
 
 _COMPILED = [_compile(t) for t in _all_templates()]
+NAME = re.compile(r"\b(" + _alternation(WORDS["name"]) + r")\b")  # group 1: a grammar name
 
 
 def split_sentences(text: str, quotes: bool = True) -> tuple[list[str], str]:
@@ -411,8 +425,6 @@ def check_text(text: str, *, window: bool = False) -> CheckResult:
 
 # ----------------------------------------------------------------------------- name copying
 
-_NAME = re.compile(r"\b(" + _alternation(WORDS["name"]) + r")\b")
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NameProbes:
@@ -434,7 +446,7 @@ def _tokens_with_names(tokenizer, text: str) -> tuple[list[int], list[tuple[re.M
     Encoding the text piece by piece gives its own tokenisation: GPT-2 pretokens never
     cross a name's edges (a name's leading space goes with the name)."""
     ids, names, pos = [tokenizer.eot_id], [], 0
-    for m in _NAME.finditer(text):
+    for m in NAME.finditer(text):
         cut = m.start() - (m.start() > 0 and text[m.start() - 1] == " ")
         ids += tokenizer.encode(text[pos:cut])
         name_ids = tokenizer.encode(text[cut : m.end()])
@@ -501,7 +513,7 @@ def friend_probes(tokenizer, *, n_stories: int = 64, seq_len: int = 128, seed: i
     (0); a model that knew only the gender would say about 1/16."""
     rows, masks, spans, texts = [], [], [], []
     for story in itertools.islice(iter_stories(seed, "validation"), n_stories):
-        names = list(_NAME.finditer(story))
+        names = list(NAME.finditer(story))
         hero = names[0].group(1)  # every introduction names the hero first
         friends = [m for m in names if m.group(1) != hero]
         if not friends:
@@ -551,11 +563,6 @@ class StoriesConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import json
-    from pathlib import Path
-
-    import tyro
-
     cfg = tyro.cli(StoriesConfig, args=argv, description=StoriesConfig.__doc__)
     if cfg.check:
         r = check_text(Path(cfg.check).read_text(encoding="utf-8"))
@@ -566,8 +573,6 @@ def main(argv: list[str] | None = None) -> None:
         text, logp = generate_story(rng)
         print(f"[log p = {logp:.2f} nats]\n{text}\n")
     if cfg.entropy_stories:
-        from jif.tokenizer import load_tokenizer
-
         tok = load_tokenizer(cfg.n_bpe)
         h = entropy_nats_per_token(tok, n_stories=cfg.entropy_stories, seed=cfg.seed)
         print(f"entropy: {h:.4f} nats/token with n_bpe={cfg.n_bpe} (the loss floor)")
