@@ -8,13 +8,13 @@ The page samples with `jif.sampling.sample(..., return_trajectory=True)` and the
 stored trajectory frame by frame: masked positions are placeholders, the tokens revealed at
 the current step are coloured by the model's confidence, earlier tokens are plain. A slider
 replays any step afterwards without sampling again. All model maths lives in
-`jif.sampling` and `jif.checkpoint`; this file only loads, calls, caches and draws.
+`jif.sampling` and `jif.checkpoint`, the drawing in `jif.render`; this file only loads,
+validates, calls, caches and puts the page together.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html
 import os
 import sys
 import threading
@@ -24,14 +24,12 @@ from collections import OrderedDict
 
 import gradio as gr
 import jax
-import matplotlib
 import numpy as np
+import tyro
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from jif import checkpoint as ckpt  # noqa: E402
-from jif import hostmem, sampling  # noqa: E402
+from jif import checkpoint as ckpt
+from jif import hostmem, render, sampling
+from jif.tokenizer import encode_template
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,8 +55,6 @@ MAX_STEPS = 2000
 MAX_SAMPLES = 8
 MAX_CACHED_MODELS = 4
 DEFAULT_TEMPLATE = "Once upon a time, [MASK:12] happy."
-MASK_GLYPH = "\u2591\u2591"  # placeholder drawn for a masked position
-PLACEHOLDER_CLASS = "jif-mask"  # every placeholder span carries this class
 
 
 def train_command(root: str) -> str:
@@ -143,181 +139,6 @@ class _LRU:
         return len(self._items)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Trajectory:
-    """Everything the page needs to draw any step again without sampling.
-
-    reveal_step: int32 [B, L], the first frame that shows each position (0 for the tokens
-      given by the template, 1..n_steps for generated ones).
-    confidence: float32 [B, L], probability of the revealed token under the distribution it
-      was drawn from (1 for template tokens).
-    tokens: int32 [B, L], the final tokens. pieces: per sample, the text of each position.
-    texts: the decoded samples. scores: jif.stories.check_text per sample, or None.
-    """
-
-    tokens: np.ndarray
-    reveal_step: np.ndarray
-    confidence: np.ndarray
-    pieces: list[list[str]]
-    n_steps: int
-    eot_id: int
-    mask_id: int
-    texts: list[str]
-    scores: list | None
-
-
-def frame_tokens(traj: Trajectory, step: int) -> np.ndarray:
-    """Tokens int32 [B, L] shown after `step` steps: masks where nothing is revealed yet."""
-    return np.where(traj.reveal_step <= step, traj.tokens, traj.mask_id).astype(np.int32)
-
-
-def token_pieces(tokenizer, row) -> list[str]:
-    """The text of each position of one sample, list[str] [L].
-
-    A character split over several byte tokens (an emoji, an accented letter) decodes only
-    as a whole: its text goes to the last token of the group, the others show nothing.
-    """
-    pieces, group = [], []
-    for t in (int(t) for t in row):
-        group.append(t)
-        text = tokenizer.decode(group)
-        if "\ufffd" in text and len(group) < 4:  # UTF-8 characters are at most 4 bytes
-            pieces.append("")
-            continue
-        pieces.append(text)
-        group = []
-    if group:  # an incomplete character at the end: show what the tokens decode to
-        pieces[-len(group) :] = [tokenizer.decode([t]) for t in group]
-    return pieces
-
-
-def from_sample_result(result, tokenizer, *, data: str) -> Trajectory:
-    """jif.sampling.SampleResult (with its trajectory) -> the page's Trajectory.
-
-    The sampler records the 0-based step at which each position was revealed (-1 for fixed
-    tokens); the page counts frames, frame 0 being the template, so a token revealed at
-    sampler step s first shows in frame s + 1 (`jif.sampling.replay(traj, tokens, s + 1)`).
-    """
-    tokens = np.asarray(result.tokens, np.int32)
-    sampled = result.trajectory
-    texts = [tokenizer.decode(row) for row in tokens]
-    scores = None
-    if data == "stories":
-        from jif.stories import check_text
-
-        scores = [check_text(t.replace("<|endoftext|>", " ").strip()) for t in texts]
-    return Trajectory(
-        tokens=tokens,
-        reveal_step=np.asarray(sampled.reveal_step, np.int32) + 1,
-        confidence=np.asarray(sampled.prob, np.float32),
-        pieces=[token_pieces(tokenizer, row) for row in tokens],
-        n_steps=int(np.asarray(sampled.counts).shape[1]),
-        eot_id=tokenizer.eot_id,
-        mask_id=tokenizer.mask_id,
-        texts=texts,
-        scores=scores,
-    )
-
-
-# ----------------------------------------------------------------------------------------
-# Drawing: HTML for the text, matplotlib for the per-step plot
-# ----------------------------------------------------------------------------------------
-
-
-def _confidence_colour(c: float) -> str:
-    """Red (0) through yellow to green (1), light enough to read black text on."""
-    hue = 120.0 * float(np.clip(c, 0.0, 1.0))
-    return f"hsl({hue:.0f}, 85%, 72%)"
-
-
-def render_step(traj: Trajectory, step: int) -> str:
-    """HTML of every sample as it stood after `step` steps (0 = the template)."""
-    blocks = []
-    for b, pieces in enumerate(traj.pieces):
-        spans = []
-        for pos, piece in enumerate(pieces):
-            when = int(traj.reveal_step[b, pos])
-            if when > step:
-                spans.append(
-                    f'<span class="{PLACEHOLDER_CLASS}" style="color:#9aa0a6;'
-                    f'letter-spacing:-1px;margin-right:3px">{MASK_GLYPH}</span>'
-                )
-                continue
-            text = html.escape(piece)
-            if int(traj.tokens[b, pos]) == traj.eot_id:  # BOS first, then story separators
-                text = "" if pos == 0 else '<span style="color:#9aa0a6">⏎</span><br>'
-            if when == step and step > 0:
-                c = float(traj.confidence[b, pos])
-                spans.append(
-                    f'<span class="jif-new" title="confidence {c:.2f}" style="background:'
-                    f'{_confidence_colour(c)};border-radius:3px">{text}</span>'
-                )
-            else:
-                spans.append(f"<span>{text}</span>")
-        blocks.append(
-            '<div class="jif-sample" style="white-space:pre-wrap;font-family:ui-monospace,'
-            "monospace;font-size:15px;line-height:1.6;padding:8px;margin-bottom:8px;"
-            f'border:1px solid #ddd;border-radius:6px"><b>#{b + 1}</b> ' + "".join(spans) + "</div>"
-        )
-    legend = (
-        '<div style="font-size:12px;color:#666;margin-bottom:6px">'
-        f"step {step} / {traj.n_steps} · {MASK_GLYPH} masked · newly revealed coloured by "
-        f'confidence: <span style="background:{_confidence_colour(0.1)}">low</span> '
-        f'<span style="background:{_confidence_colour(0.5)}">mid</span> '
-        f'<span style="background:{_confidence_colour(0.95)}">high</span></div>'
-    )
-    return legend + "".join(blocks)
-
-
-def step_statistics(traj: Trajectory) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(steps [S], tokens revealed per step [S] summed over samples, mean confidence [S])."""
-    steps = np.arange(1, traj.n_steps + 1)
-    revealed = np.array([(traj.reveal_step == s).sum() for s in steps])
-    conf = np.array(
-        [
-            traj.confidence[traj.reveal_step == s].mean() if n else np.nan
-            for s, n in zip(steps, revealed, strict=True)
-        ]
-    )
-    return steps, revealed, conf
-
-
-def plot_statistics(traj: Trajectory):
-    steps, revealed, conf = step_statistics(traj)
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6, 3.2), sharex=True)
-    ax1.bar(steps, revealed, width=1.0, color="#4c78a8")
-    ax1.set_ylabel("revealed")
-    ok = ~np.isnan(conf)
-    ax2.plot(steps[ok], conf[ok], ".-", color="#e45756", markersize=3)
-    top = float(np.nanmax(conf)) if ok.any() else 1.0
-    ax2.set_ylim(0, min(1.02, 1.15 * top) if top > 0 else 1.0)
-    ax2.set_ylabel("mean conf.")
-    ax2.set_xlabel("step")
-    fig.suptitle("tokens revealed and their mean confidence, per step", fontsize=9)
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
-
-
-def scores_markdown(traj: Trajectory, data: str) -> str:
-    if traj.scores is None:
-        return f"Grammar score: only for checkpoints trained on the embedded stories (this one: `{data}`)."
-    rows = [
-        "| # | grammar in context | sentence by sentence | sentences | names and pronouns ok |",
-        "|---|---|---|---|---|",
-    ]
-    for i, r in enumerate(traj.scores):
-        ok = "yes" if r.pronouns_consistent else "no"
-        rows.append(f"| {i + 1} | {r.score:.2f} | {r.grammatical:.2f} | {r.n_sentences} | {ok} |")
-    return "\n".join(rows)
-
-
-def frames_to_play(traj: Trajectory) -> list[int]:
-    """The steps worth showing: 0, then every step that revealed something, then the last."""
-    changed = sorted({int(s) for s in np.unique(traj.reveal_step) if 0 < s <= traj.n_steps})
-    return [0, *changed] if changed and changed[-1] == traj.n_steps else [0, *changed, traj.n_steps]
-
-
 # ----------------------------------------------------------------------------------------
 # The app: load, validate, sample, animate
 # ----------------------------------------------------------------------------------------
@@ -392,8 +213,9 @@ class DiffusionApp:
     # -- one generation ---------------------------------------------------------------
     def run_sampler(
         self, path, method, steps, length, temperature, top_p, seed, n_samples, template
-    ):
-        """Validate everything, sample, and return the Trajectory (raises gr.Error on bad input)."""
+    ) -> tuple[object, render.Samples]:
+        """Validate everything, sample, and return (the loaded model, render.Samples); raises
+        gr.Error on bad input."""
         loaded = self.load(path)
         method, steps, length, temperature, top_p, seed, n_samples = validate_settings(
             method, steps, length, temperature, top_p, seed, n_samples
@@ -410,13 +232,9 @@ class DiffusionApp:
             )
         tok = loaded.tokenizer
         try:
-            row = np.asarray(sampling.encode_template(tok, str(template), length=length), np.int32)
-        except ValueError as e:
+            row = encode_template(tok, str(template), length=length)  # int32 [length]
+        except ValueError as e:  # longer than length: the message says by how much
             raise gr.Error(f"Bad template: {e}") from e
-        if row.shape != (length,):
-            raise gr.Error(
-                f"The template encodes to {row.size} tokens, more than length {length}; raise the length or shorten it."
-            )
         tokens = np.tile(row[None], (n_samples, 1))
         result = sampling.sample(
             loaded.denoise_fn,  # the same object every time: the compiled sampler is reused
@@ -429,14 +247,14 @@ class DiffusionApp:
             top_p=top_p,
             return_trajectory=True,
         )
-        return loaded, from_sample_result(result, tok, data=getattr(loaded, "data", ""))
+        return loaded, render.Samples.from_result(result, tok, data=getattr(loaded, "data", ""))
 
     def generate(
         self, path, method, steps, length, temperature, top_p, seed, n_samples, fps, template
     ):
         """Generator handler: yields (html, replay slider, plot, scores, state) frame by frame."""
         try:
-            loaded, traj = self.run_sampler(
+            loaded, samples = self.run_sampler(
                 path, method, steps, length, temperature, top_p, seed, n_samples, template
             )
         except gr.Error:
@@ -445,10 +263,10 @@ class DiffusionApp:
             traceback.print_exc()
             raise gr.Error(f"Sampling failed: {type(e).__name__}: {e}") from e
         delay = 0.0 if not fps or fps <= 0 else 1.0 / float(fps)
-        slider = dict(minimum=0, maximum=traj.n_steps, step=1)
-        for step in frames_to_play(traj):
+        slider = dict(minimum=0, maximum=samples.n_steps, step=1)
+        for step in render.frames_to_play(samples):
             yield (
-                render_step(traj, step),
+                render.render_step(samples, step),
                 gr.update(value=step, **slider),
                 gr.skip(),
                 gr.skip(),
@@ -457,47 +275,42 @@ class DiffusionApp:
             if delay:
                 time.sleep(delay)
         yield (
-            render_step(traj, traj.n_steps),
-            gr.update(value=traj.n_steps, interactive=True, **slider),
-            plot_statistics(traj),
-            scores_markdown(traj, getattr(loaded, "data", "?")),
-            traj,
+            render.render_step(samples, samples.n_steps),
+            gr.update(value=samples.n_steps, interactive=True, **slider),
+            render.plot_statistics(samples),
+            render.scores_markdown(samples, getattr(loaded, "data", "?")),
+            samples,
         )
 
-    def replay(self, traj: Trajectory | None, step):
-        if traj is None:
+    def replay(self, samples: render.Samples | None, step):
+        if samples is None:
             raise gr.Error("Nothing to replay yet: press Generate first.")
-        return render_step(traj, int(np.clip(int(step or 0), 0, traj.n_steps)))
+        return render.render_step(samples, int(np.clip(int(step or 0), 0, samples.n_steps)))
 
 
 def _same(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _as_int(name: str, value, lo: int, hi: int) -> int:
+def _number(value, ok, allowed: str) -> float:
+    """float(value) when it is finite and ok(it); else gr.Error naming what is allowed."""
     try:
         f = float(value)
     except (TypeError, ValueError):
-        raise gr.Error(
-            f"{name} must be a whole number between {lo} and {hi}, got {value!r}."
-        ) from None
-    if not np.isfinite(f) or f != int(f) or not lo <= f <= hi:
-        raise gr.Error(f"{name} must be a whole number between {lo} and {hi}, got {value!r}.")
-    return int(f)
+        f = float("nan")
+    if not (np.isfinite(f) and ok(f)):
+        raise gr.Error(f"{allowed}, got {value!r}.")
+    return f
+
+
+def _as_int(name: str, value, lo: int, hi: int) -> int:
+    allowed = f"{name} must be a whole number between {lo} and {hi}"
+    return int(_number(value, lambda f: f == int(f) and lo <= f <= hi, allowed))
 
 
 def _as_float(name: str, value, lo: float, hi: float, *, open_lo: bool = False) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise gr.Error(
-            f"{name} must be a number in {'(' if open_lo else '['}{lo}, {hi}], got {value!r}."
-        ) from None
-    if not np.isfinite(f) or f > hi or f < lo or (open_lo and f == lo):
-        raise gr.Error(
-            f"{name} must be a number in {'(' if open_lo else '['}{lo}, {hi}], got {value!r}."
-        )
-    return f
+    allowed = f"{name} must be a number in {'(' if open_lo else '['}{lo}, {hi}]"
+    return _number(value, lambda f: (lo < f if open_lo else lo <= f) and f <= hi, allowed)
 
 
 def validate_settings(method, steps, length, temperature, top_p, seed, n_samples):
@@ -614,8 +427,6 @@ def build_demo(
 
 def main(argv: list[str] | None = None) -> None:
     hostmem.reuse_freed_memory()  # first: before JAX starts its CPU threads
-    import tyro
-
     cfg = tyro.cli(AppConfig, args=argv, description=__doc__.split("\n\n")[0])
     listed = scan_checkpoints(cfg.root)
     if not listed and not cfg.checkpoint:

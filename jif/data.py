@@ -39,17 +39,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import math
-import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import datasets
 import numpy as np
+import tyro
 
-from jif import stories
+from jif import hub, stories
+from jif.tokenizer import load_tokenizer
 
 VALIDATION_FRACTION = 0.05  # share of a file's documents held out for validation
 HUB_DATASET = "roneneldan/TinyStories"
@@ -130,25 +131,11 @@ class StoriesSource:
             )
 
 
-def _hub_offline() -> bool:
-    flags = (
-        os.environ.get(v, "").strip().lower() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
-    return any(f in ("1", "true", "yes", "on") for f in flags)
-
-
 def _load_hub_stream(name: str, split: str) -> datasets.IterableDataset:
     """The hub dataset as a stream; fails fast (no retries) when the hub cannot be reached."""
-    from jif.tokenizer import hub_reachable
-
-    if _hub_offline():
-        raise DataError(
-            f"{name} needs the Hugging Face hub, but HF_HUB_OFFLINE is set; {OFFLINE_ALTERNATIVES}"
-        )
-    if not hub_reachable():
-        raise DataError(
-            f"{name} needs the Hugging Face hub, which is not reachable; {OFFLINE_ALTERNATIVES}"
-        )
+    why_not = hub.unavailable(datasets=True)
+    if why_not is not None:
+        raise DataError(f"{name} needs the Hugging Face hub, but {why_not}; {OFFLINE_ALTERNATIVES}")
     try:
         return datasets.load_dataset(name, split=split, streaming=True)
     except Exception as e:
@@ -236,18 +223,19 @@ FILE_READERS: dict[str, Callable[[Path], list[str]]] = {
 }
 
 
-def _text_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-
-
-def read_documents(path: str | Path, split: str) -> list[str]:
-    """A local file's documents of one split (validation: the VALIDATION_FRACTION of
-    documents with the smallest text hashes, at least one)."""
+def _existing_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise DataError(
             f"data file {str(path)!r} not found; give an existing file, or --data stories"
         )
+    return path
+
+
+def read_documents(path: str | Path, split: str) -> list[str]:
+    """A local file's documents of one split (validation: the VALIDATION_FRACTION of
+    documents with the smallest text hashes, at least one)."""
+    path = _existing_file(path)
     reader = FILE_READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(
@@ -267,7 +255,7 @@ def read_documents(path: str | Path, split: str) -> list[str]:
         raise DataError(
             f"{path}: found {len(docs)} document(s); need at least 2 (one is held out for validation)"
         )
-    order = sorted(range(len(docs)), key=lambda i: (_text_hash(docs[i]), i))
+    order = sorted(range(len(docs)), key=lambda i: (stories.text_hash(docs[i]), i))
     n_val = max(1, math.ceil(VALIDATION_FRACTION * len(docs)))
     val = set(order[:n_val])
     return [d for i, d in enumerate(docs) if (i in val) == (split == "validation")]
@@ -285,11 +273,7 @@ class FileSource:
     """A local file; chunk e = epoch e, the split's documents in a seeded random order."""
 
     def __init__(self, tokenizer, *, split: str, seed: int, path: str):
-        p = Path(path)
-        if not p.is_file():
-            raise DataError(
-                f"data file {path!r} not found; give an existing file, or --data stories"
-            )
+        p = _existing_file(path)
         st = p.stat()
         self.docs = _file_tokens(str(p.resolve()), st.st_mtime_ns, st.st_size, split, tokenizer)
         self.tokenizer, self.seed = tokenizer, seed
@@ -489,12 +473,6 @@ class ShowConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
-    import tyro
-
-    from jif.tokenizer import load_tokenizer
-
     cfg = tyro.cli(ShowConfig, args=argv, description=ShowConfig.__doc__)
     tok = load_tokenizer(cfg.n_bpe)
     try:

@@ -19,8 +19,12 @@ import time
 
 import jax
 import numpy as np
+import tyro
 
 from jif import hostmem, sampling
+from jif.checkpoint import load_for_inference
+from jif.stories import check_text
+from jif.tokenizer import encode_template
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,8 +63,6 @@ class SampleConfig:
 
 def run(cfg: SampleConfig) -> dict:
     """Sample as configured; returns {"texts", "tokens", "scores" (or None), "n_calls", ...}."""
-    from jif.checkpoint import load_for_inference
-
     if cfg.prompt and cfg.template:
         raise ValueError("give either --prompt or --template, not both.")
     if cfg.num < 1:
@@ -73,7 +75,7 @@ def run(cfg: SampleConfig) -> dict:
         raise ValueError(
             f"--length {length} must be between 2 and the checkpoint's context {context}."
         )
-    row = sampling.encode_template(tok, cfg.template or cfg.prompt, length=length)
+    row = encode_template(tok, cfg.template or cfg.prompt, length=length)
     tokens = np.tile(row[None], (cfg.num, 1))
     start = time.perf_counter()
     result = sampling.sample(
@@ -93,8 +95,6 @@ def run(cfg: SampleConfig) -> dict:
     texts = [tok.decode(r[1:].tolist()) for r in out_tokens]  # without the leading BOS
     scores = grammatical = None
     if loaded.data == "stories":
-        from jif.stories import check_text
-
         window = not (cfg.prompt or cfg.template)  # unprompted samples start mid-story
         checks = [check_text(t, window=window) for t in texts]
         scores = [c.score for c in checks]
@@ -142,8 +142,6 @@ def print_report(out: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """The CLI (see --help). Exits with status 2 and a message on a user mistake."""
     hostmem.reuse_freed_memory()  # first: before JAX starts its CPU threads
-    import tyro
-
     cfg = tyro.cli(SampleConfig, args=argv, description=__doc__)
     try:
         out = run(cfg)

@@ -28,7 +28,7 @@ The whole loop is one `jax.lax.while_loop` inside one jitted program.
 Token values come from Gumbel-max on the filtered, temperature-scaled logits. The mask logit
 is never sampled. For the methods whose choice of positions does not depend on the sampled
 value, each position gets one Gumbel draw for the whole run (it is revealed once, and its
-noise comes from a counter-based stream keyed by position, see `noise_bits`), which is
+noise comes from a counter-based stream keyed by position, see `jif.draw`), which is
 what makes "ddpm" and "ddpm_cache" agree sample for sample; they also draw tokens only at
 the positions being revealed, so a cached call costs little more than the network itself.
 """
@@ -36,7 +36,6 @@ the positions being revealed, so a cached call costs little more than the networ
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -44,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-EPS = 1e-3  # schedule floor: alpha_1 = eps (same as training)
+from jif import diffusion, draw
+
 T_MIN = 1e-5  # last time of the ancestral grid before the final denoising step (MDLM's choice)
 
 DenoiseFn = Callable[..., jax.Array]
@@ -57,11 +57,19 @@ class Trajectory(NamedTuple):
     prob: float32 [B, L], probability of the chosen token under the distribution it was drawn
         from (after temperature, top-k, top-p); 1 for fixed tokens.
     counts: int32 [B, n_steps], number of tokens revealed at each step.
+
+    Frames count steps done: frame 0 is the input, frame n_steps the final tokens, and a
+    token revealed at step s first shows in frame s + 1 (`first_frame`).
     """
 
     reveal_step: jax.Array
     prob: jax.Array
     counts: jax.Array
+
+    @property
+    def n_steps(self) -> int:
+        """Number of steps of the run (the last frame)."""
+        return int(np.shape(self.counts)[1])
 
 
 class SampleResult(NamedTuple):
@@ -70,66 +78,6 @@ class SampleResult(NamedTuple):
     tokens: jax.Array
     n_calls: jax.Array
     trajectory: Trajectory | None
-
-
-# ----------------------------------------------------------------------------- token sampling
-
-
-def gumbel_from_bits(bits: jax.Array) -> jax.Array:
-    """Standard Gumbel noise from uniform uint32 bits, float32 with a faithful upper tail.
-
-    G = -log(E), E = -log1p(-v) ~ Exponential(1). v is built from all 32 bits so that it is
-    fine-grained near 0, where E is small and G large: the largest G is about 22.9
-    (probability of exceeding it 1e-10), where the usual -log(-log(u)) with a 23-bit u stops
-    at about 16.
-    """
-    v = (bits.astype(jnp.float32) + 0.5) * 2.0**-32  # in (0, 1]
-    v = jnp.minimum(v, 1.0 - 2.0**-24)  # largest float32 below 1: E stays finite
-    return -jnp.log(-jnp.log1p(-v))
-
-
-def gumbel(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Standard Gumbel noise [shape], float32 (see gumbel_from_bits)."""
-    return gumbel_from_bits(jax.random.bits(key, shape, jnp.uint32))
-
-
-def filter_logits(
-    logits: jax.Array,
-    *,
-    mask_id: int,
-    temperature: float | jax.Array,
-    top_k: int,
-    top_p: float | jax.Array,
-    use_top_p: bool | None = None,
-) -> jax.Array:
-    """Log-probabilities up to a constant, [B, L, V] float32; mask and filtered tokens at -inf.
-
-    The maximum is subtracted before dividing by the temperature, so the logits that can win
-    keep their full float32 precision at any temperature. temperature=0 leaves them unscaled
-    (the caller takes the argmax). temperature and top_p may be traced; top_k and use_top_p
-    (whether to apply top_p at all; default: top_p < 1) are static.
-    """
-    logits = logits.astype(jnp.float32)
-    vocab = logits.shape[-1]
-    if mask_id < vocab:
-        logits = jnp.where(jnp.arange(vocab) == mask_id, -jnp.inf, logits)
-    logits = logits - jnp.max(logits, axis=-1, keepdims=True)
-    logits = jnp.where(
-        temperature > 0, logits / jnp.where(temperature > 0, temperature, 1.0), logits
-    )
-    if 0 < top_k < vocab:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if use_top_p is None:
-        use_top_p = top_p < 1.0
-    if use_top_p:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-        kept = jnp.where(before < top_p, sorted_logits, jnp.inf)
-        threshold = jnp.min(kept, axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return logits
 
 
 # ----------------------------------------------------------------------------- plans
@@ -218,7 +166,7 @@ def choose_expected(plan: Plan, masked, step, block_id, score) -> jax.Array:
 def time_ancestral(plan: Plan, tokens, step, mask_id) -> jax.Array:
     """Noise level 1 - alpha_t [B] at each row's step (for noise-conditioned denoisers)."""
     grid = jnp.asarray(ancestral_grid(plan.steps_per_block - 1), jnp.float32)
-    return (1.0 - EPS) * grid[jnp.minimum(step % plan.steps_per_block, grid.shape[0] - 1)]
+    return diffusion.mask_rate(grid[jnp.minimum(step % plan.steps_per_block, grid.shape[0] - 1)])
 
 
 def time_expected(plan: Plan, tokens, step, mask_id) -> jax.Array:
@@ -305,35 +253,6 @@ METHODS: dict[str, Method] = {
 GATHER = 8  # positions per row drawn at once when the positions are known before the draw
 
 
-def _argmax(x: jax.Array) -> jax.Array:
-    """argmax over the last axis, int32 [...] (first index on ties). Two vectorised max
-    reductions: XLA's CPU argmax (a (value, index) reduction) is several times slower."""
-    m = jnp.max(x, axis=-1, keepdims=True)
-    neg_iota = -jnp.arange(x.shape[-1], dtype=jnp.float32)
-    return (-jnp.max(jnp.where(x == m, neg_iota, -jnp.inf), axis=-1)).astype(jnp.int32)
-
-
-def _fmix32(x: jax.Array) -> jax.Array:
-    """murmur3's 32-bit finaliser: a bijection of uint32 that mixes every bit into every bit."""
-    x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
-    x = (x ^ (x >> 13)) * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def noise_bits(seed: jax.Array, vocab: int, counter: jax.Array | int = 0) -> jax.Array:
-    """Random uint32 [..., vocab] from per-position seeds uint32 [...] (threefry draws).
-
-    A counter-based stream (SplitMix-style: a Weyl sequence over the vocabulary through two
-    bijective mixes), so the noise of any subset of positions is computed on the spot, the
-    same whenever it is computed: "ddpm" and "ddpm_cache" draw identical tokens without
-    storing [B, L, V] noise, and `counter` gives fresh noise per call where needed.
-    """
-    v = jnp.arange(vocab, dtype=jnp.uint32)
-    x = _fmix32(seed[..., None] + v * jnp.uint32(0x9E3779B9))
-    salt = jnp.asarray(counter).astype(jnp.uint32) * jnp.uint32(0x632BE5AB) + jnp.uint32(1)
-    return _fmix32(x ^ salt)
-
-
 class _State(NamedTuple):
     tokens: jax.Array  # int32 [B, L]
     step: jax.Array  # int32 [B], each row's current step (n_steps when done)
@@ -382,7 +301,7 @@ def _sample(
     plan = planner.plan(k_plan, masked0, block_id, n_blocks, steps // n_blocks)
     rows = jnp.arange(batch)[:, None]
     filt = functools.partial(
-        filter_logits,
+        draw.filter_logits,
         mask_id=mask_id,
         temperature=temperature,
         top_k=top_k,
@@ -398,12 +317,6 @@ def _sample(
     vocab = jax.eval_shape(call, tokens, jnp.zeros((batch,), jnp.int32)).shape[-1]
     seeds = jax.random.bits(k_noise, (batch, length), jnp.uint32)  # one noise stream a position
 
-    def draw(logits, noise):
-        """Gumbel-max at the temperature (argmax at 0), int32 [...], and its log-prob."""
-        chosen = _argmax(jnp.where(temperature > 0, logits + noise, logits))
-        picked = jnp.take_along_axis(logits, chosen[..., None], axis=-1)[..., 0]
-        return chosen, picked - jax.nn.logsumexp(logits, axis=-1)
-
     def fill(raw, todo, tokens, prob):
         """Draw tokens at the positions `todo` [B, L] only, GATHER per row at a time."""
 
@@ -412,8 +325,10 @@ def _sample(
             idx = jnp.argsort(~todo, axis=1, stable=True)[:, :GATHER]  # todo positions first
             take = jnp.take_along_axis(todo, idx, axis=1)
             logits = filt(jnp.take_along_axis(raw, idx[..., None], axis=1))
-            noise = gumbel_from_bits(noise_bits(jnp.take_along_axis(seeds, idx, 1), vocab))
-            chosen, chosen_logp = draw(logits, noise)
+            noise = draw.gumbel_from_bits(
+                draw.noise_bits(jnp.take_along_axis(seeds, idx, 1), vocab)
+            )
+            chosen, chosen_logp = draw.gumbel_max(logits, noise, temperature)
             old = jnp.take_along_axis(tokens, idx, axis=1)
             tokens = tokens.at[rows, idx].set(jnp.where(take, chosen, old))
             if return_trajectory:
@@ -428,8 +343,8 @@ def _sample(
         masked = state.tokens == mask_id
         raw = call(state.tokens, state.step)
         if spec.score_uses_sample:  # draw everywhere, then choose where to keep the draw
-            noise = gumbel_from_bits(noise_bits(seeds, vocab, state.n_calls + 1))
-            chosen, chosen_logp = draw(filt(raw), noise)
+            noise = draw.gumbel_from_bits(draw.noise_bits(seeds, vocab, state.n_calls + 1))
+            chosen, chosen_logp = draw.gumbel_max(filt(raw), noise, temperature)
             score = spec.score(None, chosen_logp, plan.rand)
             reveal = planner.choose(plan, masked, state.step, block_id, score)
             tokens = jnp.where(reveal, chosen, state.tokens)
@@ -545,44 +460,16 @@ def sample(
     )
 
 
+def first_frame(trajectory: Trajectory) -> np.ndarray:
+    """The first frame that shows each position, int32 [B, L]: 0 for fixed tokens, s + 1 for
+    a token revealed at step s."""
+    return np.asarray(trajectory.reveal_step, np.int32) + 1
+
+
 def replay(trajectory: Trajectory, final_tokens, step: int, mask_id: int) -> np.ndarray:
     """Frame after `step` steps, int32 [B, L]: step 0 is the input, n_steps the final tokens."""
-    shown = np.asarray(trajectory.reveal_step) < step
+    shown = first_frame(trajectory) <= step
     return np.where(shown, np.asarray(final_tokens), mask_id).astype(np.int32)
-
-
-# ----------------------------------------------------------------------------- text helpers
-
-_MASK = re.compile(r"\[MASK(?::(\d+))?\]")
-
-
-def encode_template(tokenizer, template: str, *, length: int) -> np.ndarray:
-    """Encode a prompt or infilling template into tokens int32 [length].
-
-    "[MASK:n]" stands for n generated tokens and "[MASK]" for one; text around them is fixed.
-    The sequence starts with the end-of-text token (the BOS of the training data) and is
-    filled with masks up to `length`, so a plain prompt is continued and a template is both
-    infilled and continued. Spaces just before a mask are dropped: byte-level BPE puts a
-    word's space in the word's token, so the generated token brings its own.
-    """
-    pieces = _MASK.split(template)  # text, count, text, count, ..., text
-    ids = [tokenizer.eot_id]
-    for i in range(0, len(pieces), 2):
-        text, n_masks = pieces[i], None
-        if i + 1 < len(pieces):
-            n_masks = int(pieces[i + 1] or 1)
-        if n_masks is not None or len(ids) + len(tokenizer.encode(text)) < length:
-            text = text.rstrip(" ")
-        if text:
-            ids += tokenizer.encode(text)
-        ids += [tokenizer.mask_id] * (n_masks or 0)
-    if len(ids) > length:
-        raise ValueError(
-            f"the template is {len(ids)} tokens (with the leading end-of-text token), "
-            f"{len(ids) - length} more than the context length {length}: shorten it by "
-            f"{len(ids) - length} tokens."
-        )
-    return np.asarray(ids + [tokenizer.mask_id] * (length - len(ids)), np.int32)
 
 
 def expected_calls(steps: int, length: int) -> float:
@@ -598,10 +485,8 @@ __all__ = [
     "PLANNERS",
     "SampleResult",
     "Trajectory",
-    "encode_template",
     "expected_calls",
-    "filter_logits",
-    "gumbel",
+    "first_frame",
     "replay",
     "sample",
 ]

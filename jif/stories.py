@@ -28,12 +28,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
+import json
 import math
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+import tyro
+
+from jif.tokenizer import load_tokenizer
 
 GIRLS = "Lily Mia Anna Sue Amy Lucy Emma Kate Jane Rose Sara Zoe Ella Lisa Mary Ann".split()
 BOYS = "Tom Ben Sam Max Tim Jack Leo Bob Dan Joe Jim Ned Paul Mark Luke Adam".split()
@@ -141,10 +145,15 @@ class _Chooser:
     def __init__(self, rng: np.random.Generator):
         self.rng, self.buf, self.i, self.logp = rng, rng.random(64), 0, 0.0
 
-    def index(self, n: int) -> int:
+    def _uniform(self) -> float:
+        """The next U(0, 1) draw (drawn 64 at a time: one numpy call per 64 choices)."""
         if self.i == len(self.buf):
             self.buf, self.i = self.rng.random(64), 0
         u, self.i = self.buf[self.i], self.i + 1
+        return u
+
+    def index(self, n: int) -> int:
+        u = self._uniform()
         self.logp -= math.log(n)
         return min(int(u * n), n - 1)
 
@@ -152,9 +161,7 @@ class _Chooser:
         return options[self.index(len(options))]
 
     def coin(self, p: float) -> bool:
-        if self.i == len(self.buf):
-            self.buf, self.i = self.rng.random(64), 0
-        u, self.i = self.buf[self.i], self.i + 1
+        u = self._uniform()
         self.logp += math.log(p if u < p else 1.0 - p)
         return bool(u < p)
 
@@ -202,10 +209,15 @@ def generate_story(rng: np.random.Generator) -> tuple[str, float]:
     return " ".join(sentences), ch.logp
 
 
+def text_hash(text: str) -> int:
+    """A stable 64-bit hash of a text (blake2b): splits documents into train and validation
+    by their text alone, whatever the seed or the order they come in."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
 def is_validation(text: str) -> bool:
     """The split a story belongs to, from a hash of its text (so the splits never overlap)."""
-    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-    return h % 100 < VALIDATION_PERCENT
+    return text_hash(text) % 100 < VALIDATION_PERCENT
 
 
 def story_block(seed: int, split: str, block: int) -> list[str]:
@@ -299,6 +311,7 @@ def _all_templates() -> list[str]:
 
 
 _COMPILED = [_compile(t) for t in _all_templates()]
+NAME = re.compile(r"\b(" + _alternation(WORDS["name"]) + r")\b")  # group 1: a grammar name
 
 
 def split_sentences(text: str, quotes: bool = True) -> tuple[list[str], str]:
@@ -409,128 +422,6 @@ def check_text(text: str, *, window: bool = False) -> CheckResult:
     )
 
 
-# ----------------------------------------------------------------------------- name copying
-
-_NAME = re.compile(r"\b(" + _alternation(WORDS["name"]) + r")\b")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class NameProbes:
-    """Validation stories with one repeated name masked: does a model copy names?"""
-
-    tokens: np.ndarray
-    """int32 [n, seq_len]: BOS + one validation story, eot-padded (unmasked)."""
-    mask: np.ndarray
-    """bool [n, seq_len]: the tokens of one mention of a name the story has named before."""
-    texts: tuple[str, ...]
-    """The story of each row."""
-    spans: tuple[tuple[int, int], ...]
-    """Character span of the masked name in its story."""
-
-
-def _tokens_with_names(tokenizer, text: str) -> tuple[list[int], list[tuple[re.Match, int, int]]]:
-    """BOS + the text's tokens, and each name mention as (match, first token, n tokens).
-
-    Encoding the text piece by piece gives its own tokenisation: GPT-2 pretokens never
-    cross a name's edges (a name's leading space goes with the name)."""
-    ids, names, pos = [tokenizer.eot_id], [], 0
-    for m in _NAME.finditer(text):
-        cut = m.start() - (m.start() > 0 and text[m.start() - 1] == " ")
-        ids += tokenizer.encode(text[pos:cut])
-        name_ids = tokenizer.encode(text[cut : m.end()])
-        names.append((m, len(ids), len(name_ids)))
-        ids += name_ids
-        pos = m.end()
-    return ids + tokenizer.encode(text[pos:]), names
-
-
-def _row(tokenizer, ids: list[int], seq_len: int) -> np.ndarray:
-    """int32 [seq_len]: ids cut to seq_len or padded with eot."""
-    row = np.full(seq_len, tokenizer.eot_id, np.int32)
-    row[: min(len(ids), seq_len)] = ids[:seq_len]
-    return row
-
-
-def name_probes(tokenizer, *, n_stories: int = 32, seq_len: int = 128, seed: int = 0):
-    """One probe per repeated name mention in the first `n_stories` validation stories.
-
-    A name's later mentions are fixed by the story so far, so the masked tokens are what a
-    model that copies names predicts with near certainty; one that only knows that a name
-    goes there pays about log 32 = 3.47 nats (the 32 names are equally likely)."""
-    rows, masks, texts, spans_out = [], [], [], []
-    for story in itertools.islice(iter_stories(seed, "validation"), n_stories):
-        ids, names = _tokens_with_names(tokenizer, story)
-        row = _row(tokenizer, ids, seq_len)
-        seen = set()
-        for m, start, n_tok in names:
-            if m.group(1) in seen and start + n_tok <= seq_len:
-                mask = np.zeros(seq_len, bool)
-                mask[start : start + n_tok] = True
-                rows.append(row)
-                masks.append(mask)
-                texts.append(story)
-                spans_out.append((m.start(), m.end()))
-            seen.add(m.group(1))
-    return NameProbes(
-        tokens=np.array(rows, np.int32).reshape(-1, seq_len),
-        mask=np.array(masks, bool).reshape(-1, seq_len),
-        texts=tuple(texts),
-        spans=tuple(spans_out),
-    )
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FriendProbes:
-    """Validation stories with the hero's name written where the friend is introduced."""
-
-    tokens: np.ndarray
-    """int32 [n, seq_len]: BOS + the story with the hero's name at the friend's
-    introduction, eot-padded or cut to seq_len."""
-    mask: np.ndarray
-    """bool [n, seq_len]: that introduction's name and every later mention of the friend."""
-    span: np.ndarray
-    """bool [n, seq_len]: the hero's name at the introduction (inside mask)."""
-    texts: tuple[str, ...]
-    """The altered story of each row."""
-
-
-def friend_probes(tokenizer, *, n_stories: int = 64, seq_len: int = 128, seed: int = 0):
-    """Does a model name the friend after the hero? One probe per validation story with a
-    friend: the friend's name is masked everywhere, and the probe asks for the probability
-    that the introduction ("... a friend named [?]") names the hero. The grammar never does
-    (0); a model that knew only the gender would say about 1/16."""
-    rows, masks, spans, texts = [], [], [], []
-    for story in itertools.islice(iter_stories(seed, "validation"), n_stories):
-        names = list(_NAME.finditer(story))
-        hero = names[0].group(1)  # every introduction names the hero first
-        friends = [m for m in names if m.group(1) != hero]
-        if not friends:
-            continue
-        intro, friend = friends[0], friends[0].group(1)
-        text = story[: intro.start()] + hero + story[intro.end() :]
-        ids, mentions = _tokens_with_names(tokenizer, text)
-        mask, span = np.zeros(seq_len, bool), np.zeros(seq_len, bool)
-        for m, start, n_tok in mentions:
-            if m.start() == intro.start():
-                if start + n_tok > seq_len:  # the introduction is cut off
-                    break
-                span[start : start + n_tok] = mask[start : start + n_tok] = True
-            elif m.group(1) == friend:
-                mask[start : start + n_tok] = True  # (a mention cut at seq_len: its start)
-        if not span.any():
-            continue
-        rows.append(_row(tokenizer, ids, seq_len))
-        masks.append(mask)
-        spans.append(span)
-        texts.append(text)
-    return FriendProbes(
-        tokens=np.array(rows, np.int32).reshape(-1, seq_len),
-        mask=np.array(masks, bool).reshape(-1, seq_len),
-        span=np.array(spans, bool).reshape(-1, seq_len),
-        texts=tuple(texts),
-    )
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -551,11 +442,6 @@ class StoriesConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import json
-    from pathlib import Path
-
-    import tyro
-
     cfg = tyro.cli(StoriesConfig, args=argv, description=StoriesConfig.__doc__)
     if cfg.check:
         r = check_text(Path(cfg.check).read_text(encoding="utf-8"))
@@ -566,8 +452,6 @@ def main(argv: list[str] | None = None) -> None:
         text, logp = generate_story(rng)
         print(f"[log p = {logp:.2f} nats]\n{text}\n")
     if cfg.entropy_stories:
-        from jif.tokenizer import load_tokenizer
-
         tok = load_tokenizer(cfg.n_bpe)
         h = entropy_nats_per_token(tok, n_stories=cfg.entropy_stories, seed=cfg.seed)
         print(f"entropy: {h:.4f} nats/token with n_bpe={cfg.n_bpe} (the loss floor)")

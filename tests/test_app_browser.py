@@ -17,7 +17,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 import test_app  # noqa: E402  (same folder: pytest puts it on sys.path)
 
-import app  # noqa: E402
+from jif import render  # noqa: E402
 
 fake_server = test_app.fake_server  # the page over a fake denoiser with a known answer
 
@@ -61,16 +61,18 @@ def test_generate_animates_until_no_placeholder(fake_server, browser):
         html = text.inner_html()
         if not seen or html != seen[-1]:
             seen.append(html)
-            if sum(app.PLACEHOLDER_CLASS in h for h in seen) == 6:  # mid-animation
+            if sum(render.PLACEHOLDER_CLASS in h for h in seen) == 6:  # mid-animation
                 ARTIFACTS.mkdir(exist_ok=True)
                 page.screenshot(path=str(ARTIFACTS / "app_animating.png"), full_page=True)
-        if "jif-sample" in html and app.PLACEHOLDER_CLASS not in html:
+        if render.SAMPLE_CLASS in html and render.PLACEHOLDER_CLASS not in html:
             break
         time.sleep(0.02)
-    with_placeholders = [h for h in seen if app.PLACEHOLDER_CLASS in h]
+    with_placeholders = [h for h in seen if render.PLACEHOLDER_CLASS in h]
     assert len(with_placeholders) >= 3, f"only {len(with_placeholders)} animation frames seen"
-    assert app.PLACEHOLDER_CLASS not in seen[-1], "the animation ended with masks left"
-    counts = [h.count(app.PLACEHOLDER_CLASS) for h in with_placeholders if "jif-sample" in h]
+    assert render.PLACEHOLDER_CLASS not in seen[-1], "the animation ended with masks left"
+    counts = [
+        h.count(render.PLACEHOLDER_CLASS) for h in with_placeholders if render.SAMPLE_CLASS in h
+    ]
     assert counts == sorted(counts, reverse=True), "placeholders only ever disappear"
     page.wait_for_selector("#jif-scores table", timeout=30_000)  # grammar scores drawn last
 
@@ -84,5 +86,5 @@ def test_generate_animates_until_no_placeholder(fake_server, browser):
     page.wait_for_function(
         "document.querySelector('#jif-text').innerHTML.includes('step 0 /')", timeout=30_000
     )
-    assert text.inner_html().count(app.PLACEHOLDER_CLASS) == counts[0]
+    assert text.inner_html().count(render.PLACEHOLDER_CLASS) == counts[0]
     page.close()

@@ -239,10 +239,14 @@ def test_bad_inputs(tok, tmp_path):
 
 def test_tinystories_offline_fails_fast(tok, monkeypatch):
     t0 = time.monotonic()
-    with pytest.raises(DataError, match="--data stories"):  # HF_HUB_OFFLINE=1 (conftest)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="HF_HUB_OFFLINE is set; .*--data stories"):
         TokenBatches("tinystories", tok, batch_size=2, seq_len=8)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(DataError, match="HF_DATASETS_OFFLINE is set; .*--data stories"):
+        TokenBatches("tinystories", tok, batch_size=2, seq_len=8)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     with pytest.raises(DataError, match="not reachable.*--data stories.*--data PATH"):
         TokenBatches("tinystories", tok, batch_size=2, seq_len=8)

@@ -9,8 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jif import sampling
-from jif.sampling import METHODS, encode_template, filter_logits, replay, sample
+from jif import diffusion, draw, sampling, train
+from jif import sample as sample_cli
+from jif.checkpoint import load_for_inference
+from jif.draw import filter_logits
+from jif.sampling import METHODS, first_frame, replay, sample
+from jif.tokenizer import encode_template
 
 # ----------------------------------------------------------------------------- exact denoiser
 
@@ -160,15 +164,19 @@ def test_argmax_at_temperature_zero(method, block_length):
     got = np.asarray(out.tokens)
     np.testing.assert_array_equal(got, np.where(masked, TARGET[None, :], tokens))
     traj = out.trajectory
-    n_steps = traj.counts.shape[1]
+    n_steps = traj.n_steps
+    n_final = (3 if block_length else 1) * (METHODS[method].planner == "ancestral")
+    assert n_steps == traj.counts.shape[1] == 24 + n_final  # a final denoising step a block
     np.testing.assert_array_equal(replay(traj, got, 0, MASK_FAKE), tokens)
     np.testing.assert_array_equal(replay(traj, got, n_steps, MASK_FAKE), got)
     for step in range(n_steps):  # each frame reveals exactly counts[:, step] more tokens
         before = replay(traj, got, step, MASK_FAKE) == MASK_FAKE
         after = replay(traj, got, step + 1, MASK_FAKE) == MASK_FAKE
         np.testing.assert_array_equal((before & ~after).sum(1), np.asarray(traj.counts[:, step]))
+        np.testing.assert_array_equal(before & ~after, first_frame(traj) == step + 1)
     reveal = np.asarray(traj.reveal_step)
     assert (reveal[~masked] == -1).all() and (reveal[masked] >= 0).all()
+    assert (first_frame(traj)[~masked] == 0).all()  # fixed tokens show from frame 0
     if block_length:  # blocks are generated left to right
         block_of_step = reveal // (n_steps // 3)
         block_of_pos = np.broadcast_to(np.arange(L_FAKE) // 4, tokens.shape)
@@ -243,20 +251,20 @@ def test_top_k_and_top_p():
 
 
 def test_gumbel_moments():
-    g = np.asarray(sampling.gumbel(jax.random.key(8), (400_000,)), np.float64)
+    g = np.asarray(draw.gumbel(jax.random.key(8), (400_000,)), np.float64)
     assert abs(g.mean() - np.euler_gamma) < 0.01 and abs(g.var() - np.pi**2 / 6) < 0.02
     assert np.isfinite(g).all()
 
 
 def test_noise_stream_is_uniform_and_uncorrelated():
     seeds = jax.random.bits(jax.random.key(11), (2000,), jnp.uint32)
-    streams = [np.asarray(sampling.noise_bits(seeds, 200, c), np.float64) / 2**32 for c in (0, 1)]
+    streams = [np.asarray(draw.noise_bits(seeds, 200, c), np.float64) / 2**32 for c in (0, 1)]
     for u in streams:
         assert abs(u.mean() - 0.5) < 0.002 and abs(u.var() - 1 / 12) < 0.001
         assert abs(np.corrcoef(u[:, :-1].ravel(), u[:, 1:].ravel())[0, 1]) < 0.01  # along v
         assert abs(np.corrcoef(u[:-1].ravel(), u[1:].ravel())[0, 1]) < 0.01  # across seeds
     assert abs(np.corrcoef(streams[0].ravel(), streams[1].ravel())[0, 1]) < 0.01  # counters
-    g = np.asarray(sampling.gumbel_from_bits(sampling.noise_bits(seeds, 200)), np.float64)
+    g = np.asarray(draw.gumbel_from_bits(draw.noise_bits(seeds, 200)), np.float64)
     assert abs(g.mean() - np.euler_gamma) < 0.01 and abs(g.var() - np.pi**2 / 6) < 0.03
 
 
@@ -284,7 +292,7 @@ def test_time_conditioned_ddpm_sees_schedule_and_cache_refuses():
         return_trajectory=True,
     )
     grid = sampling.ancestral_grid(20)
-    level = (1 - sampling.EPS) * grid[np.asarray(out.trajectory.reveal_step)]
+    level = diffusion.mask_rate(grid[np.asarray(out.trajectory.reveal_step)])
     np.testing.assert_array_equal(np.asarray(out.tokens), np.where(level > 0.5, 0, 1))
     with pytest.raises(ValueError, match="noise level"):
         sample(
@@ -310,28 +318,7 @@ def test_bad_options_raise():
         sample(fake_denoise_fn, jax.random.key(0), tokens, mask_id=MASK_FAKE, top_p=0.0)
 
 
-# ----------------------------------------------------------------------------- templates
-
-
-class FakeTokenizer:
-    """Characters as tokens: id = ord(c) - 97 for a..z, 26 for anything else."""
-
-    eot_id, mask_id = 27, 28
-
-    def encode(self, text):
-        return [ord(c) - 97 if "a" <= c <= "z" else 26 for c in text]
-
-
-def test_encode_template():
-    tok = FakeTokenizer()
-    got = encode_template(tok, "ab [MASK:3] c[MASK]", length=12)
-    want = [27, 0, 1, 28, 28, 28, 26, 2, 28, 28, 28, 28]  # no space before a mask
-    np.testing.assert_array_equal(got, want)
-    assert got.dtype == np.int32
-    np.testing.assert_array_equal(encode_template(tok, "hi ", length=5), [27, 7, 8, 28, 28])
-    np.testing.assert_array_equal(encode_template(tok, "hi ", length=4), [27, 7, 8, 26])
-    with pytest.raises(ValueError, match="3 more than the context length 8"):
-        encode_template(tok, "abcd[MASK:6]", length=8)
+# ----------------------------------------------------------------------------- calls
 
 
 def test_expected_calls_matches_sampler():
@@ -355,8 +342,6 @@ def test_expected_calls_matches_sampler():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from jif import train
-
     out = tmp_path_factory.mktemp("sample_cli") / "run"
     train.main(
         ["--preset", "tiny", "--steps", "2", "--batch-size", "4", "--seq-len", "32"]
@@ -366,9 +351,6 @@ def tiny_run(tmp_path_factory):
 
 
 def test_cli_end_to_end(tiny_run, capsys):
-    from jif import sample as sample_cli
-    from jif.checkpoint import load_for_inference
-
     tok = load_for_inference(tiny_run).tokenizer
     template = "Once upon a time, [MASK:5] was happy."
     argv = ["--checkpoint", tiny_run, "--steps", "16", "--num", "2", "--template", template]
@@ -391,8 +373,6 @@ def test_cli_end_to_end(tiny_run, capsys):
 
 
 def test_cli_user_mistakes(tiny_run, tmp_path, capsys):
-    from jif import sample as sample_cli
-
     for argv, message in [
         (["--checkpoint", str(tmp_path / "nothing")], "does not exist"),
         (["--checkpoint", tiny_run, "--template", "[MASK:40]"], "more than the context length 32"),

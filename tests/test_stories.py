@@ -1,4 +1,4 @@
-"""The story grammar: log-probabilities, splits and the checker."""
+"""The story grammar: log-probabilities, splits, the checker and the name probes."""
 
 import itertools
 import math
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jif import stories
+from jif.probes import friend_probes, name_probes
 from jif.stories import check_text, generate_story, iter_stories, split_sentences
 from jif.tokenizer import load_tokenizer
 
@@ -244,7 +245,7 @@ def test_cli(capsys, tmp_path):
 
 def test_name_probes_mask_one_repeated_name_fixed_by_the_grammar():
     tok = load_tokenizer(2048, source="package")
-    probes = stories.name_probes(tok, n_stories=6, seq_len=128)
+    probes = name_probes(tok, n_stories=6, seq_len=128)
     assert len(probes.tokens) >= 12
     rows = zip(probes.tokens, probes.mask, probes.texts, probes.spans, strict=True)
     for row, mask, text, (c0, c1) in rows:
@@ -258,12 +259,12 @@ def test_name_probes_mask_one_repeated_name_fixed_by_the_grammar():
             n for n in stories.WORDS["name"] if check_text(text[:c0] + n + text[c1:]).score == 1
         ]
         assert fits == [name]  # the story so far fixes the name: a copying model is sure
-    assert len(stories.name_probes(tok, n_stories=6, seq_len=16).tokens) == 0
+    assert len(name_probes(tok, n_stories=6, seq_len=16).tokens) == 0
 
 
 def test_friend_probes_put_the_hero_where_the_friend_is_introduced():
     tok = load_tokenizer(2048, source="package")
-    probes = stories.friend_probes(tok, n_stories=12, seq_len=128)
+    probes = friend_probes(tok, n_stories=12, seq_len=128)
     assert len(probes.tokens) == 12  # every story has a friend, introduced early
     originals = list(itertools.islice(stories.iter_stories(0, "validation"), 12))
     for row, mask, span, text, story in zip(

