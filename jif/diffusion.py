@@ -15,6 +15,7 @@ Shapes: B batch, L sequence length, V vocabulary. Times t are float32 [B] in (0,
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 
@@ -223,6 +224,13 @@ def eval_times(n_times: int) -> np.ndarray:
     return (np.arange(n_times, dtype=np.float32) + 0.5) / n_times
 
 
+@functools.partial(jax.jit, static_argnames=("logits_fn", "mask_id"))
+def _nelbo_sums(logits_fn, model, x0, t, key, mask_id):
+    """(sum of per-sequence NELBOs, masked NLL sum, masked count) of one batch at times t."""
+    per_seq, masked, nll = nelbo_terms(lambda xt, r: logits_fn(model, xt, r), x0, t, key, mask_id)
+    return jnp.sum(per_seq), jnp.sum(nll), jnp.sum(masked)
+
+
 def eval_nelbo(
     logits_fn: LogitsFn,
     x0_batches: Iterable[np.ndarray] | np.ndarray,
@@ -230,6 +238,7 @@ def eval_nelbo(
     mask_id: int,
     n_times: int = 8,
     seed: int = 0,
+    model=None,
 ) -> dict[str, float]:
     """Validation NELBO with a fixed time grid and fixed masks: same weights -> same number.
 
@@ -237,16 +246,17 @@ def eval_nelbo(
     sequence is evaluated at each of the n_times midpoint times, with masks drawn from keys
     fixed by (seed, batch index, time index). Returns nelbo (nats/token), bits_per_token,
     ppl_bound, masked_ce, n_sequences, and loss_t{lo}-{hi} per noise-level bucket.
+
+    With `model` given, logits_fn is called as logits_fn(model, xt, rate): a module-level
+    logits_fn (e.g. jif.model.apply_logits) then compiles once for every model of one shape.
     """
     if isinstance(x0_batches, np.ndarray | jax.Array) and np.ndim(x0_batches) == 2:
         x0_batches = [x0_batches]
     if n_times < 1:
         raise ValueError(f"n_times={n_times} must be >= 1.")
-
-    @jax.jit
-    def terms(x0, t, key):
-        per_seq, masked, nll = nelbo_terms(logits_fn, x0, t, key, mask_id)
-        return jnp.sum(per_seq), jnp.sum(nll), jnp.sum(masked)
+    if model is None:
+        logits_fn = (lambda fn: lambda _, xt, r: fn(xt, r))(logits_fn)
+    terms = lambda x0, t, key: _nelbo_sums(logits_fn, model, x0, t, key, mask_id)
 
     times = eval_times(n_times)
     per_time = np.zeros(n_times)

@@ -18,7 +18,7 @@ import numpy as np
 
 from jif import checkpoint as ckpt
 from jif import data as data_lib
-from jif import diffusion, sampling, stories
+from jif import diffusion, probes, sampling, stories
 from jif import model as model_lib
 
 
@@ -69,10 +69,10 @@ def batched(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 
 def val_nelbo(model, batches, *, mask_id: int, n_times: int) -> dict:
-    """`jif.diffusion.eval_nelbo` of a bound DiT on fixed batches (time grid seed 0)."""
-    jitted = jax.jit(lambda m, xt, r: model_lib.apply_logits(m, xt, r))
+    """`jif.diffusion.eval_nelbo` of a bound DiT on fixed batches (time grid seed 0); one
+    compile serves every model of the same shape."""
     return diffusion.eval_nelbo(
-        lambda xt, r: jitted(model, xt, r), batches, mask_id=mask_id, n_times=n_times, seed=0
+        model_lib.apply_logits, batches, mask_id=mask_id, n_times=n_times, seed=0, model=model
     )
 
 
@@ -102,8 +102,8 @@ class Evaluator:
         self.val_batches = batched(val, batch_size)
         self.probes = self.friends = None
         if data == "stories":
-            self.probes = stories.name_probes(tokenizer, seq_len=seq_len, seed=seed)
-            self.friends = stories.friend_probes(tokenizer, seq_len=seq_len, seed=seed)
+            self.probes = probes.name_probes(tokenizer, seq_len=seq_len, seed=seed)
+            self.friends = probes.friend_probes(tokenizer, seq_len=seq_len, seed=seed)
 
     def __call__(self, unbound, params, key) -> dict:
         """Validation NELBO of `params` on the fixed validation set, plus decoded samples and
@@ -113,10 +113,8 @@ class Evaluator:
         mask_id = self.tokenizer.mask_id
         model = ckpt.bind_params(unbound, params)
         jitted = jax.jit(lambda m, xt, r: model_lib.apply_logits(m, xt, r))
-        logits = lambda xt, r: jitted(model, xt, r)
-        result = diffusion.eval_nelbo(
-            logits, self.val_batches, mask_id=mask_id, n_times=self.cfg.eval_times, seed=0
-        )
+        logits = lambda xt, r: jitted(model, xt, r)  # for the probes
+        result = val_nelbo(model, self.val_batches, mask_id=mask_id, n_times=self.cfg.eval_times)
         out = {
             "val_" + k: float(v)
             for k, v in result.items()
