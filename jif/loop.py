@@ -21,16 +21,35 @@ import jax.numpy as jnp
 import optax
 
 from jif import checkpoint as ckpt
-from jif import diffusion, optim
-from jif import model as model_lib
+from jif import objectives, optim
 
 
 class Diverged(FloatingPointError):
-    """A step produced a non-finite loss; `.step` is the step number, `.loss` the value."""
+    """A step produced a non-finite loss, gradient norm or parameter; `.step` is the step
+    number, `.loss` and `.grad_norm` its values. The state it returned is the last good one."""
 
-    def __init__(self, step: int, loss: float):
-        super().__init__(f"non-finite loss ({loss}) at step {step}")
-        self.step, self.loss = step, loss
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        what = (
+            "loss"
+            if not math.isfinite(loss)
+            else "gradient norm"
+            if not math.isfinite(grad_norm)
+            else "update"
+        )
+        super().__init__(
+            f"non-finite {what} at step {step} (loss {loss}, gradient norm {grad_norm})"
+        )
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point leaf of `tree` is finite (a scalar bool array)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return (
+        jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+        if leaves
+        else jnp.bool_(True)
+    )
 
 
 def init_state(params: optim.Params, tx: optax.GradientTransformation) -> dict:
@@ -44,21 +63,26 @@ def init_state(params: optim.Params, tx: optax.GradientTransformation) -> dict:
 
 
 def make_train_step(
-    unbound, tx: optax.GradientTransformation, *, seed: int, ema: float, mask_id: int
+    unbound,
+    tx: optax.GradientTransformation,
+    *,
+    seed: int,
+    ema: float,
+    mask_id: int,
+    objective: str = "mdlm",
 ) -> Callable[[dict, jax.Array], tuple[dict, dict]]:
-    """train_step(state, batch int32 [B, L]) -> (state, metrics). The step's key is
-    fold_in(key(seed), step); `ema` is the decay of the weight average that is evaluated."""
+    """train_step(state, batch int32 [B, L]) -> (state, metrics) for the named objective
+    (jif.objectives). The step's key is fold_in(key(seed), step); `ema` is the decay of the
+    weight average that is evaluated.
+
+    An update is kept only if the loss, the gradient norm and every updated parameter are
+    finite; otherwise the step returns the previous params, EMA and optimizer state (the step
+    counter still advances) and metrics["finite"] is False."""
     base_key = jax.random.key(seed)
+    objective_loss = objectives.OBJECTIVES[objective].loss
 
     def loss_fn(params, batch, key):
-        model = ckpt.bind_params(unbound, params)
-        k_t, k_mask = jax.random.split(key)
-        t = diffusion.sample_t(k_t, batch.shape[0])
-        features_fn = lambda xt, mask_rate: model_lib.apply_features(model, xt, mask_rate)
-        readout_fn = lambda h: model_lib.apply_readout(model, h)  # at masked positions only
-        return diffusion.mdlm_loss(
-            features_fn, batch, t, k_mask, mask_id=mask_id, readout_fn=readout_fn
-        )
+        return objective_loss(ckpt.bind_params(unbound, params), batch, key, mask_id=mask_id)
 
     def train_step(state, batch):
         key = jax.random.fold_in(base_key, state["step"])
@@ -73,17 +97,21 @@ def make_train_step(
         new_ema = jax.tree_util.tree_map(
             lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype), state["ema"], target
         )
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
+        kept = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(ok, new, old),
+            {"params": params, "ema": new_ema, "opt_state": opt_state},
+            {k: state[k] for k in ("params", "ema", "opt_state")},
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": ok}
         metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
-        new_state = {
-            "params": params,
-            "ema": new_ema,
-            "opt_state": opt_state,
-            "step": state["step"] + 1,
-        }
-        return new_state, metrics
+        return {**kept, "step": state["step"] + 1}, metrics
 
     return train_step
+
+
+NONFINITE = ("stop", "skip")  # what a step with a non-finite update does to the run
 
 
 class Step(NamedTuple):
@@ -104,17 +132,25 @@ def steps(
     start: int,
     stop: int,
     put: Callable[[Any], Any] | None = None,
+    on_nonfinite: str = "stop",
 ) -> Iterator[Step]:
-    """Runs train_step from step `start` to `stop`, one `Step` per step; raises `Diverged`
-    on a non-finite loss (the state of that step is not yielded). `put` places a batch
-    (for example onto a mesh) before the step."""
+    """Runs train_step from step `start` to `stop`, one `Step` per step. A step whose update
+    was not finite (see make_train_step) raises `Diverged` (on_nonfinite="stop"; the state is
+    the last good one) or is yielded as skipped: its loss is NaN in `Step.loss` and the
+    smoothed loss is unchanged (on_nonfinite="skip"). `put` places a batch (for example onto
+    a mesh) before the step."""
+    if on_nonfinite not in NONFINITE:
+        raise ValueError(f"--on-nonfinite {on_nonfinite!r}: choose one of {NONFINITE}")
     smoothed = None
     for step in range(start, stop):
         batch = next(batches)
         state, metrics = train_step(state, put(batch) if put else batch)
         loss = float(metrics["loss"])
-        if not math.isfinite(loss):
-            raise Diverged(step + 1, loss)
+        if not bool(metrics["finite"]):
+            if on_nonfinite == "stop":
+                raise Diverged(step + 1, loss, float(metrics["grad_norm"]))
+            yield Step(step + 1, state, metrics, math.nan, smoothed)
+            continue
         smoothed = loss if smoothed is None else 0.95 * smoothed + 0.05 * loss
         yield Step(step + 1, state, metrics, loss, smoothed)
 

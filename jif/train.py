@@ -26,7 +26,7 @@ from tqdm import tqdm
 from jif import checkpoint as ckpt
 from jif import data as data_lib
 from jif import eval as jif_eval
-from jif import flops, hostmem, loop, optim, sharding
+from jif import flops, hostmem, loop, objectives, optim, sharding
 from jif import model as model_lib
 from jif import run_folder as runs
 from jif.tokenizer import load_tokenizer
@@ -66,6 +66,8 @@ class TrainConfig:
     """How documents fill sequences (jif.data): pack (windows of the joined stream), align
     (each sequence starts at a document, the stream packed after it) or pad (one each)."""
     # --- optimisation
+    objective: str = "mdlm"
+    """Training objective (jif.objectives.OBJECTIVES): mdlm, the masked diffusion NELBO."""
     steps: int = 6000
     """Training steps."""
     optim: tyro.conf.OmitArgPrefixes[optim.OptimConfig] = optim.OptimConfig()
@@ -119,9 +121,11 @@ def configure(**flags) -> TrainConfig:
 
 
 def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.ModelConfig:
-    """The preset with the config's overrides (None fields keep the preset's value)."""
+    """The preset with the config's overrides (None fields keep the preset's value) and the
+    objective's (jif.objectives)."""
     return model_lib.make_config(
         cfg.preset,
+        **objectives.OBJECTIVES[cfg.objective].model_overrides,
         vocab_size=vocab_size,
         d_model=cfg.d_model,
         n_layers=cfg.n_layers,
@@ -145,6 +149,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--ema must be in [0, 1), got {cfg.ema}")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype {cfg.dtype!r}: choose float32 or bfloat16")
+    if cfg.objective not in objectives.OBJECTIVES:
+        raise ValueError(
+            f"--objective {cfg.objective!r}: choose one of {sorted(objectives.OBJECTIVES)}"
+        )
     if cfg.mesh:
         sharding.parse_mesh(cfg.mesh)
     cfg.optim.validate()
@@ -227,7 +235,12 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         if cfg.out and is_main:
             model_lib.show_model(model, os.path.join(cfg.out, "model.html"))
     step_fn = loop.make_train_step(
-        p["unbound"], p["tx"], seed=cfg.seed, ema=cfg.ema, mask_id=p["tokenizer"].mask_id
+        p["unbound"],
+        p["tx"],
+        seed=cfg.seed,
+        ema=cfg.ema,
+        mask_id=p["tokenizer"].mask_id,
+        objective=cfg.objective,
     )
     train_step = jax.jit(
         step_fn,
@@ -261,7 +274,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
             # log
             if done % cfg.log_every == 0 or at_end:
                 tok_s, mfu = meter.read()
-                metrics = {k: float(v) for k, v in s.metrics.items() if k != "loss"}
+                metrics = {k: float(v) for k, v in s.metrics.items() if k not in ("loss", "finite")}
                 lr = float(p["schedule"](done - 1))
                 row = dict(step=done, loss=s.loss, loss_smoothed=smoothed, lr=lr)
                 logger.log(row | dict(tokens_per_s=tok_s, mfu=mfu, **metrics))
