@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from penzai import pz
 
@@ -39,6 +41,12 @@ Params = dict[str, pz.nx.NamedArray]
 
 class CheckpointError(ValueError):
     """A missing, corrupt or incompatible checkpoint (the message says which and why)."""
+
+
+def _brief(e: Exception, limit: int = 300) -> str:
+    """An exception as one short line (orbax and TensorStore errors carry whole specs)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 # ----------------------------------------------------------------------------- params
@@ -81,10 +89,60 @@ def make_manager(run_dir: str, *, keep: int = 3) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(os.path.abspath(checkpoints_dir(run_dir)), options=options)
 
 
+ITEMS = ("params", "ema", "opt_state")
+
+
+def checksums(tree) -> dict[str, str] | None:
+    """{leaf path: sha256 of dtype, shape and bytes} of a pytree of arrays; None when some
+    array is not fully addressable here (multi-host: each process holds only its shards)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return None
+        a = np.asarray(jax.device_get(leaf))
+        h = hashlib.sha256(f"{a.dtype}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+        out[jax.tree_util.keystr(path)] = h.hexdigest()
+    return out
+
+
+def non_finite_leaves(tree) -> list[str]:
+    """Paths of the floating-point leaves that hold a NaN or an infinity."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            continue  # checked by the train step (metrics["finite"]) on every process
+        a = np.asarray(jax.device_get(leaf))
+        if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+            bad.append(jax.tree_util.keystr(path))
+    return bad
+
+
+def verify(tree, expected: dict[str, str] | None, where: str) -> None:
+    """CheckpointError naming the first leaf whose checksum differs from the stored one
+    (a checkpoint written without checksums is accepted as it is)."""
+    if not expected:
+        return
+    got = checksums(tree)
+    if got is None:
+        return
+    for path, digest in expected.items():
+        if got.get(path) != digest:
+            raise CheckpointError(
+                f"{where} is corrupt: the stored values of {path} do not match their checksum "
+                "(the files were changed after they were written)."
+            )
+
+
 def save(manager: ocp.CheckpointManager, state: dict, meta: dict) -> None:
-    """Writes state {"params", "ema", "opt_state", "step"} and JSON `meta` at state's step."""
+    """Writes state {"params", "ema", "opt_state", "step"} and JSON `meta` at state's step,
+    with a checksum of every array; refuses a state that holds a non-finite value."""
     step = int(meta["step"])
-    meta = {"format": FORMAT, **meta}
+    bad = [f"{item}{p}" for item in ITEMS for p in non_finite_leaves(state[item])]
+    if bad:
+        raise FloatingPointError(f"refusing to save step {step}: non-finite values in {bad[:5]}")
+    sums = {item: checksums(state[item]) for item in ITEMS}
+    meta = {"format": FORMAT, **meta, "checksums": sums}
     manager.save(
         step,
         args=ocp.args.Composite(
@@ -115,12 +173,14 @@ def restore_train_state(
         )
     except Exception as e:  # orbax raises many types; say what it means for the user
         raise CheckpointError(
-            f"cannot resume from {manager.directory}/{step}: {type(e).__name__}: {e}\n"
+            f"cannot resume from {manager.directory}/{step}: {_brief(e)}\n"
             "The checkpoint does not match this config (model size, optimizer or dtype "
             "changed?) or is corrupt. Resume with the run's own config.json settings, or "
             "start a new run with a different --out."
         ) from e
     meta = dict(out["meta"])
+    for item in ITEMS:
+        verify(out[item], (meta.get("checksums") or {}).get(item), f"{manager.directory}/{step}")
     state = {
         "params": out["params"],
         "ema": out["ema"],
@@ -174,8 +234,9 @@ def _read_meta(step_dir: str) -> dict:
 
 
 def _is_step_dir(path: str) -> bool:
-    return os.path.basename(os.path.normpath(path)).isdigit() and os.path.isdir(
-        os.path.join(path, "meta")
+    """A complete step folder: digits, with the meta item and the weights orbax wrote."""
+    return os.path.basename(os.path.normpath(path)).isdigit() and all(
+        os.path.isdir(os.path.join(path, item)) for item in ("meta", "params", "ema")
     )
 
 
@@ -216,16 +277,17 @@ def _info(step_dir: str) -> CheckpointInfo:
 
 def list_checkpoints(root: str) -> list[CheckpointInfo]:
     """Every readable checkpoint under root (a run folder, a folder of runs, a checkpoints
-    folder or one step folder), newest first (by write time, then step). Unreadable ones
-    are skipped; a missing root gives an empty list."""
+    folder or one step folder), newest first: the highest step first (file times are not
+    used: a copy changes them), then by path. Unreadable ones are skipped; a missing root
+    gives an empty list."""
     infos = []
     for d in _step_dirs(root):
         try:
-            infos.append((os.path.getmtime(os.path.join(d, "meta")), _info(d)))
+            infos.append(_info(d))
         except CheckpointError:
             continue
-    infos.sort(key=lambda x: (x[0], x[1].step), reverse=True)
-    return [info for _, info in infos]
+    infos.sort(key=lambda i: (-i.step, i.path))
+    return infos
 
 
 # ----------------------------------------------------------------------------- inference
@@ -330,9 +392,10 @@ def load_for_inference(path: str, *, ema: bool = True) -> LoadedModel:
     except Exception as e:
         raise CheckpointError(
             f"{step_dir}: cannot restore {item!r} for model config {model_config}: "
-            f"{type(e).__name__}: {e}. The checkpoint is corrupt or was written for a "
+            f"{_brief(e)}. The checkpoint is corrupt or was written for a "
             "different model."
         ) from e
+    verify(restored, (meta.get("checksums") or {}).get(item), step_dir)
     model = bind_params(unbound, dict(restored))
     jitted = jax.jit(
         lambda m, tokens: model_lib.make_denoise_fn(m, mask_id=tokenizer.mask_id)(tokens)

@@ -12,6 +12,10 @@ fold_in(key(seed), step), so a run resumed from a checkpoint repeats the same st
 from __future__ import annotations
 
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -179,3 +183,34 @@ class Throughput:
         mfu = self.flops_per_step * tok_s / self.tokens_per_step / self.peak
         self.t_last, self.tokens = time.perf_counter(), 0
         return tok_s, mfu
+
+
+class Interrupts:
+    """While active (a context manager, in the main thread), SIGINT and SIGTERM only record
+    their name in `.signal`, so the loop can save a checkpoint and stop; a second Ctrl-C exits
+    at once, saving nothing."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            print("\nsecond Ctrl-C: exiting now, without a checkpoint", file=sys.stderr)
+            os._exit(130)
+        self.signal = signal.Signals(signum).name
+        print(
+            f"\n{self.signal}: saving a checkpoint after this step (Ctrl-C again to quit now)",
+            file=sys.stderr,
+        )
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}

@@ -14,6 +14,7 @@ work leafwise on the arrays inside the NamedArrays; axis-aware optimizers read `
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -55,13 +56,32 @@ class OptimConfig:
     """Clip the global gradient norm at this value (0: no clipping)."""
 
     def validate(self) -> OptimConfig:
-        """ValueError naming an unknown optimizer or schedule, or a negative warmup."""
+        """ValueError naming an unknown optimizer or schedule, or a value out of its range."""
         if canonical_name(self.optimizer) not in OPTIMIZERS:
             raise ValueError(
                 f"--optimizer {self.optimizer!r} is unknown; choose one of {sorted(OPTIMIZERS)}"
             )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule {self.schedule!r}: choose one of {sorted(SCHEDULES)}")
+        ranges = {  # name: (low, high, low included, high included)
+            "lr": (0.0, math.inf, True, False),
+            "embed_lr_mult": (0.0, math.inf, False, False),
+            "min_lr_ratio": (0.0, 1.0, True, True),
+            "b1": (0.0, 1.0, True, False),
+            "b2": (0.0, 1.0, True, False),
+            "weight_decay": (0.0, math.inf, True, False),
+            "clip": (0.0, math.inf, True, False),
+        }
+        for name, (lo, hi, lo_in, hi_in) in ranges.items():
+            v = getattr(self, name)
+            ok = (
+                math.isfinite(v)
+                and (v >= lo if lo_in else v > lo)
+                and (v <= hi if hi_in else v < hi)
+            )
+            if not ok:
+                interval = f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+                raise ValueError(f"--{name.replace('_', '-')} must be in {interval}, got {v}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
         return self

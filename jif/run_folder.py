@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import socket
 import sys
 import time
 
@@ -26,6 +28,8 @@ RESUME_FREE = {
     "n_samples", "sample_steps", "sample_method", "sample_temperature", "log_every",
     "show_model", "tensorboard", "wandb", "progress", "mesh", "distributed", "out",
 }  # fmt: skip
+# Settings a resume may change that alter the training itself (recorded in metrics.jsonl).
+RESUME_RETUNE = {"lr", "clip", "on_nonfinite"}
 
 
 def _data_name(data: str) -> str:
@@ -57,19 +61,18 @@ def flatten(config: dict) -> dict:
     return out
 
 
-def check_resumable(saved: dict, now: dict) -> None:
-    """CheckpointError if the checkpoint's config differs from `now` in a setting that a
-    resume must keep. Both are config dicts, nested or flat (older checkpoints)."""
+def check_resumable(saved: dict, now: dict) -> dict:
+    """The settings a resume changes that may change ({name: [saved, now]}, e.g. a lower
+    --lr after a divergence); CheckpointError if the checkpoint's config differs from `now`
+    in a setting that a resume must keep. Both are config dicts, nested or flat."""
     saved, now = flatten(saved), flatten(now)
-    diff = {
-        k: (saved[k], now[k])
-        for k in saved
-        if k in now and k not in RESUME_FREE and saved[k] != now[k]
-    }
-    if diff:
+    diff = {k: (saved[k], now[k]) for k in saved if k in now and saved[k] != now[k]}
+    fixed = {k: v for k, v in diff.items() if k not in RESUME_FREE | RESUME_RETUNE}
+    if fixed:
         raise ckpt.CheckpointError(
             "cannot resume: settings differ from the checkpoint's (saved, now): "
-            + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
+            + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in fixed.items())
+            + ". Resume with the run's own settings (its config.json), or start a new --out."
         )
     if saved.get("steps") not in (None, now.get("steps")):
         print(
@@ -77,6 +80,7 @@ def check_resumable(saved: dict, now: dict) -> None:
             "schedule changes with it.",
             file=sys.stderr,
         )
+    return {k: list(v) for k, v in diff.items() if k in RESUME_RETUNE}
 
 
 def write_run_files(run_dir: str, resolved: dict, tokenizer_json: str) -> None:
@@ -89,34 +93,64 @@ def write_run_files(run_dir: str, resolved: dict, tokenizer_json: str) -> None:
 
 
 def open_run(cfg, p: dict, state: dict, shardings: dict, say=print) -> tuple:
-    """(orbax manager or None, state, first step) of `cfg.out` (a jif.train.TrainConfig;
-    `p` its jif.train.build parts): the newest checkpoint's
-    state and data position with --resume, else the fresh state; a folder that holds
-    checkpoints is refused without --resume. Writes config.json and tokenizer.json."""
+    """(orbax manager or None, state, first step, settings changed since the checkpoint) of
+    `cfg.out` (a jif.train.TrainConfig; `p` its jif.train.build parts).
+
+    With --resume: the newest checkpoint that restores and matches its checksums (older ones
+    are tried in turn, saying why), its data position, and the settings that changed; without:
+    the fresh state (a folder that holds checkpoints is refused). Writes config.json and
+    tokenizer.json."""
     if not cfg.out:
-        return None, state, 0
-    manager = ckpt.make_manager(cfg.out, keep=cfg.keep) if cfg.ckpt_every or cfg.resume else None
-    existing, start = ckpt.list_checkpoints(cfg.out), 0
-    if existing and not cfg.resume:
+        return None, state, 0, {}
+    own = ckpt.list_checkpoints(ckpt.checkpoints_dir(cfg.out))
+    if not own and ckpt.list_checkpoints(cfg.out):
+        runs = sorted({os.path.basename(i.run_dir) for i in ckpt.list_checkpoints(cfg.out)})
         raise ValueError(
-            f"{cfg.out} already holds checkpoints (newest: step {existing[0].step}). "
+            f"{cfg.out} is a folder of runs ({', '.join(runs[:5])}), not a run: pass one of "
+            f"them as --out (e.g. --out {os.path.join(cfg.out, runs[0])})."
+        )
+    if own and not cfg.resume:
+        raise ValueError(
+            f"{cfg.out} already holds checkpoints (newest: step {own[0].step}). "
             "Pass --resume to continue it, or choose a new --out."
         )
-    if existing:
+    manager = ckpt.make_manager(cfg.out, keep=cfg.keep)  # also for the save on SIGINT / SIGTERM
+    start, changed = 0, {}
+    if own:
+        changed = check_resumable(own[0].config, dataclasses.asdict(cfg))
         abstract = jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
         )
-        state, meta = ckpt.restore_train_state(manager, manager.latest_step(), abstract)
-        state["step"] = jax.device_put(state["step"], shardings["step"])
-        check_resumable(meta.get("config", {}), dataclasses.asdict(cfg))
+        for k, info in enumerate(own):
+            try:
+                restored, meta = ckpt.restore_train_state(manager, info.step, abstract)
+                break
+            except ckpt.CheckpointError as e:
+                older = f"trying step {own[k + 1].step}" if k + 1 < len(own) else "none left"
+                say(f"warning: step {info.step} cannot be resumed ({e}); {older}", file=sys.stderr)
+        else:
+            restored = None
+        if restored is not None and k > 0:  # newer ones are broken: keep them for inspection,
+            if jax.process_index() == 0:  # out of every listing
+                for info in own[:k]:
+                    os.rename(info.path, info.path + ".corrupt")
+                    say(f"renamed the broken checkpoint {info.path} to {info.path}.corrupt")
+            manager.close()
+            manager = ckpt.make_manager(cfg.out, keep=cfg.keep)
+        if restored is None:
+            raise ckpt.CheckpointError(
+                f"no checkpoint of {cfg.out} can be resumed (steps {[i.step for i in own]}); "
+                "start a new run with another --out."
+            )
+        state = {**restored, "step": jax.device_put(restored["step"], shardings["step"])}
         p["batches"].restore(meta["data_state"])
         start = int(meta["step"])
-        say(f"resumed {cfg.out} at step {start}")
+        say(f"resumed {cfg.out} at step {start}" + (f"; changed: {changed}" if changed else ""))
     elif cfg.resume:
         say(f"--resume: {cfg.out} has no checkpoint yet, starting fresh")
     if jax.process_index() == 0:
         write_run_files(cfg.out, p["resolved"], p["tokenizer"].to_json())
-    return manager, state, start
+    return manager, state, start, changed
 
 
 def save(manager, state: dict, cfg, p: dict, step: int, last_eval: dict) -> None:
@@ -134,11 +168,48 @@ def save(manager, state: dict, cfg, p: dict, step: int, last_eval: dict) -> None
     ckpt.save(manager, state, meta)
 
 
-class Logger:
-    """metrics.jsonl (+ optional TensorBoard / wandb); silent without a run folder."""
+def json_safe(value):
+    """`value` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
-    def __init__(self, run_dir: str | None, *, tensorboard=False, wandb=False, config=None):
+
+def read_metrics(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl; lines that do not parse (a torn last line) are skipped."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+    return rows
+
+
+class Logger:
+    """metrics.jsonl (+ optional TensorBoard / wandb); silent without a run folder.
+
+    Every line is valid JSON (non-finite numbers are written as null). Opening it for a run
+    that starts at step `start` keeps only the rows up to that step, so a resumed run logs
+    each step once, and drops a torn last line."""
+
+    def __init__(
+        self, run_dir: str | None, *, start: int = 0, tensorboard=False, wandb=False, config=None
+    ):
         self.path = os.path.join(run_dir, "metrics.jsonl") if run_dir else None
+        if self.path and os.path.exists(self.path):
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept)
+            os.replace(self.path + ".tmp", self.path)
         self.tb = self.wb = None
         if run_dir and tensorboard:
             try:
@@ -158,12 +229,107 @@ class Logger:
             self.wb = wandb_lib.init(project="jif", config=config, dir=run_dir)
 
     def log(self, row: dict) -> None:
+        row = json_safe(row)
         if self.path:
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+        scalars = {
+            k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        scalars.pop("step", None)
         if self.tb:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, row["step"])
         if self.wb:
             self.wb.log(scalars, step=row["step"])
+
+
+class RunLock:
+    """One writer per run folder: `<run>/.lock` holds the owner's host and process id. A lock
+    whose process is gone (on this host) is stale and taken over; a live one is an error."""
+
+    def __init__(self, run_dir: str | None):
+        self.path = os.path.join(run_dir, ".lock") if run_dir else None
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        if self.path is None or jax.process_index() != 0:
+            return self
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self._create()
+        except FileExistsError:
+            owner = self._owner()
+            if owner and owner.get("host") == socket.gethostname() and _alive(owner.get("pid")):
+                raise ValueError(
+                    f"{os.path.dirname(self.path)} is being written by another jif.train "
+                    f"(process {owner['pid']}, started {owner.get('started', '?')}): wait for "
+                    "it to finish, or choose another --out."
+                ) from None
+            if owner and owner.get("host") != socket.gethostname():
+                raise ValueError(
+                    f"{self.path} says host {owner.get('host')!r} (process {owner.get('pid')}) "
+                    "writes this run; if no run is alive there, delete the file and retry."
+                ) from None
+            print(f"note: removed the stale lock of process {owner and owner.get('pid')}")
+            os.remove(self.path)
+            self._create()
+        except OSError as e:
+            raise ValueError(
+                f"cannot write the run folder {os.path.dirname(self.path)}: {e}; choose another --out."
+            ) from None
+        self.held = True
+        return self
+
+    def _create(self) -> None:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "w") as f:
+            owner = {"host": socket.gethostname(), "pid": os.getpid()}
+            json.dump(owner | {"started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+
+    def _owner(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                owner = json.load(f)
+            return owner if isinstance(owner, dict) else None
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.held = False
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def command_line(cfg, *, resume: bool) -> str:
+    """`python -m jif.train ...` with every flag whose value differs from its default (the
+    flags that reproduce `cfg`, a jif.train.TrainConfig), plus --resume."""
+    now = flatten(dataclasses.asdict(cfg))
+    default = flatten(dataclasses.asdict(type(cfg)()))
+    parts = ["python -m jif.train"]
+    for k, v in now.items():
+        if k in ("resume", "out") or v == default.get(k):
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            parts.append(flag if v else "--no-" + flag[2:])
+        elif v is not None:
+            parts.append(f"{flag} {v:g}" if isinstance(v, float) else f"{flag} {v}")
+    if cfg.out:
+        parts.append(f"--out {cfg.out}")
+    return " ".join(parts + (["--resume"] if resume else []))

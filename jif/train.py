@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -77,6 +78,9 @@ class TrainConfig:
     up as min(ema, (1 + step) / (10 + step)))."""
     seed: int = 0
     """Seed of the initial weights, the data order and every step's noise."""
+    on_nonfinite: str = "stop"
+    """A step whose loss, gradient or update is not finite: stop (its update is never kept or
+    saved) or skip (drop that update and go on; stops after 10 such steps in a row)."""
     # --- output
     out: str | None = None
     """Run folder. "auto": runs/<preset>-<data>[-N]. None: write nothing (Python API)."""
@@ -103,6 +107,9 @@ class TrainConfig:
     """Also log to Weights & Biases (needs wandb)."""
     progress: bool = True
     """Show a tqdm progress bar."""
+
+
+MAX_SKIPPED = 10  # --on-nonfinite skip: this many non-finite steps in a row stop the run
 
 
 def configure(**flags) -> TrainConfig:
@@ -149,6 +156,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--ema must be in [0, 1), got {cfg.ema}")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype {cfg.dtype!r}: choose float32 or bfloat16")
+    if cfg.on_nonfinite not in loop.NONFINITE:
+        raise ValueError(f"--on-nonfinite {cfg.on_nonfinite!r}: choose one of {loop.NONFINITE}")
     if cfg.objective not in objectives.OBJECTIVES:
         raise ValueError(
             f"--objective {cfg.objective!r}: choose one of {sorted(objectives.OBJECTIVES)}"
@@ -197,12 +206,16 @@ def build(cfg: TrainConfig) -> dict:
 
 
 def diverged_message(e: loop.Diverged, cfg: TrainConfig) -> str:
-    good = ckpt.list_checkpoints(cfg.out) if cfg.out else []
-    return (
-        f"non-finite loss ({e.loss}) at step {e.step}: the run diverged (lower --lr, "
-        f"currently {cfg.optim.lr}). "
-        + (f"Last good checkpoint kept: {good[0].path}" if good else "No checkpoint was written.")
-    )
+    """What happened, the last good checkpoint, and a command that continues from it."""
+    good = ckpt.list_checkpoints(ckpt.checkpoints_dir(cfg.out)) if cfg.out else []
+    lower = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr / 3))
+    if good:
+        again = runs.command_line(lower, resume=True)
+        where = f"The last good checkpoint is step {good[0].step} ({good[0].path}); continue it with a lower learning rate:\n  {again}"
+    else:
+        again = runs.command_line(lower, resume=False)
+        where = f"No checkpoint was written; start again with a lower learning rate:\n  {again}"
+    return f"{e}: the run diverged (--lr {cfg.optim.lr:g}). Nothing non-finite was kept. {where}"
 
 
 # ----------------------------------------------------------------------------- the run
@@ -210,13 +223,20 @@ def diverged_message(e: loop.Diverged, cfg: TrainConfig) -> str:
 
 def run(config: TrainConfig, *, progress: bool = True) -> dict:
     """Trains as configured. Returns {"val_nelbo", "train_loss_smoothed", "diverged",
-    "steps", "run_dir", "losses", "final_params"...}. With out=None nothing is written."""
+    "interrupted", "steps", "run_dir", "losses", "final_params"...}. With out=None nothing
+    is written. One process writes a run folder at a time (jif.run_folder.RunLock); SIGINT
+    and SIGTERM stop after the current step with a checkpoint (jif.loop.Interrupts)."""
     if config.distributed or os.environ.get("JIF_DISTRIBUTED") == "1":
         if not jax.distributed.is_initialized():
             jax.distributed.initialize()
     validate(config)
     out = runs.resolve_out(config.out, preset=config.preset, data=config.data, resume=config.resume)
     cfg = dataclasses.replace(config, out=out)
+    with runs.RunLock(cfg.out), loop.Interrupts() as interrupts:
+        return _run(cfg, interrupts, progress)
+
+
+def _run(cfg: TrainConfig, interrupts: loop.Interrupts, progress: bool) -> dict:
     is_main = jax.process_index() == 0
     say = print if is_main else (lambda *a, **k: None)
 
@@ -228,7 +248,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     say(f"model: {n_params:,} parameters; devices: {jax.device_count()} x {kind}")
     state = loop.init_state(p["params"], p["tx"])
     state, shardings, batch_sharding = sharding.place_state(state, cfg.mesh, say)
-    manager, state, start_step = runs.open_run(cfg, p, state, shardings, say)
+    manager, state, start_step, changed = runs.open_run(cfg, p, state, shardings, say)
     if cfg.show_model:
         model = model_lib.build_model(p["model_config"], jax.random.key(cfg.seed))
         say(treescope.render_to_text(model))
@@ -250,6 +270,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     )
     logger = runs.Logger(
         cfg.out if is_main else None,
+        start=start_step,
         tensorboard=cfg.tensorboard,
         wandb=cfg.wandb,
         config=dataclasses.asdict(cfg),
@@ -258,19 +279,30 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     meter = loop.Throughput(cfg.batch_size * cfg.seq_len, flops_per_step, flops.peak_flops())
     say(f"peak {meter.peak / 1e9:.0f} GFLOP/s; {flops_per_step / 1e9:.2f} GFLOP per step")
 
+    if changed:
+        logger.log({"step": start_step, "event": "resumed", "changed": changed})
+
     # --- the loop
-    losses, smoothed, diverged, last_eval = [], None, False, {}
+    losses, smoothed, diverged, last_eval, skipped = [], None, False, {}, 0
     bar = None
     if progress and cfg.progress and is_main:
         bar = tqdm(total=cfg.steps, initial=start_step, dynamic_ncols=True)
     put = (lambda b: sharding.put_batch(b, batch_sharding)) if batch_sharding else None
     try:
-        for s in loop.steps(
-            train_step, state, p["batches"], start=start_step, stop=cfg.steps, put=put
-        ):
+        steps = loop.steps(
+            train_step, state, p["batches"], start=start_step, stop=cfg.steps, put=put,
+            on_nonfinite=cfg.on_nonfinite,
+        )  # fmt: skip
+        for s in steps:
             state, done, smoothed, at_end = s.state, s.done, s.smoothed, s.done == cfg.steps
             losses.append(s.loss)
             meter.step()
+            skipped = 0 if math.isfinite(s.loss) else skipped + 1
+            if skipped:  # --on-nonfinite skip: the update was dropped
+                grad_norm = float(s.metrics["grad_norm"])
+                logger.log({"step": done, "event": "skipped", "grad_norm": grad_norm})
+                if skipped >= MAX_SKIPPED:
+                    raise loop.Diverged(done, float(s.metrics["loss"]), grad_norm)
             # log
             if done % cfg.log_every == 0 or at_end:
                 tok_s, mfu = meter.read()
@@ -288,9 +320,12 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
                 logger.log(last_eval)
                 meter.pause()
             # checkpoint
-            if manager is not None and cfg.ckpt_every and (done % cfg.ckpt_every == 0 or at_end):
+            due = cfg.ckpt_every and (done % cfg.ckpt_every == 0 or at_end)
+            if manager is not None and (due or interrupts.signal):
                 runs.save(manager, state, cfg, p, done, last_eval)
                 meter.pause()
+            if interrupts.signal:  # SIGINT / SIGTERM: saved above, stop here
+                break
     except loop.Diverged as e:
         diverged, msg = True, diverged_message(e, cfg)
         logger.log({"step": e.step, "event": "diverged", "loss": str(e.loss), "message": msg})
@@ -306,6 +341,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         "grammatical": last_eval.get("grammatical"),
         "train_loss_smoothed": smoothed,
         "diverged": diverged,
+        "interrupted": interrupts.signal,
         "steps": start_step + len(losses),
         "run_dir": cfg.out,
         "losses": losses,
@@ -315,7 +351,8 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """The CLI: flags from TrainConfig (see --help). Exits with status 1 on divergence."""
+    """The CLI: flags from TrainConfig (see --help). Exit status: 0 done, 1 diverged, 2 a
+    mistake in the flags or the run folder, 130 / 143 stopped by SIGINT / SIGTERM (saved)."""
     hostmem.reuse_freed_memory()  # first: before JAX starts its CPU backend
     cfg = tyro.cli(TrainConfig, args=argv, default=TrainConfig(out="auto"), description=__doc__)
     try:
@@ -326,6 +363,15 @@ def main(argv: list[str] | None = None) -> dict:
     if result["diverged"]:
         raise SystemExit(1)
     print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "final_params")}))
+    if result["interrupted"]:
+        saved = (
+            f"saved step {result['steps']} in {result['run_dir']}; " if result["run_dir"] else ""
+        )
+        again = runs.command_line(dataclasses.replace(cfg, out=result["run_dir"]), resume=True)
+        print(
+            f"stopped by {result['interrupted']}: {saved}continue with\n  {again}", file=sys.stderr
+        )
+        raise SystemExit(130 if result["interrupted"] == "SIGINT" else 143)
     return result
 
 
