@@ -13,25 +13,13 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_train import FLAGS as TRAIN_FLAGS
+from test_train import TINY
+from test_train import _params_np as _params
 
 from jif import checkpoint, objectives, run_folder, train
 
-TINY = dict(
-    preset="tiny",
-    batch_size=4,
-    seq_len=32,
-    eval_sequences=4,
-    eval_times=2,
-    n_samples=0,
-    log_every=1,
-    progress=False,
-)
-FLAGS = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--eval-sequences", "4"]
-FLAGS += ["--eval-times", "2", "--log-every", "1", "--no-progress", "--n-samples", "0"]
-
-
-def _params(params):
-    return {k: np.asarray(v.data_array) for k, v in params.items()}
+FLAGS = [*TRAIN_FLAGS, "--n-samples", "0"]
 
 
 def _flip_a_byte(step_dir):

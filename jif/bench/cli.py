@@ -27,24 +27,12 @@ from jif.bench import train as train_bench
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BenchConfig:
-    """What `python -m bench` measures."""
+    """What `python -m jif.bench` measures."""
 
     presets: tuple[str, ...] = ("tiny", "cpu", "small")
     """Model presets whose train step is timed."""
-    batch_size: int = 32
-    """Sequences per training step."""
-    seq_len: int = 128
-    """Tokens per sequence."""
-    steps: int = 10
-    """Timed training steps per round."""
-    rounds: int = 3
-    """Rounds of (peak matmul, timed steps) per preset; MFU is their median."""
-    optimizer: str = "adamw"
-    """Optimizer of the timed train step."""
-    peak_n: int = 2048
-    """Size of the float32 matmul that defines the CPU peak."""
-    data: str | None = "stories"
-    """Data source whose batch time is reported (None: skip)."""
+    train: tyro.conf.OmitArgPrefixes[train_bench.TrainBench] = train_bench.TrainBench()
+    """The train-step benchmark's settings, for every preset (its flags have no prefix)."""
     sampling: bool = True
     """Also run the sampling benchmark (bench.sampling)."""
     sample_preset: str = "cpu"
@@ -71,18 +59,9 @@ def run(cfg: BenchConfig, log=print) -> dict:
         "config": dataclasses.asdict(cfg),
         "train": [],
     }
-    peak = None if flops.stated_peak() else flops.MatmulPeak(cfg.peak_n)
+    peak = None if flops.stated_peak() else flops.MatmulPeak(cfg.train.peak_n)
     for preset in cfg.presets:
-        bench = train_bench.TrainBench(
-            preset=preset,
-            batch_size=cfg.batch_size,
-            seq_len=cfg.seq_len,
-            steps=cfg.steps,
-            rounds=cfg.rounds,
-            optimizer=cfg.optimizer,
-            peak_n=cfg.peak_n,
-            data=cfg.data,
-        )
+        bench = dataclasses.replace(cfg.train, preset=preset)
         result["train"].append(train_bench.run(bench, peak, log=log))
     if cfg.sampling:
         kwargs = {}

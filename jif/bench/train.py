@@ -27,6 +27,7 @@ import time
 
 import jax
 import numpy as np
+import tyro
 
 from jif import checkpoint as ckpt
 from jif import data as data_lib
@@ -43,8 +44,8 @@ MASK_ID = N_BPE + 1
 class TrainBench:
     """Settings of one training benchmark."""
 
-    preset: str = "small"
-    """Model preset (jif.model.PRESETS)."""
+    preset: tyro.conf.Suppress[str] = "small"
+    """Model preset (jif.model.PRESETS; `python -m jif.bench --presets` sets it)."""
     batch_size: int = 32
     """Sequences per step."""
     seq_len: int = 128
