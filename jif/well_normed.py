@@ -23,7 +23,7 @@ from __future__ import annotations
 from jif.model import ModelConfig, fan_in_axes
 from modula.atoms import Bias, Embedding, Gain, Linear
 from modula.bonds import GELU, Attention, RMSNorm
-from modula.core import STACK_AXIS, Module, Repeat, Tuple, Weights, residual
+from modula.core import STACK_AXIS, Module, Parallel, Repeat, Tuple, Weights, residual
 
 # Modula's GPT masses (Large et al. 2024, their `GPT(blocks_mass=5)`): embedding 1, all blocks
 # together 5, output 1. Norm gains get a small mass: a max-norm (sign) update of mass 1 would
@@ -87,7 +87,9 @@ def dit_module(
 
 
 def _adaln_group(params: Weights, n_layers: int) -> Module:
-    """Conditioning MLP, per-block and output modulations, as one parallel group of mass 1."""
+    """Conditioning MLP, per-block and output modulations, as one parallel group of mass 1.
+    The blocks' modulations all read the condition side by side (`Parallel`: equal shares),
+    not one after another."""
     cond = Tuple(
         linear(params, "dit/cond/in"),
         Bias("dit/cond/in_bias", _axes(params, "dit/cond/in_bias")),
@@ -100,4 +102,4 @@ def _adaln_group(params: Weights, n_layers: int) -> Module:
         for b in ("attn", "mlp")
         for n in ("shift", "scale", "gate")
     ]
-    return Tuple(cond, Repeat(Tuple(*per_block), n_layers)).tare(1.0)
+    return Tuple(cond, Parallel(Tuple(*per_block), n_layers)).tare(1.0)

@@ -269,6 +269,29 @@ class Repeat(Module):
         return self.children[0].dualize(grads, target_norm / self._scale())
 
 
+class Parallel(Repeat):
+    """``n`` copies of ``block`` side by side, each reading the same input; the weights of
+    copy k are slice k of ``STACK_AXIS`` (per-block modulations that all read one condition).
+
+    The tuple rule with n equal masses: mass n * mu, sensitivity n * nu (outputs add),
+    norm = max_k n * ||w_k||, and every copy gets the same target eta / n.
+    """
+
+    @property
+    def sensitivity(self) -> float:
+        return self.n * self.children[0].sensitivity
+
+    def _scale(self) -> pz.nx.NamedArray:
+        return pz.nx.wrap(jnp.full((self.n,), float(self.n), jnp.float32)).tag(STACK_AXIS)
+
+    def forward(self, weights, x):
+        (block,) = self.children
+        return tuple(
+            block.forward({n: w[{STACK_AXIS: k}] for n, w in weights.items()}, x)
+            for k in range(self.n)
+        )
+
+
 def residual(branch: Module, depth: float) -> Module:
     """x -> (1 - 1/depth) x + (1/depth) branch(x): sensitivity (1 - 1/depth) + nu / depth.
 

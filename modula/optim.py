@@ -1,10 +1,12 @@
 """The modular-dualisation optimizer as an optax GradientTransformation.
 
-    update = -lr * (dualize(momentum) + weight_decay * w)      [then optionally projected]
+    update = -lr * dualize(momentum)  -  lr * weight_decay * w     [then optionally projected]
 
 where ``dualize`` maps the momentum of the whole model to the update of modular norm 1 that
-is steepest for it (each atom's share set by mass and downstream sensitivity); the learning
-rate (a float or an optax schedule) is therefore the modular norm of every step.
+is steepest for it (each atom's share set by mass and downstream sensitivity). The learning
+rate (a float or an optax schedule) is therefore the modular norm of the dualised step; the
+decoupled weight decay is a separate shrink of every weight by the factor (1 - lr *
+weight_decay), not part of that norm (with weight_decay > 0 the whole update's norm is larger).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def optimizer(
     """Momentum -> modular dualisation (target norm = learning rate) -> weight decay.
 
     Args:
-      learning_rate: modular norm of each step (float or optax schedule of the step).
+      learning_rate: modular norm of the dualised step (float or optax schedule of the step).
       module: the modular structure of the model, its atoms labelled like the parameters
         ({label: NamedArray}); ``init(params)`` raises ValueError when the labels differ.
       momentum: EMA coefficient of the gradient (0 turns momentum off).

@@ -137,3 +137,44 @@ def test_optimizer_trains_the_dit(dit):
         p, s, value = step(p, s)
         losses.append(float(value))
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
+
+
+def test_adaln_modulations_of_every_block_get_equal_shares():
+    """The blocks' shift/scale/gate matrices read the condition side by side, so the same
+    gradient in every block must give the same step in every block (a sequential split
+    would give block 0 a share 6**5 times smaller than block 5's at 6 layers)."""
+    cfg = M.make_config("tiny", arch="modula", adaln=True, n_layers=6, vocab_size=256)
+    params = M.params_dict(M.build_model(cfg, jax.random.key(0)))
+    module = well_normed.dit_module(cfg, params)
+
+    def same_in_every_block(label, x):
+        names = list(x.named_shape)
+        g = jnp.cos(3.0 * x.unwrap(*names) + 0.5)
+        if "blocks" in names:
+            first = jnp.take(g, jnp.array([0]), axis=names.index("blocks"))
+            g = jnp.broadcast_to(first, g.shape)
+        return pz.nx.wrap(g).tag(*names)
+
+    grads = {k: same_in_every_block(k, v) for k, v in params.items()}
+    update = module.dualize(grads, 1.0)
+    for label in [
+        f"dit/blocks/{b}/{n}" for b in ("attn", "mlp") for n in ("shift", "scale", "gate")
+    ]:
+        per_block = np.abs(np.asarray(update[label].unwrap("blocks", "cond", "embedding")))
+        norms = per_block.reshape(6, -1).sum(axis=1)
+        np.testing.assert_allclose(norms, norms[0], rtol=1e-4, err_msg=label)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_learning_rate_is_the_modular_norm_of_the_dualised_step(weight_decay):
+    cfg = M.make_config("tiny", arch="modula", vocab_size=256)
+    params = M.params_dict(M.build_model(cfg, jax.random.key(0)))
+    module = well_normed.dit_module(cfg, params)
+    grads = jax.tree.map(lambda x: jnp.cos(3.0 * x + 0.5), params)
+    lr = 0.05
+    tx = modula.optimizer(lr, module=module, momentum=0.0, weight_decay=weight_decay)
+    update, _ = tx.update(grads, tx.init(params), params)
+    dual = jax.tree.map(lambda u, w: u + lr * weight_decay * w, update, params)
+    assert float(module.norm(dual).data_array) == pytest.approx(lr, rel=1e-4)
+    if weight_decay:  # the decay is a separate shrink: the whole step is larger
+        assert float(module.norm(update).data_array) > 2 * lr
