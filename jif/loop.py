@@ -70,25 +70,27 @@ def make_train_step(
     unbound,
     tx: optax.GradientTransformation,
     *,
-    seed: int,
+    seed: int | None,
     ema: float,
     mask_id: int,
     objective: str = "mdlm",
 ) -> Callable[[dict, jax.Array], tuple[dict, dict]]:
     """train_step(state, batch int32 [B, L]) -> (state, metrics) for the named objective
-    (jif.objectives). The step's key is fold_in(key(seed), step); `ema` is the decay of the
-    weight average that is evaluated.
+    (jif.objectives). The step's key is fold_in(key(seed), step); with seed=None the state
+    carries its own base key as state["key"] (so that runs of several seeds can be vmapped).
+    `ema` is the decay of the weight average that is evaluated.
 
     An update is kept only if the loss, the gradient norm and every updated parameter are
     finite; otherwise the step returns the previous params, EMA and optimizer state (the step
     counter still advances) and metrics["finite"] is False."""
-    base_key = jax.random.key(seed)
+    fixed_key = None if seed is None else jax.random.key(seed)
     objective_loss = objectives.OBJECTIVES[objective].loss
 
     def loss_fn(params, batch, key):
         return objective_loss(ckpt.bind_params(unbound, params), batch, key, mask_id=mask_id)
 
     def train_step(state, batch):
+        base_key = state["key"] if fixed_key is None else fixed_key
         key = jax.random.fold_in(base_key, state["step"])
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -110,7 +112,7 @@ def make_train_step(
         )
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": ok}
         metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
-        return {**kept, "step": state["step"] + 1}, metrics
+        return {**state, **kept, "step": state["step"] + 1}, metrics
 
     return train_step
 
