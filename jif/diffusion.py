@@ -133,7 +133,23 @@ def masked_rows_nll(
 
     if capacity >= n:
         return every().reshape(masked.shape)
-    return jax.lax.cond(jnp.sum(flat_m) <= capacity, some, every).reshape(masked.shape)
+    fits = all_runs(jnp.sum(flat_m) <= capacity)
+    return jax.lax.cond(fits, some, every).reshape(masked.shape)
+
+
+@jax.custom_batching.custom_vmap
+def all_runs(pred: jax.Array) -> jax.Array:
+    """`pred` (a bool scalar); under jax.vmap, one unbatched bool: whether it holds for every
+    run. A batched predicate would turn masked_rows_nll's lax.cond into a select that runs
+    both branches (the all-rows readout in every step); with this one the batch takes the
+    exact all-rows branch only when some run needs it."""
+    return pred
+
+
+@all_runs.def_vmap
+def _all_runs_vmap(axis_size, in_batched, pred):
+    (batched,) = in_batched
+    return (jnp.all(pred) if batched else pred), False
 
 
 def readout_capacity(batch_size: int, seq_len: int, sigmas: float = 6.0) -> int:

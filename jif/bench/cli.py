@@ -22,6 +22,7 @@ import tyro
 
 from jif import flops, hostmem
 from jif.bench import sampling as sampling_bench
+from jif.bench import sweep as sweep_bench
 from jif.bench import train as train_bench
 
 
@@ -47,6 +48,10 @@ class BenchConfig:
     """Samples per batch."""
     sample_repeats: int = 3
     """Timed repeats per sampling method."""
+    sweep: bool = True
+    """Also time a sweep group one run at a time against batched (jif.bench.sweep)."""
+    sweep_settings: tyro.conf.OmitArgPrefixes[sweep_bench.SweepBench] = sweep_bench.SweepBench()
+    """The sweep benchmark's settings (flags --sweep-widths, --sweep-steps, ...)."""
     out: str = "runs/bench/bench-{time}.json"
     """JSON output path ({time} becomes a UTC timestamp; empty: do not write)."""
 
@@ -75,6 +80,8 @@ def run(cfg: BenchConfig, log=print) -> dict:
             repeats=cfg.sample_repeats,
             **kwargs,
         )
+    if cfg.sweep:
+        result["sweep"] = sweep_bench.run(cfg.sweep_settings, log=log)
     return result
 
 
@@ -103,6 +110,11 @@ def format_table(result: dict) -> str:
     )
     if "sampling" in result:
         lines.append(sampling_bench.format_table(result["sampling"]))
+    if "sweep" in result:
+        lines.append(
+            "sweep groups, one run at a time vs batched (compile and evaluation included):"
+        )
+        lines.append(sweep_bench.format_table(result["sweep"]))
     return "\n".join(lines)
 
 
