@@ -4,6 +4,7 @@ may change.
     runs/<preset>-<data>[-N]/
         config.json      the resolved training config (with the model config)
         tokenizer.json   the tokenizer (jif.tokenizer.Tokenizer.to_json)
+        tokenizer/       the same in Hugging Face's format (AutoTokenizer.from_pretrained)
         metrics.jsonl    one JSON object per logged step and per evaluation
         checkpoints/     orbax checkpoints (jif.checkpoint)
 """
@@ -21,6 +22,7 @@ import time
 import jax
 
 from jif import checkpoint as ckpt
+from jif import hf
 
 # Settings that may differ between a run and its resumption (the rest must match).
 RESUME_FREE = {
@@ -83,13 +85,15 @@ def check_resumable(saved: dict, now: dict) -> dict:
     return {k: list(v) for k, v in diff.items() if k in RESUME_RETUNE}
 
 
-def write_run_files(run_dir: str, resolved: dict, tokenizer_json: str) -> None:
-    """config.json and tokenizer.json (rewritten on every start, also on resume)."""
+def write_run_files(run_dir: str, resolved: dict, tokenizer) -> None:
+    """config.json, tokenizer.json and tokenizer/ (Hugging Face's format, jif.hf); rewritten
+    on every start, also on resume."""
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(resolved, f, indent=2)
     with open(os.path.join(run_dir, "tokenizer.json"), "w") as f:
-        f.write(tokenizer_json)
+        f.write(tokenizer.to_json())
+    hf.save(tokenizer, os.path.join(run_dir, "tokenizer"), context=resolved.get("seq_len"))
 
 
 def open_run(cfg, p: dict, state: dict, shardings: dict, say=print) -> tuple:
@@ -149,7 +153,7 @@ def open_run(cfg, p: dict, state: dict, shardings: dict, say=print) -> tuple:
     elif cfg.resume:
         say(f"--resume: {cfg.out} has no checkpoint yet, starting fresh")
     if jax.process_index() == 0:
-        write_run_files(cfg.out, p["resolved"], p["tokenizer"].to_json())
+        write_run_files(cfg.out, p["resolved"], p["tokenizer"])
     return manager, state, start, changed
 
 
