@@ -35,8 +35,8 @@ class OptimConfig:
 
     optimizer: str = "adamw"
     """adamw, schedule_free, muon, modula or mup_adamw (jif.optim.OPTIMIZERS)."""
-    lr: float = 3e-3
-    """Peak learning rate."""
+    lr: float | None = None
+    """Peak learning rate (None: the optimizer's own default, jif.optim.DEFAULT_LR)."""
     embed_lr_mult: float = 100.0
     """adamw: learning rate of the embedding table as a multiple of lr (its N(0, 1) entries
     move lr per step, far slower relative to their size than the 1/sqrt(d) hidden weights)."""
@@ -64,7 +64,6 @@ class OptimConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule {self.schedule!r}: choose one of {sorted(SCHEDULES)}")
         ranges = {  # name: (low, high, low included, high included)
-            "lr": (0.0, math.inf, True, False),
             "embed_lr_mult": (0.0, math.inf, False, False),
             "min_lr_ratio": (0.0, 1.0, True, True),
             "b1": (0.0, 1.0, True, False),
@@ -72,6 +71,8 @@ class OptimConfig:
             "weight_decay": (0.0, math.inf, True, False),
             "clip": (0.0, math.inf, True, False),
         }
+        if self.lr is not None:
+            ranges["lr"] = (0.0, math.inf, True, False)
         for name, (lo, hi, lo_in, hi_in) in ranges.items():
             v = getattr(self, name)
             ok = (
@@ -85,6 +86,12 @@ class OptimConfig:
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
         return self
+
+    def resolved(self) -> OptimConfig:
+        """This config with the optimizer's default learning rate where lr is None."""
+        if self.lr is not None:
+            return self
+        return dataclasses.replace(self, lr=DEFAULT_LR[canonical_name(self.optimizer)])
 
 
 Builder = Callable[[OptimConfig, optax.Schedule, Any, Params], optax.GradientTransformation]
@@ -129,7 +136,7 @@ SCHEDULES: dict[str, Callable[[OptimConfig, int], optax.Schedule]] = {
 def make_schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
     """The schedule named by cfg.schedule, for a run of `steps` steps (schedule-free keeps
     --lr after its own warmup: its schedule is the constant one, whatever --schedule says)."""
-    cfg.validate()
+    cfg = cfg.validate().resolved()
     name = "constant" if canonical_name(cfg.optimizer) == "schedule_free" else cfg.schedule
     return SCHEDULES[name](cfg, steps)
 
@@ -328,6 +335,13 @@ OPTIMIZERS: dict[str, Builder] = {
 }
 
 
+# Each optimizer's peak learning rate when --lr is not given: adamw's tuned for the default
+# run; muon's and modula's as measured in docs/training.md; schedule_free and mup_adamw
+# start from adamw's (untuned). With modula the DiT is the well-normed one (PREFERRED_ARCH).
+DEFAULT_LR = {"adamw": 3e-3, "schedule_free": 3e-3, "muon": 0.02, "modula": 0.3, "mup_adamw": 3e-3}
+PREFERRED_ARCH = {"modula": "modula"}
+
+
 def canonical_name(name: str) -> str:
     """'schedule-free' and 'schedule_free' name the same optimizer."""
     return name.replace("-", "_").lower()
@@ -338,6 +352,7 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer named by cfg.optimizer for a run of `steps` steps, and its schedule."""
     schedule = make_schedule(cfg, steps)  # validates cfg
+    cfg = cfg.resolved()
     return OPTIMIZERS[canonical_name(cfg.optimizer)](cfg, schedule, model_config, params), schedule
 
 

@@ -144,8 +144,26 @@ def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.ModelCo
     )
 
 
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """The config as it runs (validated): the run folder named, the optimizer's default
+    learning rate filled in, its preferred architecture where --arch is not given, and for
+    mup_adamw without --mup-base-width this model's width as the base."""
+    validate(cfg)
+    optimizer = optim.canonical_name(cfg.optim.optimizer)
+    arch = cfg.arch or optim.PREFERRED_ARCH.get(optimizer)
+    base = cfg.mup_base_width
+    if optimizer == "mup_adamw" and base is None:
+        base = cfg.d_model or model_lib.PRESETS[cfg.preset].d_model
+    out = runs.resolve_out(cfg.out, preset=cfg.preset, data=cfg.data, resume=cfg.resume)
+    return dataclasses.replace(
+        cfg, out=out, optim=cfg.optim.resolved(), arch=arch, mup_base_width=base
+    )
+
+
 def validate(cfg: TrainConfig) -> None:
     """ValueError naming any out-of-range setting."""
+    if cfg.preset not in model_lib.PRESETS:
+        raise ValueError(f"--preset {cfg.preset!r}: choose one of {list(model_lib.PRESETS)}")
     for name in ("batch_size", "seq_len", "n_bpe", "log_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -229,9 +247,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     if config.distributed or os.environ.get("JIF_DISTRIBUTED") == "1":
         if not jax.distributed.is_initialized():
             jax.distributed.initialize()
-    validate(config)
-    out = runs.resolve_out(config.out, preset=config.preset, data=config.data, resume=config.resume)
-    cfg = dataclasses.replace(config, out=out)
+    cfg = resolve(config)
     with runs.RunLock(cfg.out), loop.Interrupts() as interrupts:
         return _run(cfg, interrupts, progress)
 

@@ -257,3 +257,20 @@ def test_muon_dimensions_by_axis_name():
     assert dims["dit/blocks/mlp/down"].output_axis == 2
     for label in ["dit/embed", "dit/out/unembed", "dit/out/norm", "dit/blocks/attn/shift"]:
         assert dims[label] is None, label
+
+
+def test_each_optimizer_alone_gets_its_own_learning_rate_and_architecture():
+    tiny = dict(preset="tiny", out=None)
+    resolved = {
+        name: train.resolve(train.configure(**tiny, optimizer=name))
+        for name in ("adamw", "muon", "modula", "mup_adamw", "schedule_free")
+    }
+    assert {n: c.optim.lr for n, c in resolved.items()} == optim.DEFAULT_LR
+    assert resolved["modula"].arch == "modula" and resolved["adamw"].arch is None
+    assert resolved["mup_adamw"].mup_base_width == model_lib.PRESETS["tiny"].d_model
+    # What the user gives wins.
+    given = train.resolve(train.configure(**tiny, optimizer="modula", lr=0.1, arch="standard"))
+    assert (given.optim.lr, given.arch) == (0.1, "standard")
+    # The modula default trains the tiny model: its loss falls on a fixed batch.
+    losses = _fixed_batch_losses("modula", optim.DEFAULT_LR["modula"], {"arch": "modula"})
+    assert losses[-1] < 0.5 * losses[0]
