@@ -9,11 +9,12 @@ of quoted dialogue and a closing line:
     everywhere, but she could not find it. Tom helped her look, and they found it under
     the bed. Mia said, "Thank you, Tom!" From that day on, Mia and Tom were best friends.
 
-Every sentence comes from a template (`STORY`) whose slots are filled by uniform choices;
+Every sentence comes from a template whose slots are filled by uniform choices;
 `generate_story` returns the text and the log-probability of all choices made. Choices are
-recoverable from the text (distinct options give distinct text), so the mean of -log p
-per token is the entropy of the corpus under a tokenizer: the loss floor a perfect model
-reaches (`entropy_nats_per_token`; packed training adds the eot separator to each story).
+recoverable from the text (distinct options give distinct text), so the mean of -log p per
+token is the entropy rate of the packed stream of stories, each followed by an eot
+(`entropy_nats_per_token`). That is the limit for long windows; the loss floor of the
+validation windows, which start and stop mid-story, is higher: `jif.floor.floor`.
 
 Slot syntax: `{+R}` introduces role R (A, F: a name; O: an object; P: an animal),
 `{R}` repeats it, `{R.sub}` / `{R.obj}` / `{R.pos}` / `{R.kid}` are the pronoun / "girl",
@@ -21,7 +22,7 @@ Slot syntax: `{+R}` introduces role R (A, F: a name; O: an object; P: an animal)
 `WORDS[word_class]`. The same templates compile to regular expressions for `check_text`,
 which scores any text by the fraction of its sentences the grammar can produce: sentence by
 sentence (`grammatical`), and in context, with names and pronouns that agree with the story
-so far (`score`).
+so far (`score`). Whole stories are parsed by `jif.floor.check_stories` (`--check`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -239,7 +241,8 @@ def iter_stories(seed: int, split: str, start_block: int = 0) -> Iterator[str]:
 
 
 def entropy_nats_per_token(tokenizer, n_stories: int = 2000, seed: int = 0) -> float:
-    """Grammar entropy per token: sum of -log p / tokens, one eot separator per story."""
+    """Entropy rate of the packed stream, estimated from n_stories: sum of -log p / tokens,
+    one eot separator per story (`jif.floor` computes it exactly)."""
     rng = np.random.default_rng(seed)
     texts, nats = [], 0.0
     for _ in range(n_stories):
@@ -427,34 +430,66 @@ def check_text(text: str, *, window: bool = False) -> CheckResult:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StoriesConfig:
-    """Print stories of the embedded grammar, its entropy, or the checker's verdict on a file."""
+    """Print stories of the embedded grammar and its entropy rate, the checker's verdict on a
+    file, or the loss floor of the validation windows."""
 
     n: int = 3
     """Stories to print."""
     seed: int = 0
-    """Seed of the generator."""
+    """Seed of the generator (and of the validation windows of --floor)."""
     n_bpe: int = 2048
-    """Tokenizer size for the entropy (GPT-2 BPE ids kept)."""
-    entropy_stories: int = 2000
-    """Stories averaged for the entropy (0: skip it)."""
+    """Tokenizer size for the entropy rate and the floor (GPT-2 BPE ids kept)."""
+    entropy: bool = True
+    """Print the packed stream's entropy rate (exact, jif.floor)."""
     check: str | None = None
-    """A text file to score instead (stories separated by "<|endoftext|>")."""
+    """A text file to check instead (stories separated by "<|endoftext|>")."""
+    window: bool = False
+    """With --check: the file is one window of packed text, its first story cut at the start."""
+    json: bool = False
+    """With --check: one JSON object on one line (jif.floor.StoryReport), not indented."""
+    floor: bool = False
+    """Print the floor of the validation windows instead (jif.floor.floor, as JSON)."""
+    seq_len: int = 128
+    """With --floor: tokens per validation row (BOS included)."""
+    n_sequences: int = 64
+    """With --floor: validation rows."""
+    packing: str = "pack"
+    """With --floor: "pack", "align" or "pad"."""
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = tyro.cli(StoriesConfig, args=argv, description=StoriesConfig.__doc__)
-    if cfg.check:
-        r = check_text(Path(cfg.check).read_text(encoding="utf-8"))
-        print(json.dumps(dataclasses.asdict(r), indent=1))
-        return
+    from jif import floor  # import cycle: jif.floor builds its automaton from this grammar
+
+    try:
+        if cfg.check:
+            if not Path(cfg.check).is_file():
+                raise ValueError(
+                    f"--check {cfg.check!r} is not a file; give a text file of stories"
+                )
+            text = Path(cfg.check).read_text(encoding="utf-8")
+            report = floor.check_stories([text], window=cfg.window)
+            print(json.dumps(dataclasses.asdict(report), indent=None if cfg.json else 1))
+            return
+        tok = load_tokenizer(cfg.n_bpe)
+        if cfg.floor:
+            kw = dict(seq_len=cfg.seq_len, n_sequences=cfg.n_sequences, packing=cfg.packing)
+            print(json.dumps(dataclasses.asdict(floor.floor(tok, seed=cfg.seed, **kw))))
+            return
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     rng = np.random.default_rng(cfg.seed)
     for _ in range(cfg.n):
         text, logp = generate_story(rng)
         print(f"[log p = {logp:.2f} nats]\n{text}\n")
-    if cfg.entropy_stories:
-        tok = load_tokenizer(cfg.n_bpe)
-        h = entropy_nats_per_token(tok, n_stories=cfg.entropy_stories, seed=cfg.seed)
-        print(f"entropy: {h:.4f} nats/token with n_bpe={cfg.n_bpe} (the loss floor)")
+    if cfg.entropy:
+        auto = floor.token_automaton(tok)
+        rate = auto.entropy_per_story / (auto.units_per_story + 1)
+        print(
+            f"entropy rate of the packed stream: {rate:.4f} nats/token with n_bpe={cfg.n_bpe} "
+            "(the long-window limit; the validation windows' floor is higher: --floor)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The story grammar: log-probabilities, splits, the checker and the name probes."""
 
 import itertools
+import json
 import math
 import re
 
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 
 from jif import stories
+from jif.data import validation_tokens
+from jif.floor import check_stories, floor
 from jif.probes import friend_probes, name_probes
 from jif.stories import check_text, generate_story, iter_stories, split_sentences
 from jif.tokenizer import load_tokenizer
@@ -233,14 +236,31 @@ def test_entropy_per_token():
 
 
 def test_cli(capsys, tmp_path):
-    stories.main(["--n", "2", "--seed", "1", "--entropy-stories", "0"])
+    stories.main(["--n", "2", "--seed", "1", "--no-entropy"])
     out = capsys.readouterr().out
     texts = [t for t, _ in _sample(2, seed=1)]
     assert texts[0] in out and texts[1] in out
     f = tmp_path / "s.txt"
     f.write_text(texts[0] + "\n<|endoftext|>\n" + "Cats fly.")
-    stories.main(["--check", str(f)])
-    assert '"n_valid": ' + str(check_text(texts[0]).n_sentences) in capsys.readouterr().out
+    stories.main(["--check", str(f), "--json"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1  # one JSON object
+    report = json.loads(lines[0])
+    assert report["story_level"] == 0.5 and (report["n_stories"], report["n_valid"]) == (2, 1)
+    assert report["n_sentences"] == check_text(texts[0]).n_sentences + 1
+    for args in (["--check", str(tmp_path / "none.txt")], ["--floor", "--packing", "wrap"]):
+        with pytest.raises(SystemExit) as e:
+            stories.main(args)
+        assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+
+
+def test_cli_entropy_rate_and_floor(capsys):
+    stories.main(["--n", "0"])
+    assert "entropy rate of the packed stream: 0.3007 nats/token" in capsys.readouterr().out
+    stories.main(["--floor", "--n-sequences", "4", "--packing", "align"])
+    out = json.loads(capsys.readouterr().out)
+    want = floor(load_tokenizer(2048), seq_len=128, n_sequences=4, seed=0, packing="align")
+    assert out["n_windows"] == 4 and out["nats_per_token"] == want.nats_per_token
 
 
 def test_name_probes_mask_one_repeated_name_fixed_by_the_grammar():
@@ -281,3 +301,135 @@ def test_friend_probes_put_the_hero_where_the_friend_is_introduced():
         assert check_text(text).score < 1.0 and check_text(story).score == 1.0
         full = [tok.eot_id, *tok.encode(text)][:128]
         assert row[: len(full)].tolist() == full  # the altered story's own tokenisation
+
+
+# ----------------------------------------------------------------------------- whole stories
+
+STORY = (
+    "Once upon a time, there was a kind girl named Mia. She loved to run and jump in the park. "
+    "Mia had a friend named Tom. One day, Mia lost her red ball. She looked everywhere, but she "
+    "could not find it. Tom helped her look, and they found it under the bed. Mia said, "
+    '"Thank you, Tom!" From that day on, Mia and Tom were best friends.'
+)
+LOSE = STORY[STORY.index("One day") : STORY.index(" From")]  # the story's one event
+INTROS = " ".join(
+    f"Once upon a time, there was a kind {kid} named {name}."
+    for kid, name in [
+        ("girl", "Mia"),
+        ("boy", "Tom"),
+        ("girl", "Sue"),
+        ("boy", "Ben"),
+        ("girl", "Amy"),
+    ]
+)
+
+
+def _level(text: str, window: bool = False) -> float:
+    return check_stories([text], window=window).story_level
+
+
+def test_story_level_catches_what_sentence_scores_miss():
+    sentences = split_sentences(STORY)[0]
+    assert _level(STORY) == 1.0 and check_stories([STORY]).n_complete == 1
+    cheats = {
+        "one sentence 20 times": " ".join([sentences[1]] * 20),
+        "sentences in reverse order": " ".join(sentences[::-1]),
+        "five introductions": INTROS,
+        "junk tail": STORY + " " + " ".join(["the", "cat", "ran", "blue", "slowly"] * 6),
+        "the story twice": STORY + " " + STORY,
+    }
+    for name, text in cheats.items():
+        before = check_text(text)
+        assert before.score == 1.0 and before.grammatical == 1.0, name  # the old fractions
+        report = check_stories([text])
+        assert report.story_level == 0.0 and report.invalid, name
+        assert (report.sentence_level, report.in_context) == (1.0, 1.0), name
+    assert check_stories([cheats["one sentence 20 times"]]).repeated_sentences == 0.95
+    twice = check_stories([STORY + "<|endoftext|>" + STORY])
+    assert twice.story_level == 1.0 and twice.distinct_stories == 0.5 and twice.n_complete == 2
+
+
+def test_story_level_roles_and_structure():
+    bad = {
+        "friend named after the hero": STORY.replace("Tom", "Mia"),
+        "a stranger": STORY.replace("Tom helped", "Ben helped"),
+        "wrong pronoun": STORY.replace("She looked", "He looked"),
+        "boy named Mia": STORY.replace("kind girl", "kind boy"),
+        "another object found": STORY.replace("they found it under", "they found it under").replace(
+            "Tom helped her look, and they found it under the bed.",
+            "Then Tom found the kite under the bed.",
+        ),
+        "pet closing without a pet": STORY.replace(
+            "From that day on, Mia and Tom were best friends.",
+            "Mia, Tom and the dog were happy together.",
+        ),
+        "no closing before the next story": STORY.rsplit(" From", 1)[0] + "<|endoftext|>" + STORY,
+        "the same event twice": STORY.replace(
+            " From that day on", " " + LOSE + " From that day on"
+        ),
+    }
+    for name, text in bad.items():
+        assert check_stories([text]).n_valid < check_stories([text]).n_stories, name
+    with_pet = STORY.replace(" Mia had a friend", " Mia also had a big brown dog. Mia had a friend")
+    assert (
+        _level(
+            with_pet.replace(
+                "From that day on, Mia and Tom were best friends.",
+                "Mia, Tom and the dog were happy together.",
+            )
+        )
+        == 1.0
+    )
+    fixed = STORY.replace(
+        "Tom helped her look, and they found it under the bed.",
+        "Then Tom found the ball under the bed.",
+    )
+    assert _level(fixed) == 1.0
+    two_events = STORY.replace(
+        " From that day on",
+        ' Tom had a big blue kite. Mia asked, "Can I play with your kite, Tom?" Tom smiled and '
+        "shared the kite with her. From that day on",
+    )
+    assert _level(two_events) == 1.0  # the second event brings its own object
+    three = two_events.replace(
+        " From that day on", " Mia and Tom ran to the lake. From that day on"
+    )
+    assert _level(three) == 0.0  # at most two events (and each event whole)
+    with pytest.raises(ValueError, match="list of texts"):
+        check_stories(STORY)
+
+
+def test_cut_stories_prefixes_and_window_suffixes():
+    """Every prefix of a story is one the grammar can continue; every suffix is a window's
+    first story; a prefix with a wrong continuation is not."""
+    for k in range(1, len(STORY)):
+        assert _level(STORY[:k]) == 1.0, STORY[:k]
+        assert _level(STORY[k:], window=True) == 1.0, STORY[k:]
+        assert _level(STORY[:k] + "<|endoftext|>") == (k == len(STORY)), STORY[:k]
+    for k in range(40, len(STORY), 23):
+        assert _level(STORY[:k] + "q") == 0.0
+        assert _level(STORY[k : k + 60], window=True) == 1.0  # cut at both ends
+    assert _level(STORY[60:]) == 0.0  # without window=True a story starts at its start
+    hero_changes = STORY[60:].replace("Mia said", "Sue said")
+    assert _level(hero_changes, window=True) == 0.0
+    assert _level(STORY[60:] + "<|endoftext|>" + STORY[:150], window=True) == 1.0
+
+
+def test_grammar_and_its_windows_score_one():
+    tok = load_tokenizer(2048, source="package")
+    for seed in range(6):
+        texts = [t for t, _ in _sample(100, seed=seed)]
+        report = check_stories(texts)
+        assert report.story_level == 1.0 and report.n_complete == 100, report.invalid
+        assert report.repeated_sentences == 0.0 and report.distinct_stories == 1.0
+        joined = check_stories(["<|endoftext|>".join(texts[:10])])
+        assert (joined.n_stories, joined.story_level) == (10, 1.0)
+    for packing in ("pack", "align", "pad"):
+        rows = validation_tokens("stories", tok, seq_len=128, n_sequences=32, packing=packing)
+        texts = [tok.decode(row[1:]) for row in rows]
+        report = check_stories(texts, window=True)
+        assert report.story_level == 1.0, (packing, report.invalid)
+        checks = [check_text(t, window=True) for t in texts]
+        n = sum(c.n_sentences for c in checks)
+        assert report.sentence_level == sum(c.n_grammatical for c in checks) / n
+        assert report.in_context == sum(c.n_valid for c in checks) / n
