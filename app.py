@@ -15,12 +15,11 @@ validates, calls, caches and puts the page together.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
-import threading
 import time
 import traceback
-from collections import OrderedDict
 
 import gradio as gr
 import jax
@@ -28,7 +27,7 @@ import numpy as np
 import tyro
 
 from jif import checkpoint as ckpt
-from jif import hostmem, render, sampling
+from jif import hostmem, render, sampling, serve
 from jif.tokenizer import encode_template
 
 
@@ -50,10 +49,21 @@ class AppConfig:
     """Use the EMA weights of each checkpoint (--no-ema for the raw weights)."""
 
 
-# Limits on what a visitor may ask for; each is checked with a message that names the fix.
+# Limits on what a visitor may ask for, each checked with a message that names the fix. They
+# bound the work of one request (sampling, frames drawn and sent, time holding a worker) and
+# of one visitor; the ranges every sampler setting must lie in come from
+# jif.sampling.check_settings, shared with `python -m jif.sample`.
 MAX_STEPS = 2000
 MAX_SAMPLES = 8
+MAX_TEMPLATE_CHARS = 4000
+MIN_FPS, MAX_FPS = 5, 60  # animation speed; at 1 frame/s a 2000-step run held a worker 30 min
+MAX_ANIMATION_SECONDS = 10.0  # a longer animation plays faster than asked
+MAX_FRAMES = 120  # frames drawn and sent per generation (evenly spaced, first and last kept)
+WORKERS = 4  # generations running at once, all visitors together
+MAX_JOBS_PER_VISITOR = 2  # of those, per visitor (client address)
+QUEUE_SIZE = 32  # generations waiting for a worker, all visitors together
 MAX_CACHED_MODELS = 4
+LABELS = {"top_p": "top-p", "batch": "number of samples"}  # check_settings' names on the page
 DEFAULT_TEMPLATE = "Once upon a time, [MASK:12] happy."
 
 
@@ -87,8 +97,19 @@ def checkpoint_label(info) -> str:
     return f"{run} · step {info.step} · data {info.data} · val NELBO {nelbo}"
 
 
-def scan_checkpoints(root: str, source=ckpt) -> list:
-    """CheckpointInfo of every checkpoint under root, newest first; [] when none or unreadable."""
+def weights_present(step_dir: str, item: str) -> bool:
+    """Whether the orbax item `item` ("ema" or "params") of a step folder holds saved arrays:
+    its _METADATA and at least one data file (under a `d/` folder). A step folder whose
+    weights were deleted, or never finished, has its meta but not these."""
+    folder = os.path.join(step_dir, item)
+    if not os.path.isfile(os.path.join(folder, "_METADATA")):
+        return False
+    return any(os.path.basename(d) == "d" and files for d, _, files in os.walk(folder))
+
+
+def scan_checkpoints(root: str, source=ckpt, item: str | None = None) -> list:
+    """CheckpointInfo of every checkpoint under root, newest first; [] when none or unreadable.
+    With item ("ema" or "params"), only those whose weights of that item are on disk."""
     if not os.path.isdir(root):
         return []
     try:
@@ -96,47 +117,8 @@ def scan_checkpoints(root: str, source=ckpt) -> list:
     except (OSError, ValueError) as e:  # an unreadable folder must not take the page down
         print(f"[app] could not list checkpoints under {root}: {e}", file=sys.stderr)
         return []
-    return [i for i in infos if _is_inside(str(i.path), root)]
-
-
-# ----------------------------------------------------------------------------------------
-# Caches: loaded models here; compiled samplers in jif.sampling's jit cache, keyed on the
-# cached model's denoise_fn object, so a second Generate neither reloads nor recompiles
-# ----------------------------------------------------------------------------------------
-
-
-class _LRU:
-    """A small thread-safe least-recently-used cache: get_or_make(key, make)."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._items: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-        self._key_locks: dict = {}
-
-    def get_or_make(self, key, make):
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:  # two visitors asking for the same model load it once
-            with self._lock:
-                if key in self._items:
-                    return self._items[key]
-            try:
-                value = make()
-            finally:
-                with self._lock:
-                    self._key_locks.pop(key, None)
-            with self._lock:
-                self._items[key] = value
-                while len(self._items) > self.capacity:
-                    self._items.popitem(last=False)
-            return value
-
-    def __len__(self) -> int:
-        return len(self._items)
+    infos = [i for i in infos if _is_inside(str(i.path), root)]
+    return [i for i in infos if item is None or weights_present(str(i.path), item)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -145,7 +127,11 @@ class _LRU:
 
 
 class DiffusionApp:
-    """State shared by all visitors: the root, the caches. Handlers are its methods."""
+    """State shared by all visitors: the root, the caches, the slots. Handlers are its methods.
+
+    Loaded models are cached here; compiled samplers in jif.sampling's bounded cache, keyed
+    on the cached model's denoise_fn object, so a second Generate neither reloads nor
+    recompiles."""
 
     def __init__(self, root: str, checkpoint: str | None = None, *, ema: bool = True, source=ckpt):
         self.root = root
@@ -158,13 +144,14 @@ class DiffusionApp:
         self.checkpoint = checkpoint
         self.ema = ema
         self.source = source  # provides list_checkpoints and load_for_inference
-        self.models = _LRU(MAX_CACHED_MODELS)
+        self.models = serve.LRU(MAX_CACHED_MODELS)
+        self.slots = serve.Slots(MAX_JOBS_PER_VISITOR)
         self.contexts: dict[str, int] = {}  # realpath -> training seq_len, from the listing
 
     # -- the picker -------------------------------------------------------------------
     def choices(self) -> list[tuple[str, str]]:
         """[(label, path)] for the picker, newest first."""
-        infos = scan_checkpoints(self.root, self.source)
+        infos = scan_checkpoints(self.root, self.source, "ema" if self.ema else "params")
         for i in infos:
             if isinstance((i.config or {}).get("seq_len"), int):
                 self.contexts[os.path.realpath(i.path)] = i.config["seq_len"]
@@ -187,9 +174,9 @@ class DiffusionApp:
     # -- loading ----------------------------------------------------------------------
     def load(self, path: str | None):
         if not path:
-            raise gr.Error(no_checkpoint_message(self.root))
-        if not self.allowed(path):
-            raise gr.Error(
+            raise serve.user_error(no_checkpoint_message(self.root))
+        if not isinstance(path, str) or not self.allowed(path):
+            raise serve.user_error(
                 f"{path!r} is not a checkpoint under {self.root!r}; pick one from the list."
             )
         key = (os.path.realpath(path), self.ema)
@@ -199,7 +186,7 @@ class DiffusionApp:
             )
         except (ValueError, OSError, KeyError) as e:
             where = "" if path in str(e) else f" {path}"
-            raise gr.Error(f"Could not load checkpoint{where}: {e}") from e
+            raise serve.user_error(f"Could not load checkpoint{where}: {e}") from None
 
     def context_length(self, loaded) -> int | None:
         """The sequence length the checkpoint was trained on (its context), if recorded."""
@@ -217,24 +204,32 @@ class DiffusionApp:
         """Validate everything, sample, and return (the loaded model, render.Samples); raises
         gr.Error on bad input."""
         loaded = self.load(path)
-        method, steps, length, temperature, top_p, seed, n_samples = validate_settings(
-            method, steps, length, temperature, top_p, seed, n_samples
-        )
-        context = self.context_length(loaded)
-        if context is not None and length > context:
-            raise gr.Error(
-                f"length {length} is longer than this checkpoint's context ({context}); use at most {context}."
-            )
-        if template is None or not str(template).strip():
-            raise gr.Error(
+        if not isinstance(template, str) or not template.strip():
+            raise serve.user_error(
                 "The template is empty: type a prompt such as 'Once upon a time,' or an infilling "
                 "template such as 'Once upon a time, [MASK:20] happy.'"
             )
+        if len(template) > MAX_TEMPLATE_CHARS:
+            raise serve.user_error(
+                f"The template is {len(template)} characters; this page takes at most "
+                f"{MAX_TEMPLATE_CHARS}: shorten it."
+            )
         tok = loaded.tokenizer
+        method, steps, length, temperature, top_p, seed, n_samples = validate_settings(
+            method,
+            steps,
+            length,
+            temperature,
+            top_p,
+            seed,
+            n_samples,
+            context=self.context_length(loaded),
+            vocab=tok.vocab_size,
+        )
         try:
-            row = encode_template(tok, str(template), length=length)  # int32 [length]
-        except ValueError as e:  # longer than length: the message says by how much
-            raise gr.Error(f"Bad template: {e}") from e
+            row = encode_template(tok, template, length=length)  # int32 [length]
+        except ValueError as e:  # a misspelt marker, or too long: the message says the fix
+            raise serve.user_error(f"Bad template: {e}") from None
         tokens = np.tile(row[None], (n_samples, 1))
         result = sampling.sample(
             loaded.denoise_fn,  # the same object every time: the compiled sampler is reused
@@ -250,9 +245,32 @@ class DiffusionApp:
         return loaded, render.Samples.from_result(result, tok, data=getattr(loaded, "data", ""))
 
     def generate(
+        self,
+        path,
+        method,
+        steps,
+        length,
+        temperature,
+        top_p,
+        seed,
+        n_samples,
+        fps,
+        template,
+        request: gr.Request = None,
+    ):
+        """Generator handler: yields (html, replay slider, plot, scores, state) frame by frame.
+
+        At most MAX_JOBS_PER_VISITOR run per visitor; at most MAX_FRAMES frames are sent, and
+        an animation that would last longer than MAX_ANIMATION_SECONDS plays faster."""
+        fps = frame_rate(fps)
+        with self.slots.hold(serve.visitor(request)):
+            yield from self._generate(
+                path, method, steps, length, temperature, top_p, seed, n_samples, fps, template
+            )
+
+    def _generate(
         self, path, method, steps, length, temperature, top_p, seed, n_samples, fps, template
     ):
-        """Generator handler: yields (html, replay slider, plot, scores, state) frame by frame."""
         try:
             loaded, samples = self.run_sampler(
                 path, method, steps, length, temperature, top_p, seed, n_samples, template
@@ -262,9 +280,10 @@ class DiffusionApp:
         except Exception as e:  # unexpected: keep serving, tell the visitor and the terminal
             traceback.print_exc()
             raise gr.Error(f"Sampling failed: {type(e).__name__}: {e}") from e
-        delay = 0.0 if not fps or fps <= 0 else 1.0 / float(fps)
+        frames = render.frames_to_play(samples, max_frames=MAX_FRAMES)
+        delay = min(1.0 / fps, MAX_ANIMATION_SECONDS / len(frames))
         slider = dict(minimum=0, maximum=samples.n_steps, step=1)
-        for step in render.frames_to_play(samples):
+        for step in frames:
             yield (
                 render.render_step(samples, step),
                 gr.update(value=step, **slider),
@@ -284,49 +303,72 @@ class DiffusionApp:
 
     def replay(self, samples: render.Samples | None, step):
         if samples is None:
-            raise gr.Error("Nothing to replay yet: press Generate first.")
-        return render.render_step(samples, int(np.clip(int(step or 0), 0, samples.n_steps)))
+            raise serve.user_error("Nothing to replay yet: press Generate first.")
+        try:
+            step = int(np.clip(float(step or 0), 0, samples.n_steps))
+        except (TypeError, ValueError):
+            raise serve.user_error(f"replay step {step!r} is not a number.") from None
+        return render.render_step(samples, step)
 
 
 def _same(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _number(value, ok, allowed: str) -> float:
-    """float(value) when it is finite and ok(it); else gr.Error naming what is allowed."""
+def frame_rate(fps) -> float:
+    """The animation speed in frames/s; gr.Error unless MIN_FPS <= fps <= MAX_FPS."""
     try:
-        f = float(value)
+        f = math.nan if isinstance(fps, str | bool) else float(fps)
     except (TypeError, ValueError):
-        f = float("nan")
-    if not (np.isfinite(f) and ok(f)):
-        raise gr.Error(f"{allowed}, got {value!r}.")
+        f = math.nan
+    if not MIN_FPS <= f <= MAX_FPS:  # NaN fails too
+        raise serve.user_error(
+            f"animation speed={fps!r}: must be from {MIN_FPS} to {MAX_FPS} frames/s "
+            f"(an animation longer than {MAX_ANIMATION_SECONDS:g} s plays faster)."
+        )
     return f
 
 
-def _as_int(name: str, value, lo: int, hi: int) -> int:
-    allowed = f"{name} must be a whole number between {lo} and {hi}"
-    return int(_number(value, lambda f: f == int(f) and lo <= f <= hi, allowed))
-
-
-def _as_float(name: str, value, lo: float, hi: float, *, open_lo: bool = False) -> float:
-    allowed = f"{name} must be a number in {'(' if open_lo else '['}{lo}, {hi}]"
-    return _number(value, lambda f: (lo < f if open_lo else lo <= f) and f <= hi, allowed)
-
-
-def validate_settings(method, steps, length, temperature, top_p, seed, n_samples):
-    """Checks every control; raises gr.Error naming the bad value and the allowed range."""
-    if method not in sampling.METHODS:
-        raise gr.Error(
-            f"Unknown sampling method {method!r}; choose one of {sorted(sampling.METHODS)}."
+def validate_settings(
+    method, steps, length, temperature, top_p, seed, n_samples, *, context=None, vocab=None
+):
+    """Checks every control: the ranges with jif.sampling.check_settings (shared with the
+    CLI), then this page's limits per request. Raises gr.Error naming the bad value and what
+    is allowed; returns (method, steps, length, temperature, top_p, seed, n_samples)."""
+    for label, value in (("length", length), ("number of samples", n_samples), ("seed", seed)):
+        if value is None:
+            raise serve.user_error(f"{label} is empty: type a whole number.")
+    try:
+        s = sampling.check_settings(
+            method=method,
+            steps=steps,
+            temperature=temperature,
+            top_p=top_p,
+            length=length,
+            context=context,
+            batch=n_samples,
+            vocab=vocab,
+            seed=seed,
+            names=LABELS,
         )
+    except ValueError as e:
+        raise serve.user_error(str(e)) from None
+    for label, value, most in (
+        ("steps", s["steps"], MAX_STEPS),
+        ("number of samples", s["batch"], MAX_SAMPLES),
+    ):
+        if value > most:
+            raise serve.user_error(
+                f"{label}={value}: this page takes at most {most} (a limit per run)."
+            )
     return (
         method,
-        _as_int("steps", steps, 1, MAX_STEPS),
-        _as_int("length", length, 2, 1 << 16),
-        _as_float("temperature", temperature, 0.0, 10.0, open_lo=True),
-        _as_float("top-p", top_p, 0.0, 1.0, open_lo=True),
-        _as_int("seed", seed, 0, 2**31 - 1),
-        _as_int("number of samples", n_samples, 1, MAX_SAMPLES),
+        s["steps"],
+        s["length"],
+        s["temperature"],
+        s["top_p"],
+        s["seed"],
+        s["batch"],
     )
 
 
@@ -374,6 +416,7 @@ def build_demo(
             value=DEFAULT_TEMPLATE,
             label="Prompt or infilling template",
             lines=2,
+            max_length=MAX_TEMPLATE_CHARS,
             elem_id="jif-template",
         )
         with gr.Row():
@@ -385,11 +428,9 @@ def build_demo(
             n_samples = gr.Number(value=2, precision=0, label="Samples")
             seed = gr.Number(value=0, precision=0, label="Seed")
         with gr.Row():
-            temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature")
+            temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature (0: argmax)")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
-            fps = gr.Slider(
-                0, 60, value=15, step=1, label="Animation speed (frames/s, 0 = no delay)"
-            )
+            fps = gr.Slider(MIN_FPS, MAX_FPS, value=15, step=1, label="Animation speed (frames/s)")
         generate = gr.Button("Generate", variant="primary", elem_id="jif-generate")
         text = gr.HTML(label="Samples", elem_id="jif-text")
         replay = gr.Slider(
@@ -416,11 +457,12 @@ def build_demo(
             [picker, method, steps, length, temperature, top_p, seed, n_samples, fps, template],
             [text, replay, plot, scores, state],
             api_name="generate",
-            concurrency_limit=4,
+            concurrency_limit=WORKERS,
             show_progress="minimal",  # keep the animated text visible while it streams
+            preprocess=False,  # raw values: every range is checked here, with our messages
         )
-        replay.input(app.replay, [state, replay], text, api_name="replay")
-    demo.queue(default_concurrency_limit=4)
+        replay.input(app.replay, [state, replay], text, api_name="replay", preprocess=False)
+    demo.queue(default_concurrency_limit=WORKERS, max_size=QUEUE_SIZE)
     demo.jif_app = app  # the caches, for tests and for warming up
     return demo
 
@@ -428,11 +470,22 @@ def build_demo(
 def main(argv: list[str] | None = None) -> None:
     hostmem.reuse_freed_memory()  # first: before JAX starts its CPU threads
     cfg = tyro.cli(AppConfig, args=argv, description=__doc__.split("\n\n")[0])
-    listed = scan_checkpoints(cfg.root)
+    problem = serve.address_problem(cfg.host, cfg.port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    listed = scan_checkpoints(cfg.root, item="ema" if cfg.ema else "params")
     if not listed and not cfg.checkpoint:
         print(no_checkpoint_message(cfg.root), flush=True)
     demo = build_demo(cfg.root, cfg.checkpoint, ema=cfg.ema)
-    demo.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, show_error=True)
+    try:
+        demo.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, show_error=True)
+    except OSError as e:  # taken between the check and the launch
+        print(
+            f"error: cannot serve on {cfg.host}:{cfg.port}: {e}; pass another --port.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

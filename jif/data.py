@@ -14,6 +14,11 @@ Sources
   "text" field) or .parquet (a "text" column). A fixed fraction of the documents, chosen by
   a hash of their text (so independent of the seed and of file order), is held out as the
   validation split. Files are tokenised once, in bulk, and the tokens cached in memory.
+  A text file must be UTF-8, and no document of any source may hold the literal mask token
+  "<|mask|>" (`jif.data_files`): each is refused with a DataError naming the file and the fix.
+
+`data_identity(data)` says what a source is (a file's path, size and sha256; the grammar's
+hash; the hub name), for a run to store and compare on resume.
 
 Sequences (int32 [batch_size, seq_len]) always start with eot_id, which serves as BOS.
 - packing="pack" (default): documents are joined into one stream with an eot separator
@@ -39,8 +44,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import math
-import re
+import hashlib
+import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,22 +55,25 @@ import numpy as np
 import tyro
 
 from jif import hub, stories
+from jif.data_files import (  # noqa: F401 (re-exported: jif.data is where callers look)
+    FILE_READERS,
+    VALIDATION_FRACTION,
+    DataError,
+    _existing_file,
+    _file_digest,
+    read_documents,
+    refuse_mask_token,
+)
 from jif.tokenizer import load_tokenizer
 
-VALIDATION_FRACTION = 0.05  # share of a file's documents held out for validation
 HUB_DATASET = "roneneldan/TinyStories"
 HUB_CHUNK_DOCS = 2048  # documents per chunk of the hub stream (resume granularity)
 SPLITS = ("train", "validation")
-EOT_LINE = re.compile(r"^[ \t]*<\|endoftext\|>[ \t]*$", re.MULTILINE)
 OFFLINE_ALTERNATIVES = (
     "offline alternatives: --data stories (the embedded story grammar, no download) or "
     "--data PATH to a local .txt/.jsonl/.json/.parquet file "
     "(e.g. TinyStories-valid.txt downloaded from the hub dataset's page)"
 )
-
-
-class DataError(ValueError):
-    """A data source that cannot be read; the message names the problem and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,92 +181,8 @@ class HubSource:
             epoch, state = epoch + 1, None
 
     def _make(self, key: dict, docs: list[str]) -> Chunk:
+        refuse_mask_token(docs, f"{self.name} ({self.split})", is_file=False)
         return _chunk(key, _tokenize(self.tokenizer, docs), self.tokenizer.eot_id)
-
-
-def _text_column(ds, path: Path) -> list[str]:
-    if "text" not in ds.column_names:
-        raise DataError(
-            f"{path}: no 'text' column (columns: {ds.column_names}); store each document's text in a 'text' field"
-        )
-    dtype = getattr(ds.features["text"], "dtype", None)
-    if dtype not in ("string", "large_string"):
-        raise DataError(
-            f"{path}: column 'text' holds {ds.features['text']}, not text; it must hold strings"
-        )
-    return [t for t in ds["text"] if t and t.strip()]
-
-
-def _load_quietly(builder: str, path: Path, **kwargs) -> datasets.Dataset:
-    """`datasets.load_dataset` of one local file, without its progress bars."""
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-
-
-def _read_txt(path: Path) -> list[str]:
-    ds = _load_quietly("text", path, sample_by="document")
-    whole = "\n".join(ds["text"])
-    parts = EOT_LINE.split(whole) if EOT_LINE.search(whole) else re.split(r"\n\s*\n", whole)
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _read_json(path: Path) -> list[str]:
-    return _text_column(_load_quietly("json", path), path)
-
-
-def _read_parquet(path: Path) -> list[str]:
-    return _text_column(_load_quietly("parquet", path), path)
-
-
-FILE_READERS: dict[str, Callable[[Path], list[str]]] = {
-    ".txt": _read_txt,
-    ".jsonl": _read_json,
-    ".json": _read_json,
-    ".parquet": _read_parquet,
-}
-
-
-def _existing_file(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(
-            f"data file {str(path)!r} not found; give an existing file, or --data stories"
-        )
-    return path
-
-
-def read_documents(path: str | Path, split: str) -> list[str]:
-    """A local file's documents of one split (validation: the VALIDATION_FRACTION of
-    documents with the smallest text hashes, at least one)."""
-    path = _existing_file(path)
-    reader = FILE_READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(
-            f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(FILE_READERS)}"
-        )
-    if path.stat().st_size == 0:
-        raise DataError(f"{path} is empty; it must hold at least two documents")
-    try:
-        docs = reader(path)
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(
-            f"{path}: could not be read as {path.suffix} ({type(e).__name__}: {e})"
-        ) from e
-    if len(docs) < 2:
-        raise DataError(
-            f"{path}: found {len(docs)} document(s); need at least 2 (one is held out for validation)"
-        )
-    order = sorted(range(len(docs)), key=lambda i: (stories.text_hash(docs[i]), i))
-    n_val = max(1, math.ceil(VALIDATION_FRACTION * len(docs)))
-    val = set(order[:n_val])
-    return [d for i, d in enumerate(docs) if (i in val) == (split == "validation")]
 
 
 @functools.lru_cache(maxsize=8)
@@ -292,15 +216,41 @@ def open_source(data: str, tokenizer, *, split: str, seed: int):
         raise ValueError(f"split={split!r}: use one of {SPLITS}")
     if data in SOURCES:
         return SOURCES[data](tokenizer, split=split, seed=seed)
-    if Path(data).suffix.lower() in FILE_READERS or Path(data).exists():
-        return FileSource(tokenizer, split=split, seed=seed, path=data)
-    raise DataError(
-        f"unknown data source {data!r}: use {', '.join(map(repr, SOURCES))} or a path to a "
-        f"{'/'.join(sorted(FILE_READERS))} file"
-    )
+    open_source_check(data)
+    return FileSource(tokenizer, split=split, seed=seed, path=data)
+
+
+def open_source_check(data: str) -> None:
+    """DataError unless `data` names a source or looks like a data file's path."""
+    if data not in SOURCES and not (
+        Path(data).suffix.lower() in FILE_READERS or Path(data).exists()
+    ):
+        raise DataError(
+            f"unknown data source {data!r}: use {', '.join(map(repr, SOURCES))} or a path to "
+            f"a {'/'.join(sorted(FILE_READERS))} file"
+        )
 
 
 SOURCES = {"stories": StoriesSource, "tinystories": HubSource}
+
+
+def data_identity(data: str) -> dict:
+    """What `data` is, as JSON to store with a run and compare on resume (equal dicts: same
+    data). A file: {"source": "file", "path": absolute path, "size": bytes, "sha256": hex};
+    "stories": {"source": "stories", "grammar": a hash of the grammar's tables and of the
+    stories it generates for a fixed seed (the same for every training seed)};
+    "tinystories": {"source": "hub", "name": the hub dataset}."""
+    if data == "stories":
+        blocks = [stories.story_block(0, split, 0) for split in SPLITS]  # the code, in effect
+        text = json.dumps([stories.WORDS, blocks])
+        return {"source": "stories", "grammar": hashlib.sha256(text.encode()).hexdigest()[:16]}
+    if data == "tinystories":
+        return {"source": "hub", "name": HUB_DATASET}
+    open_source_check(data)
+    path = _existing_file(data).resolve()
+    st = path.stat()
+    digest = _file_digest(str(path), st.st_mtime_ns, st.st_size)
+    return {"source": "file", "path": str(path), "size": st.st_size, "sha256": digest}
 
 
 # ----------------------------------------------------------------------------- batching

@@ -1,4 +1,5 @@
-"""Drawing tokens from logits: filtering, Gumbel noise from a counter-based stream, Gumbel-max.
+"""Drawing tokens from logits: filtering, Gumbel noise from a counter-based stream, Gumbel-max,
+and the scores that rank masked positions (which ones a confidence-ordered step reveals).
 
 `jif.sampling` draws every token as argmax(filtered logits + Gumbel noise). The noise of a
 position comes from its own seed (`noise_bits`), so it is the same whenever it is computed:
@@ -106,3 +107,35 @@ def gumbel_max(logits: jax.Array, noise: jax.Array, temperature) -> tuple[jax.Ar
     chosen = argmax(jnp.where(temperature > 0, logits + noise, logits))
     picked = jnp.take_along_axis(logits, chosen[..., None], axis=-1)[..., 0]
     return chosen, picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+# ----------------------------------------------------------------------------- position scores
+
+
+def score_confidence(logits, chosen_logp, rand) -> jax.Array:
+    """Probability of the sampled token, [B, L]."""
+    return jnp.exp(chosen_logp)
+
+
+def score_margin(logits, chosen_logp, rand) -> jax.Array:
+    """Top-1 minus top-2 probability, [B, L], from logits [B, L, V] (any offset): three
+    vectorised reductions (lax.top_k and a full softmax are slow on CPU)."""
+    top1 = jnp.max(logits, axis=-1, keepdims=True)
+    z = jnp.sum(jnp.exp(logits - top1), axis=-1)
+    second = jnp.max(jnp.where(logits == top1, -jnp.inf, logits), axis=-1)
+    second = jnp.where(jnp.sum(logits == top1, axis=-1) > 1, top1[..., 0], second)
+    return (1.0 - jnp.exp(second - top1[..., 0])) / z
+
+
+def score_entropy(logits, chosen_logp, rand) -> jax.Array:
+    """Negative entropy sum_v p log p (lowest entropy first), [B, L], from logits [B, L, V]:
+    with e = exp(l - max), Z = sum e, it is sum(e (l - max)) / Z - log Z."""
+    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(shifted)
+    z = jnp.sum(e, axis=-1)
+    return jnp.sum(jnp.where(e > 0, e * shifted, 0.0), axis=-1) / z - jnp.log(z)
+
+
+def score_random(logits, chosen_logp, rand) -> jax.Array:
+    """Uniform random order, [B, L]."""
+    return rand

@@ -87,12 +87,17 @@ def token_pieces(tokenizer, row) -> list[str]:
     return pieces
 
 
-def frames_to_play(samples: Samples) -> list[int]:
-    """The frames worth showing: 0, then every frame that reveals something, then the last."""
+def frames_to_play(samples: Samples, max_frames: int | None = None) -> list[int]:
+    """The frames worth showing: 0, then every frame that reveals something, then the last;
+    at most max_frames of them (evenly spaced, the first and the last kept) when given."""
     revealing = np.flatnonzero(np.asarray(samples.result.trajectory.counts).sum(axis=0))
     changed = [int(s) + 1 for s in revealing]  # step s is revealed in frame s + 1
     last = samples.n_steps
-    return [0, *changed] if changed and changed[-1] == last else [0, *changed, last]
+    frames = [0, *changed] if changed and changed[-1] == last else [0, *changed, last]
+    if max_frames is not None and len(frames) > max(max_frames, 2):
+        keep = np.unique(np.linspace(0, len(frames) - 1, max(max_frames, 2)).round().astype(int))
+        frames = [frames[i] for i in keep]
+    return frames
 
 
 # ----------------------------------------------------------------------------- HTML

@@ -6,8 +6,10 @@
     python -m jif.sample --checkpoint runs/x --template "Once upon a time, [MASK:20] was happy."
 
 A prompt is continued up to --length tokens; in a template each [MASK:n] is filled with n
-tokens (and the text after the template is continued too). Models trained on the embedded
-stories also get the grammar checker's score per sample.
+tokens (and the text after the template is continued too). Markers are spelled exactly
+[MASK] or [MASK:n], 1 <= n <= the context; every option is checked by
+jif.sampling.check_settings before anything is loaded or allocated (exit status 2). Models
+trained on the embedded stories also get the grammar checker's score per sample.
 """
 
 from __future__ import annotations
@@ -61,20 +63,39 @@ class SampleConfig:
     """Print one JSON object instead of text."""
 
 
+FLAGS = {
+    "batch": "--num",
+    **{k: "--" + k.replace("_", "-") for k in ("method", "steps", "temperature", "top_p")},
+    **{k: "--" + k.replace("_", "-") for k in ("top_k", "block_length", "length", "seed")},
+}  # how check_settings' messages name the options
+
+
+def settings(cfg: SampleConfig, **known) -> dict:
+    """`jif.sampling.check_settings` of the options (ValueError naming a bad one)."""
+    return sampling.check_settings(
+        method=cfg.method,
+        steps=cfg.steps,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        block_length=cfg.block_length if known.get("length") else None,
+        batch=cfg.num,
+        seed=cfg.seed,
+        names=FLAGS,
+        **known,
+    )
+
+
 def run(cfg: SampleConfig) -> dict:
     """Sample as configured; returns {"texts", "tokens", "scores" (or None), "n_calls", ...}."""
     if cfg.prompt and cfg.template:
         raise ValueError("give either --prompt or --template, not both.")
-    if cfg.num < 1:
-        raise ValueError(f"--num {cfg.num} must be at least 1.")
+    settings(cfg)  # before loading anything
     loaded = load_for_inference(cfg.checkpoint, ema=cfg.ema)
     tok = loaded.tokenizer
     context = int(loaded.config.get("seq_len", 128))
     length = context if cfg.length is None else cfg.length
-    if not 2 <= length <= context:
-        raise ValueError(
-            f"--length {length} must be between 2 and the checkpoint's context {context}."
-        )
+    settings(cfg, length=length, context=context, vocab=tok.vocab_size)  # before any [B, L]
     row = encode_template(tok, cfg.template or cfg.prompt, length=length)
     tokens = np.tile(row[None], (cfg.num, 1))
     start = time.perf_counter()
@@ -147,6 +168,13 @@ def main(argv: list[str] | None = None) -> dict:
         out = run(cfg)
     except ValueError as e:  # bad options, template or checkpoint (CheckpointError)
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except MemoryError:  # what check_settings could not foresee (other processes' memory)
+        print(
+            f"error: out of memory for {cfg.num} samples of length {cfg.length or 'context'}; "
+            "use a smaller --num or --length.",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
     if cfg.json:
         print(json.dumps(out))

@@ -9,15 +9,15 @@ that predicts the clean tokens from a partly masked sequence (`jif.model.make_de
 unconditional generation, prompts and infilling are one call. Fixed tokens never change.
 
 A sampler is two parts, chosen through the `METHODS` registry:
-  * a plan, drawn before the first network call, that fixes how many tokens each step reveals:
-    - "ancestral" (MDLM): on the log-linear schedule alpha_t = 1 - (1 - eps) t a masked token
-      survives a step t -> s with probability (1 - alpha_s) / (1 - alpha_t), independently of
-      the network's prediction, so each token's reveal step can be drawn up front; the last
-      step is a final denoising step that reveals whatever is still masked;
-    - "expected" (LLaDA, Dream): each step reveals the expected number of tokens under the
-      schedule, floor(m (S - i) / S) - floor(m (S - i - 1) / S) of the m masked tokens;
-  * a score that says which masked tokens an "expected" step reveals: highest probability of
-    the sampled token ("confidence"), largest top-2 margin, lowest entropy, or at random.
+  * a plan (`jif.plans`), drawn before the first network call, that fixes how many tokens
+    each step reveals: "ancestral" (MDLM: each token's reveal step drawn from the schedule,
+    then a final denoising step) or "expected" (LLaDA, Dream: the expected number per step);
+  * a score (`jif.draw`) that says which masked tokens an "expected" step reveals: highest
+    probability of the sampled token ("confidence"), largest top-2 margin, lowest entropy,
+    or at random.
+
+Every setting is range-checked in one place, `check_settings`, which jif.sample, the app and
+jif.eval call as well; compiled samplers are kept in a bounded cache (`MAX_COMPILED`).
 
 Steps that reveal nothing change nothing, so they need no network call. "ddpm" calls the
 network at every step like the original; the other methods only at steps that reveal
@@ -36,6 +36,11 @@ the positions being revealed, so a cached call costs little more than the networ
 from __future__ import annotations
 
 import functools
+import math
+import operator
+import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -43,9 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jif import diffusion, draw
-
-T_MIN = 1e-5  # last time of the ancestral grid before the final denoising step (MDLM's choice)
+from jif import draw
+from jif.draw import score_confidence, score_entropy, score_margin, score_random
+from jif.plans import PLANNERS, T_MIN, Plan, Planner, ancestral_grid  # noqa: F401 (re-exported)
 
 DenoiseFn = Callable[..., jax.Array]
 
@@ -78,145 +83,6 @@ class SampleResult(NamedTuple):
     tokens: jax.Array
     n_calls: jax.Array
     trajectory: Trajectory | None
-
-
-# ----------------------------------------------------------------------------- plans
-
-
-class Plan(NamedTuple):
-    """What a plan fixes before the first network call.
-
-    n_steps: number of steps (static). planned: int32 [B, L] reveal step of each position
-    (ancestral) or None. counts: int32 [B, n_steps] tokens to reveal per step (expected) or
-    None. steps_per_block: step indices per block (static). rand: float32 [B, L] uniform draws
-    (used by the random order).
-    """
-
-    n_steps: int
-    steps_per_block: int
-    planned: jax.Array | None
-    counts: jax.Array | None
-    rand: jax.Array
-
-
-def ancestral_grid(steps: int) -> np.ndarray:
-    """Times t_0 = 1 > t_1 > ... > t_steps = T_MIN of the ancestral steps, float64 [steps + 1]."""
-    return 1.0 - np.arange(steps + 1) * (1.0 - T_MIN) / steps
-
-
-def plan_ancestral(key, masked, block_id, n_blocks: int, spb: int) -> Plan:
-    """Draw every masked token's reveal step (MDLM ancestral sampling, per block).
-
-    In block j, local step i < spb moves t_i -> t_{i+1}; local step spb is the final
-    denoising step. A token masked at t_0 = 1 is still masked after step i with probability
-    (1 - alpha_{t_{i+1}}) / (1 - alpha_1) = t_{i+1}, so its local reveal step is the number of
-    grid times t_1..t_spb that are >= u, u ~ U(0, 1).
-    masked: bool [B, L]; block_id: int32 [L].
-    """
-    u = jax.random.uniform(key, masked.shape)
-    survive = jnp.asarray(ancestral_grid(spb)[1:], jnp.float32)  # decreasing, [spb]
-    local = jnp.searchsorted(-survive, -u, side="right").astype(jnp.int32)
-    planned = jnp.where(masked, block_id[None, :] * (spb + 1) + local, -1)
-    rand = jax.random.uniform(jax.random.fold_in(key, 1), masked.shape)
-    return Plan(n_blocks * (spb + 1), spb + 1, planned, None, rand)
-
-
-def plan_expected(key, masked, block_id, n_blocks: int, spb: int) -> Plan:
-    """Reveal the expected number of tokens per step: of m masked tokens in a block,
-    floor(m (spb - i) / spb) are still masked after local step i (linear in t, log-linear
-    schedule), so step i reveals the difference. Returns counts int32 [B, n_blocks * spb]."""
-    per_block = jax.nn.one_hot(block_id, n_blocks, dtype=jnp.int32)  # [L, n_blocks]
-    m = masked.astype(jnp.int32) @ per_block  # [B, n_blocks]
-    i = jnp.arange(spb + 1)
-    remaining = (m[:, :, None] * (spb - i)) // spb  # [B, n_blocks, spb + 1]
-    counts = (remaining[:, :, :-1] - remaining[:, :, 1:]).reshape(m.shape[0], n_blocks * spb)
-    rand = jax.random.uniform(key, masked.shape)
-    return Plan(n_blocks * spb, spb, None, counts, rand)
-
-
-# ----------------------------------------------------------------------------- step choice
-
-
-def next_step_ancestral(plan: Plan, masked, cursor) -> jax.Array:
-    """Each row's next step with a planned reveal, int32 [B] (n_steps when none)."""
-    return jnp.min(jnp.where(masked, plan.planned, plan.n_steps), axis=1)
-
-
-def next_step_expected(plan: Plan, masked, cursor) -> jax.Array:
-    """Each row's first step >= cursor [B] that reveals something, int32 [B] (n_steps if none)."""
-    ok = (jnp.arange(plan.n_steps)[None, :] >= cursor[:, None]) & (plan.counts > 0)
-    return jnp.where(ok.any(axis=1), jnp.argmax(ok, axis=1), plan.n_steps).astype(jnp.int32)
-
-
-def choose_ancestral(plan: Plan, masked, step, block_id, score) -> jax.Array:
-    """Positions revealed at `step` [B]: those planned for it. Returns bool [B, L]."""
-    return masked & (plan.planned == step[:, None])
-
-
-def choose_expected(plan: Plan, masked, step, block_id, score) -> jax.Array:
-    """The counts[b, step_b] highest-scoring masked positions of the step's block, bool [B, L]."""
-    n = jnp.take_along_axis(plan.counts, jnp.minimum(step, plan.n_steps - 1)[:, None], axis=1)
-    n = jnp.where(step[:, None] < plan.n_steps, n, 0)
-    eligible = masked & (block_id[None, :] == (step // plan.steps_per_block)[:, None])
-    score = jnp.where(eligible, score, -jnp.inf)
-    rank = jnp.argsort(jnp.argsort(-score, axis=1, stable=True), axis=1, stable=True)
-    return eligible & (rank < n)
-
-
-def time_ancestral(plan: Plan, tokens, step, mask_id) -> jax.Array:
-    """Noise level 1 - alpha_t [B] at each row's step (for noise-conditioned denoisers)."""
-    grid = jnp.asarray(ancestral_grid(plan.steps_per_block - 1), jnp.float32)
-    return diffusion.mask_rate(grid[jnp.minimum(step % plan.steps_per_block, grid.shape[0] - 1)])
-
-
-def time_expected(plan: Plan, tokens, step, mask_id) -> jax.Array:
-    """Fraction of masked tokens per row [B] (the schedule's target noise level)."""
-    return jnp.mean(tokens == mask_id, axis=1, dtype=jnp.float32)
-
-
-class Planner(NamedTuple):
-    plan: Callable[..., Plan]
-    next_step: Callable[..., jax.Array]
-    choose: Callable[..., jax.Array]
-    mask_rate: Callable[..., jax.Array]
-
-
-PLANNERS: dict[str, Planner] = {
-    "ancestral": Planner(plan_ancestral, next_step_ancestral, choose_ancestral, time_ancestral),
-    "expected": Planner(plan_expected, next_step_expected, choose_expected, time_expected),
-}
-
-
-# ----------------------------------------------------------------------------- scores
-
-
-def score_confidence(logits, chosen_logp, rand) -> jax.Array:
-    """Probability of the sampled token, [B, L]."""
-    return jnp.exp(chosen_logp)
-
-
-def score_margin(logits, chosen_logp, rand) -> jax.Array:
-    """Top-1 minus top-2 probability, [B, L], from logits [B, L, V] (any offset): three
-    vectorised reductions (lax.top_k and a full softmax are slow on CPU)."""
-    top1 = jnp.max(logits, axis=-1, keepdims=True)
-    z = jnp.sum(jnp.exp(logits - top1), axis=-1)
-    second = jnp.max(jnp.where(logits == top1, -jnp.inf, logits), axis=-1)
-    second = jnp.where(jnp.sum(logits == top1, axis=-1) > 1, top1[..., 0], second)
-    return (1.0 - jnp.exp(second - top1[..., 0])) / z
-
-
-def score_entropy(logits, chosen_logp, rand) -> jax.Array:
-    """Negative entropy sum_v p log p (lowest entropy first), [B, L], from logits [B, L, V]:
-    with e = exp(l - max), Z = sum e, it is sum(e (l - max)) / Z - log Z."""
-    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
-    e = jnp.exp(shifted)
-    z = jnp.sum(e, axis=-1)
-    return jnp.sum(jnp.where(e > 0, e * shifted, 0.0), axis=-1) / z - jnp.log(z)
-
-
-def score_random(logits, chosen_logp, rand) -> jax.Array:
-    """Uniform random order, [B, L]."""
-    return rand
 
 
 class Method(NamedTuple):
@@ -261,25 +127,11 @@ class _State(NamedTuple):
     n_calls: jax.Array  # int32 []
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "denoise_fn",
-        "mask_id",
-        "steps",
-        "method",
-        "use_top_p",
-        "top_k",
-        "block_length",
-        "return_trajectory",
-        "time_conditioned",
-    ),
-)
 def _sample(
-    denoise_fn,
     key,
     tokens,
     *,
+    denoise_fn,
     mask_id,
     steps,
     method,
@@ -387,6 +239,136 @@ def _sample(
     return SampleResult(state.tokens, state.n_calls, trajectory)
 
 
+# ----------------------------------------------------------------------------- settings
+
+MAX_STEPS = 1 << 20  # a plan holds int32 [B, steps]; more steps than this is a typo
+MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits: larger seeds repeat smaller ones
+LOGIT_COPIES = (
+    4  # [B, L, V] float32 arrays alive at once in a step: logits, filtered, noise, one more
+)
+
+
+def _whole(name: str, value, lo: int, hi: int, note: str = "") -> int:
+    try:
+        i = operator.index(value)  # ints and numpy/jax integers, not floats or strings
+    except TypeError:
+        ok = isinstance(value, float) and value.is_integer()
+        i = int(value) if ok else None
+    if i is None or isinstance(value, bool) or not lo <= i <= hi:
+        raise ValueError(f"{name}={value!r}: must be a whole number from {lo} to {hi}{note}.")
+    return i
+
+
+def _real(name: str, value, interval: str, ok, note: str = "") -> float:
+    try:
+        f = math.nan if isinstance(value, str | bytes | bool) else float(value)
+    except (TypeError, ValueError):
+        f = math.nan
+    if not (math.isfinite(f) and ok(f)):
+        raise ValueError(f"{name}={value!r}: must be a finite number in {interval}{note}.")
+    return f
+
+
+def check_settings(
+    *,
+    method: str,
+    steps: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    block_length: int | None = None,
+    length: int | None = None,
+    context: int | None = None,
+    batch: int | None = None,
+    vocab: int | None = None,
+    seed: int | None = None,
+    names: dict[str, str] | None = None,
+) -> dict:
+    """Range-checks sampling settings; the one check behind `sample`, jif.sample, the app and
+    jif.eval. Raises ValueError naming the first bad value and the allowed range; returns the
+    settings given, normalised (whole numbers as int, reals as float; None ones left out).
+
+    temperature: finite, >= 0. top_p: in (0, 1]. top_k, steps, seed: whole numbers >= 0, >= 1,
+    in [0, MAX_SEED]. length: tokens per row, at most `context` (the model's) when given.
+    block_length: needs length; steps must be a multiple of the number of blocks. Sizes are
+    checked before anything of that size exists: with batch, length and vocab, the
+    [batch, length, vocab] logits of a network call must fit in this machine's memory.
+    names: what the caller calls each setting in messages (a CLI flag, a page label).
+    """
+    name = lambda key: (names or {}).get(key, key)
+    if method not in METHODS:
+        raise ValueError(f"{name('method')}={method!r}: must be one of {sorted(METHODS)}.")
+    out = {"method": method}
+    if length is not None:
+        note = "" if context is None else " (the model's context)"
+        hi = MAX_STEPS if context is None else int(context)
+        out["length"] = length = _whole(name("length"), length, 1, hi, note)
+    if batch is not None:
+        out["batch"] = batch = _whole(name("batch"), batch, 1, MAX_STEPS, " (samples at once)")
+    n_blocks = 1
+    if block_length is not None:
+        if length is None:
+            raise ValueError("check_settings: block_length needs the length.")
+        note = f" ({length} makes one block)"
+        block_length = _whole(name("block_length"), block_length, 1, length, note)
+        out["block_length"], n_blocks = block_length, -(-length // block_length)
+    steps = out["steps"] = _whole(name("steps"), steps, 1, MAX_STEPS)
+    if steps % n_blocks:
+        fit = n_blocks * (steps // n_blocks + 1)
+        raise ValueError(
+            f"{name('steps')}={steps}: must be a multiple of the number of blocks ({n_blocks} "
+            f"blocks of {block_length} in length {length}), e.g. {fit}."
+        )
+    out["temperature"] = _real(
+        name("temperature"), temperature, "[0, inf)", lambda t: t >= 0, " (0 is argmax)"
+    )
+    out["top_p"] = _real(
+        name("top_p"), top_p, "(0, 1]", lambda p: 0 < p <= 1, " (1 keeps every token)"
+    )
+    out["top_k"] = _whole(name("top_k"), top_k, 0, 2**31 - 1, " (0 keeps every token)")
+    if seed is not None:
+        out["seed"] = _whole(name("seed"), seed, 0, MAX_SEED)
+    if batch and length and vocab:
+        need = LOGIT_COPIES * 4 * batch * length * int(vocab)
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > have:
+            raise ValueError(
+                f"{batch} samples x {length} tokens x {vocab} vocabulary need about "
+                f"{need / 2**30:.1f} GiB of logits per network call, more than this machine's "
+                f"{have / 2**30:.1f} GiB; use fewer samples or a shorter length."
+            )
+    return out
+
+
+# ----------------------------------------------------------------------------- compiled samplers
+
+MAX_COMPILED = 16
+"""Compiled samplers kept, least recently used dropped first. Each (denoiser, shape, method,
+steps, ...) compiles its own program, which one jax.jit with static arguments keeps for the
+life of the process (60 step counts of the tiny checkpoint's sampler: +543 MB); a dropped
+one is freed with its jitted function (the same 60 here: +45 MB)."""
+_compiled: OrderedDict = OrderedDict()
+_compiled_lock = threading.Lock()
+
+
+def _compiled_sampler(shape: tuple, **static) -> Callable:
+    """The jitted sampler for one input shape and set of static settings (an LRU entry)."""
+    key = (shape, tuple(sorted(static.items(), key=lambda kv: kv[0])))
+    with _compiled_lock:
+        fn = _compiled.pop(key, None)
+        if fn is None:
+            fn = jax.jit(functools.partial(_sample, **static))
+        _compiled[key] = fn
+        while len(_compiled) > MAX_COMPILED:
+            _compiled.popitem(last=False)
+    return fn
+
+
+def compiled_samplers() -> int:
+    """Number of compiled samplers held (at most MAX_COMPILED)."""
+    return len(_compiled)
+
+
 def sample(
     denoise_fn: DenoiseFn,
     key: jax.Array,
@@ -411,52 +393,46 @@ def sample(
         block). method: a key of METHODS. temperature: 0 is argmax. top_p: nucleus mass in
         (0, 1]. top_k: keep the k most likely tokens (0 keeps all). block_length: generate
         blocks of this many positions left to right (semi-autoregressive), None for one block.
+        Every setting is checked by `check_settings`.
     Returns SampleResult(tokens [B, L], n_calls, trajectory or None). Compiled once per
     denoise_fn object, shape, method, steps, block_length, top_k, top_p < 1 and
-    return_trajectory; temperature and the top_p value change without recompiling.
+    return_trajectory (the MAX_COMPILED most recent are kept); temperature and the top_p
+    value change without recompiling.
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {sorted(METHODS)}.")
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be int32 [batch, length], got shape {tokens.shape}.")
+    batch, length = tokens.shape
+    s = check_settings(
+        method=method,
+        steps=steps,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        block_length=length if block_length is None else block_length,
+        length=length,
+        batch=batch,
+    )
     if time_conditioned and METHODS[method].cached:
         raise ValueError(
             f"method={method!r} reuses logits across steps, which is only valid for a denoiser "
             "that is not conditioned on the noise level (it may depend on the tokens only); "
             "use method='ddpm' for a noise-conditioned denoiser."
         )
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be int32 [batch, length], got shape {tokens.shape}.")
-    length = tokens.shape[1]
-    block_length = length if block_length is None else int(block_length)
-    if not 1 <= block_length:
-        raise ValueError(f"block_length={block_length} must be a positive number of positions.")
-    n_blocks = -(-length // block_length)
-    if steps < 1 or steps % n_blocks:
-        raise ValueError(
-            f"steps={steps} must be a positive multiple of the number of blocks ({n_blocks} "
-            f"blocks of {block_length} in length {length}); "
-            f"e.g. steps={n_blocks * max(1, steps // n_blocks)}."
-        )
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 is argmax).")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1] (1 keeps every token).")
-    if top_k < 0:
-        raise ValueError(f"top_k={top_k} must be >= 0 (0 keeps every token).")
-    return _sample(
-        denoise_fn,
-        key,
-        tokens,
+    run = _compiled_sampler(
+        tokens.shape,
+        denoise_fn=denoise_fn,
         mask_id=int(mask_id),
-        steps=int(steps),
+        steps=s["steps"],
         method=method,
-        temperature=jnp.float32(temperature),
-        top_p=jnp.float32(top_p),
-        use_top_p=bool(top_p < 1.0),
-        top_k=int(top_k),
-        block_length=block_length,
+        use_top_p=s["top_p"] < 1.0,
+        top_k=s["top_k"],
+        block_length=s["block_length"],
         return_trajectory=bool(return_trajectory),
         time_conditioned=bool(time_conditioned),
+    )
+    return run(
+        key, tokens, temperature=jnp.float32(s["temperature"]), top_p=jnp.float32(s["top_p"])
     )
 
 
@@ -485,6 +461,8 @@ __all__ = [
     "PLANNERS",
     "SampleResult",
     "Trajectory",
+    "check_settings",
+    "compiled_samplers",
     "expected_calls",
     "first_frame",
     "replay",

@@ -22,7 +22,8 @@ The hub path fails fast (`jif.hub`): it honours HF_HUB_OFFLINE and probes the hu
 stores it decodes without access to either source.
 
 `encode_template` reads masks back the way `decode` writes them ("[MASK]", or "[MASK:n]"
-for n of them): prompts and infilling templates for the samplers.
+for n of them): prompts and infilling templates for the samplers. Any other spelling of a
+marker ("[mask:3]", "[MASK: 3]", "[MASK:0]", "<|mask|>") is an error that gives the right one.
 """
 
 from __future__ import annotations
@@ -245,33 +246,69 @@ def load_tokenizer(n_bpe: int = 2048, source: str = "auto") -> Tokenizer:
 
 # ----------------------------------------------------------------------------- templates
 
-_MASK_SLOT = re.compile(r"\[MASK(?::(\d+))?\]")  # MASK_TEXT, or "[MASK:n]" for n masks
+# Anything written as a mask marker: "[" then "mask" in any case, up to the next bracket.
+_MARKER = re.compile(r"\[\s*mask(?![a-z])[^\[\]]*\]?|" + re.escape(MASK_TOKEN), re.IGNORECASE)
+_MARKER_EXACT = re.compile(r"\[MASK(?::([0-9]+))?\]")  # MASK_TEXT, or "[MASK:n]" for n masks
+SPELLING = "[MASK] for one generated token or [MASK:n] for n of them"
+
+
+def template_pieces(template: str, *, length: int) -> list[str | int]:
+    """A template split into fixed text (str) and mask counts (int), checked before anything
+    is allocated: every marker must be exactly "[MASK]" or "[MASK:n]" with 1 <= n <= length
+    (capital letters, no spaces); anything else that looks like one (`[mask:3]`,
+    `[MASK: 3]`, `[MASK:0]`, `[MASK:x]`, "<|mask|>") is a ValueError saying the spelling."""
+    pieces: list[str | int] = []
+    at = 0
+    for m in _MARKER.finditer(template):
+        marker, exact = m.group(0), _MARKER_EXACT.fullmatch(m.group(0))
+        shown = marker if len(marker) <= 24 else marker[:20] + "..."
+        if exact is None:
+            raise ValueError(
+                f"{shown!r} (character {m.start()} of the template) is not a mask marker: "
+                f"write {SPELLING} (capital letters, no spaces, n from 1 to {length})."
+            )
+        digits = exact.group(1) or "1"
+        if len(digits) > 20 or not 1 <= int(digits) <= length:  # no int() of a huge string
+            raise ValueError(
+                f"{shown!r} asks for {digits if len(digits) <= 20 else 'too many'} generated "
+                f"tokens: n in [MASK:n] must be from 1 to the sequence length {length}."
+            )
+        pieces += [template[at : m.start()], int(digits)]
+        at = m.end()
+    return [*pieces, template[at:]]
 
 
 def encode_template(tokenizer, template: str, *, length: int) -> np.ndarray:
     """Encode a prompt or infilling template into tokens int32 [length].
 
-    "[MASK:n]" stands for n generated tokens and "[MASK]" for one; text around them is fixed.
-    The sequence starts with the end-of-text token (the BOS of the training data) and is
-    filled with masks up to `length`, so a plain prompt is continued and a template is both
-    infilled and continued. Spaces just before a mask are dropped: byte-level BPE puts a
-    word's space in the word's token, so the generated token brings its own.
+    "[MASK:n]" stands for n generated tokens and "[MASK]" for one; text around them is fixed
+    (markers are checked by `template_pieces`). The sequence starts with the end-of-text
+    token (the BOS of the training data) and is filled with masks up to `length`, so a plain
+    prompt is continued and a template is both infilled and continued. Spaces just before a
+    mask (a marker, or the padding after the text) are dropped: byte-level BPE puts a word's
+    space in the word's token, so the generated token brings its own. A template that leaves
+    nothing to generate, or is longer than `length`, is a ValueError saying by how much.
     """
-    pieces = _MASK_SLOT.split(template)  # text, count, text, count, ..., text
+    pieces = template_pieces(template, length=length)  # text, count, text, count, ..., text
     ids = [tokenizer.eot_id]
     for i in range(0, len(pieces), 2):
-        text, n_masks = pieces[i], None
-        if i + 1 < len(pieces):
-            n_masks = int(pieces[i + 1] or 1)
-        if n_masks is not None or len(ids) + len(tokenizer.encode(text)) < length:
-            text = text.rstrip(" ")
+        text, n_masks = pieces[i], pieces[i + 1] if i + 1 < len(pieces) else None
+        text = text.rstrip(" ")  # a mask follows every piece: the padding, if not a marker
         if text:
             ids += tokenizer.encode(text)
+        if len(ids) + (n_masks or 0) > length:  # checked before the masks exist
+            later = pieces[i + 2 :]  # text, count, ..., text: counted, not yet encoded
+            n = len(ids) + (n_masks or 0) + sum(later[1::2])
+            least = "at least " if any(later[0::2]) else ""
+            raise ValueError(
+                f"the template is {least}{n} tokens (with the leading end-of-text token), "
+                f"{n - length} more than the sequence length {length}: shorten it by "
+                f"{least}{n - length} tokens."
+            )
         ids += [tokenizer.mask_id] * (n_masks or 0)
-    if len(ids) > length:
+    if len(ids) == length and tokenizer.mask_id not in ids:
         raise ValueError(
-            f"the template is {len(ids)} tokens (with the leading end-of-text token), "
-            f"{len(ids) - length} more than the context length {length}: shorten it by "
-            f"{len(ids) - length} tokens."
+            f"the template fills all {length} positions and leaves nothing to generate: "
+            f"shorten it, or add {SPELLING}."
         )
     return np.asarray(ids + [tokenizer.mask_id] * (length - len(ids)), np.int32)

@@ -72,6 +72,16 @@ class FakeInfo:
     config: dict
 
 
+def fake_weights(step_dir) -> str:
+    """The files app.weights_present looks for in a step folder's "ema" item."""
+    data = os.path.join(step_dir, "ema", "d")
+    os.makedirs(data, exist_ok=True)
+    for path in (os.path.join(step_dir, "ema", "_METADATA"), os.path.join(data, "0")):
+        with open(path, "w") as f:
+            f.write("{}")
+    return str(step_dir)
+
+
 def fake_loaded() -> FakeLoaded:
     """Logits that put probability ~1 on TARGET's token at each position (any input)."""
     tok = load_tokenizer(N_BPE)
@@ -94,6 +104,7 @@ def fake_server(tmp_path_factory):
     good, bad = root / "good" / "checkpoints" / "7", root / "broken" / "checkpoints" / "3"
     good.mkdir(parents=True)
     bad.mkdir(parents=True)
+    fake_weights(good)  # the broken one has no weights: listed by the source, not by the page
     loaded = fake_loaded()
     real_load = app.ckpt.load_for_inference
 
@@ -122,7 +133,7 @@ def generate_args(path, **kw):
         top_p=1.0,
         seed=0,
         n_samples=2,
-        fps=0,
+        fps=app.MAX_FPS,
         template="Tom saw [MASK:6] happy.",
     )
     args.update(kw)
@@ -178,16 +189,26 @@ def test_fake_answer_text_and_scores(fake_server):
     assert np.isnan(conf[revealed == 0]).all()
 
 
-def test_bad_inputs_are_errors_and_server_keeps_serving(fake_server):
+def test_bad_inputs_are_errors_and_server_keeps_serving(fake_server, capfd):
     _, url, good, bad, _ = fake_server
     client = gradio_client.Client(url, verbose=False)
+    capfd.readouterr()
     cases = {
         "empty": (generate_args(good, template="   "), "template is empty"),
         "too long": (generate_args(good, template="word " * 80), "length"),
+        "huge": (generate_args(good, template="w" * 5000), "at most 4000"),
         "context": (generate_args(good, length=400), "context"),
         "steps": (generate_args(good, steps=-3), "steps"),
+        "steps 4.5": (generate_args(good, steps=4.5), "steps=4.5: must be a whole number"),
+        "many steps": (generate_args(good, steps=5000), "at most 2000"),
         "seed": (generate_args(good, seed=-5), "seed"),
         "method": (generate_args(good, method="nope"), "nope"),
+        "temperature": (generate_args(good, temperature=-1), "temperature=-1"),
+        "top-p 0": (generate_args(good, top_p=0), "top-p=0"),  # below the slider: no gradio check
+        "slow animation": (generate_args(good, fps=1), "from 5 to 60 frames/s"),
+        "marker case": (generate_args(good, template="Tom [mask:3]"), "write [MASK] for one"),
+        "marker 0": (generate_args(good, template="Tom [MASK:0]"), "must be from 1"),
+        "huge marker": (generate_args(good, template="[MASK:100000000]"), "sequence length 24"),
         "corrupt": (generate_args(bad), "Could not load checkpoint"),
         "outside root": (generate_args("/etc"), "not a checkpoint under"),
     }
@@ -197,6 +218,11 @@ def test_bad_inputs_are_errors_and_server_keeps_serving(fake_server):
         assert needle.lower() in str(err.value).lower(), (name, str(err.value))
     _, final = run_job(client, generate_args(good))
     assert render.PLACEHOLDER_CLASS not in final[0]
+    # A visitor's mistake is one line in the terminal, never a traceback.
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    refused = [line for line in err.splitlines() if line.startswith("[app] refused: ")]
+    assert len(refused) == len(cases), err
 
 
 def test_two_users_each_get_their_own_animation(fake_server):
@@ -209,14 +235,93 @@ def test_two_users_each_get_their_own_animation(fake_server):
     assert len(ja.outputs()) >= 4 and len(jb.outputs()) >= 4
 
 
-def test_second_generate_reuses_model_and_compiled_sampler(fake_server):
+def test_second_generate_reuses_model_and_compiled_sampler(fake_server, monkeypatch):
     demo, _, good, _, _ = fake_server
     handler = demo.jif_app
     handler.run_sampler(good, "random", 5, 16, 1.0, 1.0, 0, 1, "Tom [MASK:3]")
-    n_models, n_compiled = len(handler.models), sampling._sample._cache_size()
+    n_models, compiled = len(handler.models), dict(sampling._compiled)
     handler.run_sampler(good, "random", 5, 16, 1.0, 1.0, 1, 1, "Tom [MASK:3] ball")
     assert len(handler.models) == n_models
-    assert sampling._sample._cache_size() == n_compiled, "a second generate recompiled"
+    assert dict(sampling._compiled) == compiled, "a second generate recompiled"
+    # Every new step count compiles a program; the page keeps only the newest few.
+    monkeypatch.setattr(sampling, "MAX_COMPILED", 2)
+    for steps in (6, 7, 8):
+        handler.run_sampler(good, "random", steps, 16, 1.0, 1.0, 0, 1, "Tom [MASK:3]")
+    assert sampling.compiled_samplers() == 2
+    assert sorted(dict(k[1])["steps"] for k in sampling._compiled) == [7, 8]
+
+
+class Visitor:
+    """What gr.Request tells the handler about who asks."""
+
+    def __init__(self, host):
+        self.client, self.session_hash = types.SimpleNamespace(host=host), "s"
+
+
+def test_one_visitor_cannot_hold_every_worker(fake_server, monkeypatch):
+    demo, _, good, _, _ = fake_server
+    handler = demo.jif_app
+    slept = []
+    monkeypatch.setattr(app.time, "sleep", slept.append)
+    start = lambda host, **kw: handler.generate(*generate_args(good, **kw), request=Visitor(host))
+    # Running jobs: generators that have drawn their first frame.
+    held = [start("10.0.0.1") for _ in range(app.MAX_JOBS_PER_VISITOR)]
+    for job in held:
+        next(job)
+    with pytest.raises(app.gr.Error, match="still running"):
+        next(start("10.0.0.1"))
+    other = list(start("10.0.0.2"))  # another visitor is served meanwhile
+    assert render.PLACEHOLDER_CLASS not in other[-1][0]
+    held.pop().close()  # a finished (or abandoned) job frees its slot
+    assert render.PLACEHOLDER_CLASS not in list(start("10.0.0.1"))[-1][0]
+    # The slowest animation allowed, over the most frames the fake gives, is capped in time.
+    slept.clear()
+    frames = list(start("10.0.0.3", method="ddpm", steps=2000, length=64, fps=app.MIN_FPS))
+    assert len(frames) - 1 == len(slept) > app.MAX_ANIMATION_SECONDS * app.MIN_FPS
+    assert sum(slept) == pytest.approx(app.MAX_ANIMATION_SECONDS)
+    with pytest.raises(app.gr.Error, match="frames/s"):
+        next(start("10.0.0.3", fps=app.MIN_FPS - 1))
+
+
+def test_frames_to_play_at_most_max_frames(fake_server):
+    _, _, _, _, loaded = fake_server
+    tok = loaded.tokenizer
+    tokens = np.tile(encode_template(tok, "Tom", length=64), (2, 1))
+    result = sampling.sample(
+        loaded.denoise_fn,
+        jax.random.key(0),
+        tokens,
+        mask_id=tok.mask_id,
+        steps=64,
+        method="random",
+        return_trajectory=True,
+    )
+    samples = render.Samples.from_result(result, tok, data="stories")
+    every = render.frames_to_play(samples)
+    assert len(every) >= 60  # frame 0 and one frame per revealing step (62 masks, 64 steps)
+    for most in (2, 5, 10):
+        some = render.frames_to_play(samples, max_frames=most)
+        assert len(some) == most and some[0] == 0 and some[-1] == samples.n_steps
+        assert set(some) <= set(every) and some == sorted(some)
+
+
+def test_picker_lists_only_checkpoints_with_weights(tmp_path):
+    root = tmp_path / "runs"
+    with_weights = fake_weights(root / "a" / "checkpoints" / "4")
+    meta_only = root / "b" / "checkpoints" / "9"  # newer, but its weights are missing
+    meta_only.mkdir(parents=True)
+    (meta_only / "ema").mkdir()
+    (meta_only / "ema" / "_METADATA").write_text("{}")
+    infos = [
+        FakeInfo(str(meta_only), str(root / "b"), 9, "stories", None, {}),
+        FakeInfo(with_weights, str(root / "a"), 4, "stories", None, {}),
+    ]
+    source = types.SimpleNamespace(list_checkpoints=lambda r: infos, load_for_inference=None)
+    handler = app.DiffusionApp(str(root), source=source)
+    listed = handler.choices()
+    assert [path for _, path in listed] == [with_weights]
+    assert handler.initial_choice(listed) == with_weights
+    assert app.DiffusionApp(str(root), source=source, ema=False).choices() == []  # no params
 
 
 def test_rescan_lists_new_checkpoints_and_only_inside_root(tmp_path):
@@ -234,6 +339,7 @@ def test_rescan_lists_new_checkpoints_and_only_inside_root(tmp_path):
     with served(demo) as url:
         client = gradio_client.Client(url, verbose=False)
         run = root / "r1" / "checkpoints" / "5"
+        fake_weights(run)
         infos.append(FakeInfo(str(run), str(root / "r1"), 5, "stories", 2.5, {"seq_len": 32}))
         infos.append(FakeInfo("/elsewhere/x/checkpoints/9", "/elsewhere/x", 9, "s", None, {}))
         update, status = client.predict(None, api_name="/rescan")
@@ -296,19 +402,23 @@ def test_frames_show_what_the_sampler_revealed(fake_server):
 
 def test_validate_settings_and_cli_defaults():
     cases = [  # (method, steps, length, temperature, top_p, seed, n_samples), message
-        (("confidence", "abc", 16, 1.0, 1.0, 0, 1), "steps must be a whole number between 1"),
-        (("confidence", 4.5, 16, 1.0, 1.0, 0, 1), "and 2000, got 4.5."),
-        (("confidence", 4, 16, 0.0, 1.0, 0, 1), "temperature must be a number in (0.0, 10.0]"),
-        (("confidence", 4, 16, 1.0, float("nan"), 0, 1), "top-p must be a number in (0.0, 1.0]"),
-        (("confidence", 4, 16, 1.0, 1.0, -1, 1), "seed must be a whole number between 0 and"),
-        (("confidence", 4, 16, 1.0, 1.0, 0, 9), "samples must be a whole number between 1 and 8"),
-        (("greedy", 4, 16, 1.0, 1.0, 0, 1), "Unknown sampling method 'greedy'"),
+        (("confidence", "abc", 16, 1.0, 1.0, 0, 1), "steps='abc': must be a whole number from 1"),
+        (("confidence", 4.5, 16, 1.0, 1.0, 0, 1), "steps=4.5: must be a whole number"),
+        (("confidence", 4, 16, -0.5, 1.0, 0, 1), "temperature=-0.5: must be a finite number in"),
+        (("confidence", 4, 16, 1.0, float("nan"), 0, 1), "top-p=nan: must be a finite number"),
+        (("confidence", 4, 16, 1.0, 1.0, -1, 1), "seed=-1: must be a whole number from 0 to"),
+        (("confidence", 4, 16, 1.0, 1.0, 0, 9), "number of samples=9: this page takes at most 8"),
+        (("confidence", 4, None, 1.0, 1.0, 0, 1), "length is empty"),
+        (("greedy", 4, 16, 1.0, 1.0, 0, 1), "method='greedy': must be one of"),
     ]
     for args, message in cases:
         with pytest.raises(app.gr.Error) as err:
             app.validate_settings(*args)
         assert message in str(err.value.message), (args, err.value.message)
-    assert app.validate_settings("confidence", 4.0, 16, 1, 0.5, 3, 2)[1:] == (4, 16, 1.0, 0.5, 3, 2)
+        assert not err.value.print_exception, "a visitor's mistake prints no traceback"
+    got = app.validate_settings("confidence", 4.0, 16, 1, 0.5, 3, 2)
+    assert got[1:] == (4, 16, 1.0, 0.5, 3, 2)
+    assert app.validate_settings("ddpm", 8, 16, 0, 1, 0, 1)[3] == 0.0  # argmax, as in the CLI
     cfg = app.AppConfig()
     assert (cfg.host, cfg.share, cfg.root) == ("127.0.0.1", False, "runs")
     assert app._is_inside("/a/b/c", "/a/b") and not app._is_inside("/a/bc", "/a/b")
@@ -367,6 +477,9 @@ def test_real_tiny_checkpoint_streams_to_the_end(tiny_run):
             with pytest.raises(AppError, match="Could not load checkpoint"):
                 path = break_copy(listed[0][1], dest, how)
                 client.predict(*generate_args(path, length=32), api_name="/generate")
+        listed_now = [path for _, path in demo.jif_app.choices()]
+        assert os.path.join(tiny_run, "incompatible", "checkpoints", "2") in listed_now
+        assert dest not in listed_now, "a checkpoint without its EMA weights is not offered"
         _, final = run_job(client, args)
         assert render.PLACEHOLDER_CLASS not in final[0]
 
@@ -379,3 +492,21 @@ def test_token_pieces_join_to_the_decoded_text():
     assert len(pieces) == len(ids)
     assert "".join(pieces) == tok.decode(ids) == text
     assert "\ufffd" not in "".join(pieces) and "" in pieces  # multi-byte characters grouped
+
+
+def test_main_refuses_an_address_it_cannot_serve(tmp_path, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for argv, needle in [
+            (["--port", str(port)], f"port {port} on 127.0.0.1 is already in use"),
+            (["--port", "70000"], "--port 70000 is not a TCP port"),
+            (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' is not"),
+            (["--host", "192.0.2.1"], "--host '192.0.2.1' is not an address of this machine"),
+        ]:
+            with pytest.raises(SystemExit) as e:
+                app.main(["--root", str(tmp_path), *argv])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and err.startswith("error: ") and needle in err, err
+            assert "Traceback" not in err

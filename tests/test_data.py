@@ -1,5 +1,6 @@
 """Token batches: every source, packing, splits, determinism, resumption and errors."""
 
+import hashlib
 import itertools
 import json
 import time
@@ -11,7 +12,7 @@ import pytest
 
 from jif import data, stories
 from jif.data import DataError, TokenBatches, validation_tokens
-from jif.tokenizer import EOT_TOKEN, load_tokenizer
+from jif.tokenizer import EOT_TOKEN, MASK_TOKEN, load_tokenizer
 
 SHARED_TXT = Path(__file__).resolve().parents[2] / "shared/data/tinystories-valid-sample.txt"
 needs_shared = pytest.mark.skipif(
@@ -289,3 +290,76 @@ def test_cli(capsys):
     with pytest.raises(SystemExit) as e:
         data.main(["--data", "nowhere.txt"])
     assert e.value.code == 2 and "not found" in capsys.readouterr().err
+
+
+def test_mask_token_in_training_text_is_refused(tok, tmp_path, monkeypatch):
+    # The literal token encodes to the mask id: a clean token the model can never predict.
+    assert tok.mask_id in tok.encode(f"a {MASK_TOKEN} b")
+    docs = [*DOCS[:2], f"Tom saw a {MASK_TOKEN} ball.", *DOCS[2:6]]
+    txt, jsonl = tmp_path / "m.txt", tmp_path / "m.jsonl"
+    txt.write_text("\n\n".join(docs))
+    _write_jsonl(jsonl, docs)
+    for path in (txt, jsonl):
+        for split in ("train", "validation"):  # refused whichever split holds it
+            with pytest.raises(DataError) as e:
+                TokenBatches(str(path), tok, split=split, batch_size=2, seq_len=8)
+            msg = str(e.value)
+            assert msg.startswith(f"{path}: 1 document(s) contain the mask token '<|mask|>'")
+            assert "document 3: 'Tom saw a <|mask|> ball.'" in msg and "Replace it" in msg
+    fake = lambda name, split: datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset()
+    monkeypatch.setattr(data, "_load_hub_stream", fake)
+    with pytest.raises(DataError, match=r"roneneldan/TinyStories \(train\): 1 document"):
+        next(TokenBatches("tinystories", tok, batch_size=2, seq_len=8))
+
+
+def test_text_that_is_not_utf8_is_named(tok, tmp_path):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("A dog.\n\nTom ate a caf\xe9 cake.\n".encode("latin-1"))
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 8)
+    latin_jsonl = tmp_path / "latin.jsonl"
+    latin_jsonl.write_bytes('{"text": "a"}\n{"text": "se\xf1or"}\n'.encode("latin-1"))
+    # A character split by the reader's 1 MiB chunks is fine; a bad byte after it is found.
+    edge = tmp_path / "edge.txt"
+    edge.write_bytes(b"a" * ((1 << 20) - 1) + "\u00e9 ok\n\nmore\n".encode() + b"\xff")
+    cases = [
+        (latin, "byte 0xe9 at offset 21 (line 3)"),  # "A dog.\n\nTom ate a caf" is 21 bytes
+        (binary, "byte 0x80 at offset 128 (line 2)"),  # 0x0a, a newline, is byte 10
+        (latin_jsonl, "byte 0xf1 at offset 26 (line 2)"),
+        (edge, f"byte 0xff at offset {(1 << 20) + 11} (line 4)"),  # 2^20 - 1 + 2 + 10
+    ]
+    for path, where in cases:
+        with pytest.raises(DataError) as e:
+            TokenBatches(str(path), tok, batch_size=2, seq_len=8)
+        assert str(e.value).startswith(f"{path} is not UTF-8 text: {where}"), str(e.value)
+        assert "iconv -f latin1 -t utf-8" in str(e.value)
+    edge.write_bytes(b"a" * ((1 << 20) - 1) + "\u00e9 ok\n\nmore\n".encode())
+    assert data.read_documents(edge, "train")[0].endswith("\u00e9 ok")
+
+
+def test_data_identity(tmp_path, monkeypatch):
+    path = tmp_path / "d.jsonl"
+    _write_jsonl(path, DOCS)
+    want = {
+        "source": "file",
+        "path": str(path.resolve()),
+        "size": path.stat().st_size,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
+    assert data.data_identity(str(path)) == want
+    monkeypatch.chdir(tmp_path)
+    assert data.data_identity("d.jsonl") == want  # a relative path names the same file
+    path.write_bytes(path.read_bytes().replace(b"Story number 7", b"Story number 8"))
+    changed = data.data_identity(str(path))
+    assert changed["size"] == want["size"] and changed["sha256"] != want["sha256"]
+
+    grammar = data.data_identity("stories")
+    assert grammar == data.data_identity("stories") and set(grammar) == {"source", "grammar"}
+    monkeypatch.setitem(stories.WORDS, "colour", [*stories.WORDS["colour"], "teal"])
+    assert data.data_identity("stories") != grammar  # a changed grammar is other data
+    assert data.data_identity("tinystories") == {"source": "hub", "name": data.HUB_DATASET}
+    assert json.loads(json.dumps(want)) == want  # stored as JSON in a run
+    with pytest.raises(DataError, match="unknown data source 'storeys'"):
+        data.data_identity("storeys")
+    with pytest.raises(DataError, match="not found"):
+        data.data_identity(str(tmp_path / "missing.txt"))

@@ -1,8 +1,11 @@
 """Sampler tests against denoisers whose right answer is known exactly."""
 
+import gc
 import itertools
 import json
 import math
+import weakref
+from collections import OrderedDict
 
 import jax
 import jax.numpy as jnp
@@ -316,6 +319,83 @@ def test_bad_options_raise():
         )
     with pytest.raises(ValueError, match="top_p"):
         sample(fake_denoise_fn, jax.random.key(0), tokens, mask_id=MASK_FAKE, top_p=0.0)
+    for bad in (math.nan, math.inf):  # NaN once sampled only end-of-text, silently
+        with pytest.raises(ValueError, match=f"temperature={bad}: must be a finite number"):
+            sample(fake_denoise_fn, jax.random.key(0), tokens, mask_id=MASK_FAKE, temperature=bad)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(temperature=math.nan), "temperature=nan: must be a finite number in [0, inf)"),
+        (dict(temperature=-0.1), "temperature=-0.1:"),
+        (dict(temperature="1"), "temperature='1':"),
+        (dict(top_p=0.0), "top_p=0.0: must be a finite number in (0, 1]"),
+        (dict(top_p=1.5), "top_p=1.5:"),
+        (dict(top_p=math.nan), "top_p=nan:"),
+        (dict(top_k=-1), "top_k=-1: must be a whole number from 0"),
+        (dict(top_k=2.5), "top_k=2.5:"),
+        (dict(steps=0), "steps=0: must be a whole number from 1 to 1048576"),
+        (dict(steps=2.5), "steps=2.5:"),
+        (dict(steps=True), "steps=True:"),
+        (dict(steps=10**9), "steps=1000000000:"),
+        (dict(method="greedy"), "method='greedy': must be one of ['confidence',"),
+        (dict(length=0), "length=0: must be a whole number from 1"),
+        (dict(length=65, context=64), "length=65: must be a whole number from 1 to 64 (the mod"),
+        (dict(block_length=0, length=16), "block_length=0: must be a whole number from 1 to 16"),
+        (dict(block_length=17, length=16), "block_length=17:"),
+        (dict(block_length=4, length=16, steps=6), "steps=6: must be a multiple of the number "),
+        (dict(batch=0), "batch=0: must be a whole number from 1"),
+        (dict(seed=-1), "seed=-1: must be a whole number from 0 to 4294967295"),
+        (dict(seed=2**32), "seed=4294967296:"),
+        (dict(batch=10**5, length=1024, vocab=50258), "GiB of logits per network call, more"),
+        (dict(batch=0, names={"batch": "--num"}), "--num=0: must be"),
+    ],
+)
+def test_check_settings_names_the_bad_value_and_the_range(settings, message):
+    with pytest.raises(ValueError) as e:
+        sampling.check_settings(**{"method": "ddpm", "steps": 8, **settings})
+    assert message in str(e.value)
+
+
+def test_check_settings_normalises_what_it_accepts():
+    got = sampling.check_settings(
+        method="confidence",
+        steps=np.int64(8),
+        temperature=0,
+        top_p=np.float32(0.5),
+        top_k=3.0,
+        block_length=4,
+        length=16,
+        context=16,
+        batch=2,
+        vocab=2050,
+        seed=7,
+    )
+    want = dict(method="confidence", steps=8, temperature=0.0, top_p=0.5, top_k=3)
+    assert got == {**want, "block_length": 4, "length": 16, "batch": 2, "seed": 7}
+    assert all(type(got[k]) is int for k in ("steps", "top_k", "block_length", "length"))
+
+
+def test_compiled_samplers_are_bounded_and_freed(monkeypatch):
+    """Every new step count compiles a program; only the MAX_COMPILED most recent are kept,
+    and a dropped one is freed (nothing else holds its jitted function)."""
+    monkeypatch.setattr(sampling, "_compiled", OrderedDict())
+    monkeypatch.setattr(sampling, "MAX_COMPILED", 3)
+    tokens = fake_input()
+    run = lambda steps: sample(
+        fake_denoise_fn, jax.random.key(0), tokens, mask_id=MASK_FAKE, steps=steps, method="random"
+    )
+    first = run(2)
+    program = weakref.ref(next(iter(sampling._compiled.values())))
+    np.testing.assert_array_equal(run(2).tokens, first.tokens)  # the same program again
+    assert sampling.compiled_samplers() == 1
+    for steps in (3, 4, 5, 6):
+        run(steps)
+    assert sampling.compiled_samplers() == 3
+    assert [dict(k[1])["steps"] for k in sampling._compiled] == [4, 5, 6]
+    gc.collect()
+    assert program() is None, "a dropped sampler is still referenced"
 
 
 # ----------------------------------------------------------------------------- calls
@@ -373,15 +453,45 @@ def test_cli_end_to_end(tiny_run, capsys):
 
 
 def test_cli_user_mistakes(tiny_run, tmp_path, capsys):
-    for argv, message in [
-        (["--checkpoint", str(tmp_path / "nothing")], "does not exist"),
-        (["--checkpoint", tiny_run, "--template", "[MASK:40]"], "more than the context length 32"),
-        (["--checkpoint", tiny_run, "--length", "64"], "context 32"),
-    ]:
+    spelling = "is not a mask marker: write [MASK] for one generated token or [MASK:n] for n"
+    run = ["--checkpoint", tiny_run]
+    for argv, message in (
+        [
+            (["--checkpoint", str(tmp_path / "nothing")], "does not exist"),
+            ([*run, "--template", "[MASK:40]"], "must be from 1 to the sequence length 32"),
+            ([*run, "--template", "x " * 40], "more than the sequence length 32"),
+            (
+                [*run, "--length", "64"],
+                "--length=64: must be a whole number from 1 to 32 (the model",
+            ),
+            ([*run, "--length", "1"], "leaves nothing to generate"),
+            (
+                [*run, "--temperature", "nan"],
+                "--temperature=nan: must be a finite number in [0, inf)",
+            ),
+            ([*run, "--top-p", "0"], "--top-p=0.0: must be a finite number in (0, 1]"),
+            ([*run, "--top-k", "-2"], "--top-k=-2:"),
+            ([*run, "--steps", "0"], "--steps=0:"),
+            ([*run, "--seed", "-1"], "--seed=-1:"),
+            ([*run, "--num", "0"], "--num=0:"),
+            ([*run, "--num", "100000000"], "--num=100000000:"),
+            ([*run, "--num", "1000000", "--steps", "8"], "GiB of logits"),  # 1 TB
+            ([*run, "--block-length", "5", "--steps", "8"], "multiple of the number of blocks (7"),
+            ([*run, "--method", "greedy"], "--method='greedy'"),
+            ([*run, "--template", "[MASK:0]"], "'[MASK:0]' asks for 0 generated tokens"),
+            ([*run, "--template", "[MASK:1000000000000]"], "asks for 1000000000000 generated"),
+            ([*run, "--template", "a [MASK:10**12]"], spelling),
+        ]
+        + [([*run, "--template", f"Once {m} end"], spelling) for m in ["[MASK:x]", "[MASK:-3]"]]
+        + [
+            ([*run, "--prompt", f"Once {m} end"], spelling)
+            for m in ["[MASK: 10]", "[mask:10]", "[MASK:abc]", "<|mask|>"]
+        ]
+    ):
         with pytest.raises(SystemExit) as e:
             sample_cli.main(argv)
-        assert e.value.code == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and message in err, (argv, err)
 
 
 @pytest.mark.parametrize("method", ["ddpm_cache", "random"])

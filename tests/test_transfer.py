@@ -82,7 +82,7 @@ def _check_outputs(out, n_rows):
     return rows, summary
 
 
-def test_sweep_csv_summary_figures_and_resume(tmp_path):
+def test_sweep_csv_summary_figures_and_resume(tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = ["--out", str(out), "--widths", "64", "128", "256", "--n-lrs", "9", "--no-progress"]
     run, calls = _fake_run(_optimum)
@@ -112,8 +112,50 @@ def test_sweep_csv_summary_figures_and_resume(tmp_path):
     assert (out / "summary.json").exists()
 
     # A different training setting refuses to mix rows into this CSV.
-    with pytest.raises(ValueError, match="another --out"):
-        sweep.main([*argv, "--steps", "7"], run_fn=run)
+    capsys.readouterr()
+    assert _exit_code(lambda: sweep.main([*argv, "--steps", "7"], run_fn=run)) == 2
+    assert "another --out" in capsys.readouterr().err
+
+
+def _exit_code(call) -> int:
+    with pytest.raises(SystemExit) as e:
+        call()
+    return e.value.code
+
+
+def test_torn_last_row_is_repaired_and_the_sweep_continues(tmp_path, capsys):
+    out = tmp_path / "torn"
+    argv = ["--out", str(out), "--widths", "64", "--n-lrs", "3", "--no-progress"]
+    run, calls = _fake_run(_optimum)
+    sweep.main(argv, run_fn=run)
+    path = out / "runs.csv"
+    text = path.read_text()
+    # Rows as JSON (NaN equals NaN there), without the one field that is a timing.
+    read = lambda: [json.dumps({**r, "seconds": 0}) for r in analysis.read_rows(path)]
+    rows = read()
+    last = text.splitlines()[-1]
+    for torn in (last[:-7], last[: last.index(",", 20)] + "\r\n"):  # no line end; fields cut
+        path.write_text(text[: text.rindex(last)] + torn)
+        assert read() == rows[:-1]  # plots skip it, with a warning
+        assert "ignoring a torn last row" in capsys.readouterr().err
+        run2, calls2 = _fake_run(_optimum)
+        sweep.main(argv, run_fn=run2)
+        assert calls2 == [calls[-1]], "only the torn run is trained again"
+        assert "removed a torn last row" in capsys.readouterr().err
+        assert read() == rows and path.read_text().count("\n") == text.count("\n")
+    # A row cut inside the header leaves nothing to keep: the sweep starts the CSV again.
+    path.write_text(text[:20])
+    run3, calls3 = _fake_run(_optimum)
+    sweep.main(argv, run_fn=run3)
+    assert len(calls3) == len(calls) and read() == rows
+    # A malformed row that is not the last is not guessed at: the message names its line.
+    lines = text.splitlines(keepends=True)
+    path.write_text("".join([lines[0], "adamw,64,oops\r\n", *lines[1:]]))
+    assert _exit_code(lambda: sweep.main(argv, run_fn=run)) == 2
+    assert "runs.csv line 2 is malformed" in capsys.readouterr().err
+    (out / "settings.json").write_text('{"steps": 2')  # torn JSON
+    assert _exit_code(lambda: sweep.main(argv, run_fn=run)) == 2
+    assert "settings.json is not valid JSON" in capsys.readouterr().err
 
 
 def test_depth_sweep_and_seeds(tmp_path):
@@ -128,11 +170,55 @@ def test_depth_sweep_and_seeds(tmp_path):
     assert (out / "optimum_vs_depth.png").exists() and (out / "loss_vs_lr_depth.svg").exists()
 
 
-def test_bad_names_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown optimizer"):
-        sweep.main(["--out", str(tmp_path), "--optimizers", "sgd"], run_fn=None)
-    with pytest.raises(ValueError, match="multiple of n_heads"):
-        sweep.main(["--out", str(tmp_path), "--widths", "66"], run_fn=None)
+def test_configuration_errors_exit_2_with_a_message(tmp_path, capsys):
+    """Every mistake in the flags stops the sweep before anything trains: status 2, one
+    `error: ...` line naming the flag, no traceback, no CSV row."""
+    out = ["--out", str(tmp_path / "s")]
+    cases = [
+        (["--optimizers", "sgd"], "unknown optimizer 'sgd'"),
+        (["--widths", "66"], "multiple of n_heads"),
+        (["--lrs", "-1"], "--lrs -1.0: a learning rate must be a finite number > 0"),
+        (["--lrs", "nan"], "--lrs nan"),
+        (["--lrs", "0.01", "0"], "--lrs 0.0"),
+        (["--steps", "0"], "--steps 0: must be a finite number >= 1"),
+        (["--seq-len", "1"], "--seq-len 1"),
+        (["--depths", "0"], "--depths 0"),
+        (["--seeds", "-1"], "--seeds -1"),
+        (["--batch-size", "0"], "--batch-size 0"),
+        (["--eval-times", "0"], "--eval-times 0"),
+        (["--lr-span", "-2"], "--lr-span -2.0"),
+        (["--n-lrs", "0"], "n_lrs=0"),
+        (["--engine", "gpu"], "engine 'gpu'"),
+        (["--metric", "loss"], "metric 'loss'"),
+        (["--widths", "64", "--n-heads", "64"], "even head size"),  # the model config
+        (["--data", str(tmp_path / "none.txt")], "not found"),
+        (["--plot-only"], "run the sweep first"),
+    ]
+    for argv, needle in cases:
+        run, calls = _fake_run(_optimum)
+        assert _exit_code(lambda argv=argv, run=run: sweep.main([*out, *argv], run_fn=run)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and "Traceback" not in err, (argv, err)
+        assert calls == [] and not (tmp_path / "s" / "runs.csv").exists(), argv
+
+
+def test_coord_check_configuration_errors_exit_2(tmp_path, capsys):
+    out = ["--quick", "--out", str(tmp_path / "c")]
+    cases = [
+        (["--optimizers", "sgd"], "unknown optimizer 'sgd'"),
+        (["--widths", "66"], "even head size"),
+        (["--lrs", "-1", "1", "1"], "--lrs -1.0"),
+        (["--lrs", "0.1"], "--lrs has 1 values for 3 optimizers"),
+        (["--mask-rates", "1.5"], "must lie in [0, 1]"),
+        (["--depth", "0"], "--depth 0"),
+        (["--steps", "0"], "--steps 0"),
+        (["--n-probe", "0"], "--n-probe 0"),
+        (["--plot-only"], "run the coordinate check first"),
+    ]
+    for argv, needle in cases:
+        assert _exit_code(lambda argv=argv: coord_check.main([*out, *argv])) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and "Traceback" not in err, (argv, err)
 
 
 # ---------------------------------------------------------------------------- coordinate check

@@ -7,7 +7,10 @@ Reads only the CSV rows (`read_rows`), so figures can be redrawn at any time
 from __future__ import annotations
 
 import csv
+import io
 import math
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,19 +20,79 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
+INT_FIELDS = ("width", "depth", "seed", "steps")
+FLOAT_FIELDS = ("lr", "val_nelbo", "train_loss_smoothed", "seconds")
+
+
+def _parse(row: dict) -> dict:
+    """One CSV row with its numbers parsed; ValueError if a field is missing or malformed."""
+    missing = [f for f in (*INT_FIELDS, *FLOAT_FIELDS, "diverged") if row.get(f) is None]
+    if missing or None in row:  # too few fields, or too many
+        raise ValueError(f"fields {missing or 'beyond the header'} missing or extra")
+    out = dict(row)
+    for name in INT_FIELDS:
+        out[name] = int(row[name])
+    for name in FLOAT_FIELDS:
+        out[name] = float(row[name])
+    if row["diverged"] not in ("True", "False", "true", "false", "1", "0"):
+        raise ValueError(f"diverged={row['diverged']!r} is not True or False")
+    out["diverged"] = row["diverged"] in ("True", "true", "1")
+    return out
+
+
+def _split_torn(text: str) -> tuple[str, str]:
+    """(the CSV text without a torn last row, that row or ""). A run killed while its row was
+    written leaves a last line without its line end, or one whose fields do not parse."""
+    if not text.endswith("\n"):
+        cut = text.rfind("\n") + 1
+        return text[:cut], text[cut:]
+    cut = text.rfind("\n", 0, len(text) - 1) + 1
+    if cut == 0:  # the header alone
+        return text, ""
+    last = text[cut:]
+    try:
+        _parse(next(csv.DictReader(io.StringIO(text[: text.index("\n") + 1] + last))))
+    except ValueError:
+        return text[:cut], last.rstrip("\r\n")
+    return text, ""
+
+
+def repair_csv(path: Path) -> str | None:
+    """Cuts a torn last row (a run killed while its row was written) off runs.csv, so that
+    the sweep can append again; returns what was cut, as a message, or None."""
+    if not path.exists():
+        return None
+    text = path.read_text()
+    good, torn = _split_torn(text)
+    if not torn:
+        return None
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(good)
+    os.replace(tmp, path)  # all or nothing: the file is never half repaired
+    return (
+        f"{path}: removed a torn last row {torn[:80]!r} (cut mid-write); its run is trained again"
+    )
+
 
 def read_rows(path: Path) -> list[dict]:
-    """The CSV rows with numeric fields parsed (empty list if no file)."""
+    """The CSV rows with numeric fields parsed (empty list if no file). A torn last row (see
+    `repair_csv`) is left out with a warning; a malformed row elsewhere is a ValueError
+    naming its line."""
     if not path.exists():
         return []
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        for name in ("width", "depth", "seed", "steps"):
-            row[name] = int(row[name])
-        for name in ("lr", "val_nelbo", "train_loss_smoothed", "seconds"):
-            row[name] = float(row[name])
-        row["diverged"] = row["diverged"] in ("True", "true", "1")
+    good, torn = _split_torn(path.read_text())
+    if torn:
+        print(f"warning: {path}: ignoring a torn last row {torn[:80]!r}", file=sys.stderr)
+    rows = []
+    reader = csv.DictReader(io.StringIO(good))
+    for row in reader:
+        try:
+            rows.append(_parse(row))
+        except ValueError as e:
+            raise ValueError(
+                f"{path} line {reader.line_num} is malformed ({e}); delete that line (its run "
+                "is trained again) or pass another --out."
+            ) from None
     return rows
 
 

@@ -24,6 +24,7 @@ import csv
 import dataclasses
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,8 +100,17 @@ QUICK_OVERRIDES = dict(
 
 
 def resolve(config: CoordConfig) -> CoordConfig:
+    """Applies --quick and fills mup_base_width; ValueError naming any bad value, every model
+    config included, before anything trains."""
     if config.quick:
         config = sweep.apply_quick(config, QUICK_OVERRIDES)
+    sweep.check_fields(
+        config,
+        dict(widths=1, depth=1, steps=1, batch_size=1, seq_len=2, n_heads=1, n_probe=1, seed=0),
+        nonempty=("optimizers", "widths", "mask_rates"),
+    )
+    sweep.check_fields(config, dict(mup_base_width=0))
+    sweep.check_lrs(config.lrs)
     for name in config.optimizers:
         if name not in sweep.PARAMETERISATIONS:
             raise ValueError(
@@ -111,11 +121,29 @@ def resolve(config: CoordConfig) -> CoordConfig:
             f"--lrs has {len(config.lrs)} values for {len(config.optimizers)} optimizers; "
             "give one learning rate per optimizer, in the same order"
         )
-    if not all(0.0 <= r <= 1.0 for r in config.mask_rates):
+    if not all(0.0 <= r <= 1.0 for r in config.mask_rates):  # NaN fails too
         raise ValueError(f"mask rates {config.mask_rates} must lie in [0, 1]")
     if config.mup_base_width <= 0:
         config = dataclasses.replace(config, mup_base_width=min(config.widths))
+    specs = [spec(name, w, 1.0, config) for w in config.widths for name in config.optimizers]
+    sweep.check_runs(sweep_config(config), specs)
     return config
+
+
+def sweep_config(config: CoordConfig) -> sweep.SweepConfig:
+    """The sweep settings the check trains with (transfer.sweep.CompiledRuns)."""
+    return sweep.SweepConfig(
+        steps=config.steps,
+        batch_size=config.batch_size,
+        seq_len=config.seq_len,
+        n_heads=config.n_heads,
+        mup_base_width=config.mup_base_width,
+        eval_sequences=config.n_probe,
+    )
+
+
+def spec(name: str, width: int, lr: float, config: CoordConfig) -> sweep.RunSpec:
+    return sweep.RunSpec(optimizer=name, width=width, depth=config.depth, lr=lr, seed=config.seed)
 
 
 def default_lr(name: str) -> float:
@@ -232,17 +260,9 @@ def check_one(name: str, width: int, lr: float, config: CoordConfig, runs) -> li
     runs: a transfer.sweep.CompiledRuns (trains exactly as the sweep does).
     """
 
-    sweep_cfg = sweep.SweepConfig(
-        steps=config.steps,
-        batch_size=config.batch_size,
-        seq_len=config.seq_len,
-        n_heads=config.n_heads,
-        mup_base_width=config.mup_base_width,
-        eval_sequences=config.n_probe,
-    )
-    spec = sweep.RunSpec(optimizer=name, width=width, depth=config.depth, lr=lr, seed=config.seed)
-    unbound, init_params = runs.init_params(spec, sweep_cfg)
-    final_params, outcome = runs.train(spec, sweep_cfg)
+    sweep_cfg, run = sweep_config(config), spec(name, width, lr, config)
+    unbound, init_params = runs.init_params(run, sweep_cfg)
+    final_params, outcome = runs.train(run, sweep_cfg)
     if outcome["diverged"]:
         raise FloatingPointError(f"{name} at width {width} diverged at lr {lr}; pass smaller --lrs")
     tokenizer = runs._data(sweep_cfg, config.seed)[0]
@@ -372,9 +392,22 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """The CLI (see --help). Exits with status 2 and `error: ...` on a mistake in the flags or
+    a missing coord.csv, with status 1 and a message if a model diverges."""
     hostmem.reuse_freed_memory()  # first: before JAX starts its CPU backend
+    try:
+        return check(tyro.cli(CoordConfig, args=argv))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
-    config = resolve(tyro.cli(CoordConfig, args=argv))
+
+def check(config: CoordConfig) -> list[dict]:
+    """Resolves the config, trains and measures every model, writes coord.csv and figures."""
+    config = resolve(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.plot_only:

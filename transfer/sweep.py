@@ -15,31 +15,37 @@ Figures and `summary.json` are computed from the CSV alone (`transfer/analysis.p
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import io
 import json
 import math
 import os
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import tyro
 from tqdm import tqdm
 
-from jif import checkpoint as ckpt
 from jif import data as data_lib
-from jif import eval as jif_eval
-from jif import hostmem, loop, optim, train
+from jif import hostmem, train
 from jif.tokenizer import load_tokenizer
 from transfer import analysis
+from transfer.runs import (  # noqa: F401 (re-exported: the sweep's names)
+    PARAMETERISATIONS,
+    RUN_SETTINGS,
+    RUNNERS,
+    CompiledRuns,
+    Parameterisation,
+    RunFn,
+    RunSpec,
+    _LrState,
+    scale_by_state_lr,
+    train_config_for,
+    train_run,
+)
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -106,57 +112,6 @@ QUICK_OVERRIDES = dict(
     eval_sequences=8,
     eval_times=2,
 )
-# Settings that must match between a resumed sweep and its CSV (the grid may grow).
-RUN_SETTINGS = (
-    "steps",
-    "batch_size",
-    "seq_len",
-    "n_heads",
-    "mup_base_width",
-    "data",
-    "eval_sequences",
-    "eval_times",
-    "engine",
-)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Parameterisation:
-    """How one curve family is trained."""
-
-    arch: str
-    """ModelConfig.arch."""
-    optimizer: str
-    """jif.optim.OPTIMIZERS key."""
-    mup: bool
-    """Whether ModelConfig.mup_base_width is set."""
-    lr_range: tuple[float, float]
-    """Default (smallest, largest) learning rate of the log grid."""
-
-
-PARAMETERISATIONS: dict[str, Parameterisation] = {
-    "adamw": Parameterisation(arch="standard", optimizer="adamw", mup=False, lr_range=(3e-4, 3e-1)),
-    "mup_adamw": Parameterisation(
-        arch="standard", optimizer="mup_adamw", mup=True, lr_range=(3e-4, 3e-1)
-    ),
-    "modula": Parameterisation(arch="modula", optimizer="modula", mup=False, lr_range=(1e-2, 10.0)),
-}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RunSpec:
-    """One training run of the grid."""
-
-    optimizer: str
-    width: int
-    depth: int
-    lr: float
-    seed: int
-
-    def key(self) -> tuple[str, int, int, str, int]:
-        return (self.optimizer, self.width, self.depth, f"{self.lr:.6g}", self.seed)
-
-
 CSV_FIELDS = (
     "optimizer",
     "width",
@@ -178,17 +133,47 @@ def apply_quick(config, overrides: dict):
     return dataclasses.replace(config, **quick)
 
 
+def check_fields(config, at_least: dict[str, float], nonempty: tuple[str, ...] = ()) -> None:
+    """ValueError naming the first field (or value of a tuple field) below its minimum, NaN,
+    or a tuple field left empty; messages use the flag's name."""
+    flag = lambda name: "--" + name.replace("_", "-")
+    for name in nonempty:
+        if not getattr(config, name):
+            raise ValueError(f"{flag(name)} needs at least one value")
+    for name, lo in at_least.items():
+        value = getattr(config, name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if not (math.isfinite(v) and v >= lo):  # NaN and inf fail too
+                raise ValueError(f"{flag(name)} {v}: must be a finite number >= {lo}")
+
+
+def check_lrs(lrs: Sequence[float]) -> None:
+    """ValueError for a learning rate that is not a finite positive number."""
+    for lr in lrs:
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"--lrs {lr}: a learning rate must be a finite number > 0")
+
+
 def resolve(config: SweepConfig) -> SweepConfig:
-    """Applies --quick and fills mup_base_width; validates names and values."""
+    """Applies --quick and fills mup_base_width; validates names and values (ValueError)."""
     if config.quick:
         config = apply_quick(config, QUICK_OVERRIDES)
+    check_fields(
+        config,
+        dict(widths=1, depths=1, seeds=0, steps=1, batch_size=1, seq_len=2, n_heads=1),
+        nonempty=("optimizers", "widths", "depths", "seeds"),
+    )
+    check_fields(config, dict(eval_sequences=1, eval_times=1, mup_base_width=0, lr_span=0))
+    check_lrs(config.lrs)
     for name in config.optimizers:
         if name not in PARAMETERISATIONS:
             raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(PARAMETERISATIONS)}")
     if config.metric not in ("val_nelbo", "train_loss_smoothed"):
         raise ValueError(f"metric {config.metric!r}: use 'val_nelbo' or 'train_loss_smoothed'")
+    if config.engine not in RUNNERS:
+        raise ValueError(f"engine {config.engine!r}: choose from {sorted(RUNNERS)}")
     for width in config.widths:
-        if width <= 0 or width % config.n_heads:
+        if width % config.n_heads:
             raise ValueError(
                 f"width {width} must be a positive multiple of n_heads={config.n_heads}"
             )
@@ -197,6 +182,17 @@ def resolve(config: SweepConfig) -> SweepConfig:
     if config.mup_base_width <= 0:
         config = dataclasses.replace(config, mup_base_width=min(config.widths))
     return config
+
+
+def check_runs(config: SweepConfig, specs: Sequence[RunSpec] | None = None) -> None:
+    """Every run's jif.train config and model config is valid, and the data opens: ValueError
+    before anything trains (not at the first run of an odd shape, hours in)."""
+    vocab = load_tokenizer().vocab_size
+    for spec in {(s.optimizer, s.width, s.depth): s for s in specs or grid(config)}.values():
+        cfg = train_config_for(spec, config)
+        train.validate(cfg)
+        train.resolve_model_config(cfg, vocab)
+    data_lib.data_identity(config.data)  # DataError for a missing or unknown source
 
 
 def lr_grid(config: SweepConfig, name: str) -> list[float]:
@@ -227,159 +223,7 @@ def grid(config: SweepConfig) -> list[RunSpec]:
 
 
 # --------------------------------------------------------------------------------------------
-# Running
-
-
-def train_config_for(spec: RunSpec, config: SweepConfig) -> train.TrainConfig:
-    """The jif.train.TrainConfig of one run (nothing written to disk)."""
-    p = PARAMETERISATIONS[spec.optimizer]
-    return train.TrainConfig(
-        d_model=spec.width,
-        n_layers=spec.depth,
-        n_heads=config.n_heads,
-        arch=p.arch,
-        mup_base_width=config.mup_base_width if p.mup else None,
-        data=config.data,
-        steps=config.steps,
-        batch_size=config.batch_size,
-        seq_len=config.seq_len,
-        optim=optim.OptimConfig(
-            optimizer=p.optimizer,
-            lr=spec.lr,
-            embed_lr_mult=1.0,  # one learning rate for every parameter: the question is its transfer
-            warmup=max(1, config.steps // 10),
-        ),
-        seed=spec.seed,
-        out=None,
-        ckpt_every=0,
-        eval=jif_eval.EvalConfig(
-            eval_every=config.steps,  # evaluate once, at the end
-            eval_sequences=config.eval_sequences,
-            eval_times=config.eval_times,
-            n_samples=0,
-        ),
-        progress=False,
-    )
-
-
-def train_run(spec: RunSpec, config: SweepConfig) -> dict:
-    """Trains one grid point with jif.train.run; a non-finite loss counts as diverged."""
-    with contextlib.redirect_stdout(io.StringIO()):  # keep the grid's progress bar readable
-        result = train.run(train_config_for(spec, config), progress=False)
-    nan_if_none = lambda v: math.nan if v is None else float(v)
-    return {
-        "val_nelbo": nan_if_none(result.get("val_nelbo")),
-        "train_loss_smoothed": nan_if_none(result.get("train_loss_smoothed")),
-        "diverged": bool(result.get("diverged", False)),
-    }
-
-
-RunFn = Callable[[RunSpec, SweepConfig], dict]
-
-
-class _LrState(NamedTuple):
-    lr: Any  # float32 scalar, part of the optimizer state so it is data, not a constant
-
-
-def scale_by_state_lr() -> optax.GradientTransformation:
-    """Multiplies updates by the learning rate held in the state (set per run, traced)."""
-
-    def update(updates, state, params=None):
-        del params
-        return jax.tree_util.tree_map(lambda u: u * state.lr.astype(u.dtype), updates), state
-
-    return optax.GradientTransformation(lambda params: _LrState(jnp.ones((), jnp.float32)), update)
-
-
-class CompiledRuns:
-    """The default run function: trains like jif.train.run (same model, optimizer registry,
-    schedule, clipping, data order and train step, `jif.loop`), but compiles the step once
-    per (optimizer, width, depth, seed) and passes the learning rate as data.
-
-    This is exact because every optimizer swept is linear in its learning rate (AdamW, muP
-    AdamW and Modula all end in scale_by_learning_rate, weight decay included): the optimizer
-    is built with lr = 1 and its updates are multiplied by the run's lr. The final *raw*
-    parameters are evaluated (an EMA lags far behind in runs this short).
-    """
-
-    def __init__(self):
-        self._groups: dict[tuple, dict] = {}
-        self._shared: dict[tuple, Any] = {}
-
-    def _data(self, config: SweepConfig, seed: int):
-        key = ("data", seed, *(getattr(config, n) for n in RUN_SETTINGS))
-        if key not in self._shared:
-            tokenizer = load_tokenizer()
-            batches = data_lib.TokenBatches(
-                config.data,
-                tokenizer,
-                split="train",
-                batch_size=config.batch_size,
-                seq_len=config.seq_len,
-                seed=seed,
-            )
-            train_batches = [next(batches) for _ in range(config.steps)]
-            val = data_lib.validation_tokens(
-                config.data,
-                tokenizer,
-                seq_len=config.seq_len,
-                n_sequences=config.eval_sequences,
-                seed=seed,
-            )
-            self._shared[key] = (tokenizer, train_batches, jif_eval.batched(val, config.batch_size))
-        return self._shared[key]
-
-    def _group(self, spec: RunSpec, config: SweepConfig) -> dict:
-        key = (spec.optimizer, spec.width, spec.depth, spec.seed, id(config))
-        if key not in self._groups:
-            tokenizer, _, _ = self._data(config, spec.seed)
-            cfg = train_config_for(dataclasses.replace(spec, lr=1.0), config)
-            model_config = train.resolve_model_config(cfg, tokenizer.vocab_size)
-            unbound, params = ckpt.init_model(model_config, cfg.seed)
-            tx, _ = optim.make_optimizer(cfg.optim, cfg.steps, model_config, params)
-            tx = optax.chain(tx, scale_by_state_lr())
-            step = loop.make_train_step(
-                unbound, tx, seed=cfg.seed, ema=cfg.ema, mask_id=tokenizer.mask_id
-            )
-            self._groups = {key: dict(unbound=unbound, params=params, tx=tx, step=jax.jit(step))}
-        return self._groups[key]
-
-    def train(self, spec: RunSpec, config: SweepConfig) -> tuple[Any, dict]:
-        """Trains one run: (final parameters or None if diverged, outcome without val_nelbo)."""
-        _, batches, _ = self._data(config, spec.seed)
-        g = self._group(spec, config)
-        state = loop.init_state(g["params"], g["tx"])
-        opt_state = state["opt_state"]
-        state["opt_state"] = (*opt_state[:-1], _LrState(jnp.asarray(spec.lr, jnp.float32)))
-        last = None
-        try:
-            for s in loop.steps(g["step"], state, iter(batches), start=0, stop=len(batches)):
-                last = s
-        except loop.Diverged:
-            return None, {"train_loss_smoothed": math.nan, "diverged": True}
-        return last.state["params"], {"train_loss_smoothed": last.smoothed, "diverged": False}
-
-    def init_params(self, spec: RunSpec, config: SweepConfig) -> tuple[Any, dict]:
-        """(unbound model, initial parameters) of the run's shape and seed."""
-        g = self._group(spec, config)
-        return g["unbound"], g["params"]
-
-    def __call__(self, spec: RunSpec, config: SweepConfig) -> dict:
-        params, outcome = self.train(spec, config)
-        if params is None:
-            return {"val_nelbo": math.nan, **outcome}
-        tokenizer, _, val = self._data(config, spec.seed)
-        model = ckpt.bind_params(self._group(spec, config)["unbound"], params)
-        result = jif_eval.val_nelbo(
-            model, val, mask_id=tokenizer.mask_id, n_times=config.eval_times
-        )
-        return {"val_nelbo": result["nelbo"], **outcome}
-
-
-RUNNERS: dict[str, Callable[[], RunFn]] = {
-    "compiled": CompiledRuns,
-    "train_run": lambda: train_run,
-}
+# Running: one CSV row per finished run (how a run trains: transfer/runs.py)
 
 
 def _row_key(row: dict) -> tuple[str, int, int, str, int]:
@@ -391,7 +235,13 @@ def _check_settings(out: Path, config: SweepConfig) -> None:
     settings = {name: getattr(config, name) for name in RUN_SETTINGS}
     path = out / "settings.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path} is not valid JSON ({e}), so the runs in {out} cannot be checked "
+                "against this sweep; pass another --out to start a new sweep."
+            ) from None
         old = {k: old.get(k, v) for k, v in settings.items()}  # settings added later: default
         if old != settings:
             raise ValueError(
@@ -399,7 +249,9 @@ def _check_settings(out: Path, config: SweepConfig) -> None:
                 "pass another --out (or delete the folder) to start a new sweep."
             )
     else:
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+        os.replace(tmp, path)  # never a half-written settings.json
 
 
 def run_sweep(config: SweepConfig, run_fn: RunFn) -> list[dict]:
@@ -408,13 +260,16 @@ def run_sweep(config: SweepConfig, run_fn: RunFn) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, config)
     path = out / "runs.csv"
+    repaired = analysis.repair_csv(path)
+    if repaired:
+        print(repaired, file=sys.stderr, flush=True)
     done = {_row_key(row) for row in analysis.read_rows(path)}
     todo = [spec for spec in grid(config) if spec.key() not in done]
     n_total = len(grid(config))
     bar = None
     if config.progress:
         bar = tqdm(total=n_total, initial=n_total - len(todo), desc="sweep", unit="run")
-    new_file = not path.exists()
+    new_file = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         if new_file:
@@ -425,7 +280,12 @@ def run_sweep(config: SweepConfig, run_fn: RunFn) -> list[dict]:
                     f"{spec.optimizer} w={spec.width} d={spec.depth} lr={spec.lr:.3g}"
                 )
             start = time.perf_counter()
-            result = run_fn(spec, config)
+            try:
+                result = run_fn(spec, config)
+            except data_lib.DataError:
+                raise  # the data, not the run: exit with its message
+            except ValueError as e:  # not a mistake in the flags (those were checked): a bug
+                raise RuntimeError(f"run {spec} failed: {e}") from e
             val, train = float(result["val_nelbo"]), float(result["train_loss_smoothed"])
             diverged = bool(result.get("diverged", False)) or not (
                 math.isfinite(val) and math.isfinite(train)
@@ -468,14 +328,19 @@ def analyse(config: SweepConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None, run_fn: RunFn | None = None) -> dict:
+    """The CLI (see --help). Exits with status 2 and `error: ...` on a mistake in the flags,
+    the data or the output folder."""
     hostmem.reuse_freed_memory()  # first: before JAX starts its CPU backend
-    config = resolve(tyro.cli(SweepConfig, args=argv))
-    if not config.plot_only:
-        print(json.dumps(dataclasses.asdict(config)), flush=True)
-        if config.engine not in RUNNERS:
-            raise ValueError(f"engine {config.engine!r}: choose from {sorted(RUNNERS)}")
-        run_sweep(config, run_fn or RUNNERS[config.engine]())
-    summary = analyse(config)
+    try:
+        config = resolve(tyro.cli(SweepConfig, args=argv))
+        if not config.plot_only:
+            print(json.dumps(dataclasses.asdict(config)), flush=True)
+            check_runs(config)
+            run_sweep(config, run_fn or RUNNERS[config.engine]())
+        summary = analyse(config)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     for name, entry in summary["optimizers"].items():
         opt = ", ".join(f"w{o['width']}/d{o['depth']}: {o['best_lr']:.3g}" for o in entry["optima"])
         spread = entry["spread"]

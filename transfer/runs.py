@@ -1,0 +1,232 @@
+"""What one run of a sweep is and how it is trained: parameterisations, run specs, engines.
+
+`transfer/sweep.py` builds the grid and records one CSV row per run; this module turns a
+grid point (`RunSpec`) into a jif.train config (`train_config_for`) and trains it with one
+of the `RUNNERS`: "compiled" (`CompiledRuns`: one compiled step per shape, the learning rate
+as data) or "train_run" (a full `jif.train.run` per point). `transfer/coord_check.py` trains
+with the same CompiledRuns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jif import checkpoint as ckpt
+from jif import data as data_lib
+from jif import eval as jif_eval
+from jif import loop, optim, train
+from jif.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:  # annotations only: the sweep imports this module
+    from transfer.sweep import SweepConfig
+
+# Settings that must match between a resumed sweep and its CSV (the grid may grow).
+RUN_SETTINGS = (
+    "steps",
+    "batch_size",
+    "seq_len",
+    "n_heads",
+    "mup_base_width",
+    "data",
+    "eval_sequences",
+    "eval_times",
+    "engine",
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Parameterisation:
+    """How one curve family is trained."""
+
+    arch: str
+    """ModelConfig.arch."""
+    optimizer: str
+    """jif.optim.OPTIMIZERS key."""
+    mup: bool
+    """Whether ModelConfig.mup_base_width is set."""
+    lr_range: tuple[float, float]
+    """Default (smallest, largest) learning rate of the log grid."""
+
+
+PARAMETERISATIONS: dict[str, Parameterisation] = {
+    "adamw": Parameterisation(arch="standard", optimizer="adamw", mup=False, lr_range=(3e-4, 3e-1)),
+    "mup_adamw": Parameterisation(
+        arch="standard", optimizer="mup_adamw", mup=True, lr_range=(3e-4, 3e-1)
+    ),
+    "modula": Parameterisation(arch="modula", optimizer="modula", mup=False, lr_range=(1e-2, 10.0)),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunSpec:
+    """One training run of the grid."""
+
+    optimizer: str
+    width: int
+    depth: int
+    lr: float
+    seed: int
+
+    def key(self) -> tuple[str, int, int, str, int]:
+        return (self.optimizer, self.width, self.depth, f"{self.lr:.6g}", self.seed)
+
+
+def train_config_for(spec: RunSpec, config: SweepConfig) -> train.TrainConfig:
+    """The jif.train.TrainConfig of one run (nothing written to disk)."""
+    p = PARAMETERISATIONS[spec.optimizer]
+    return train.TrainConfig(
+        d_model=spec.width,
+        n_layers=spec.depth,
+        n_heads=config.n_heads,
+        arch=p.arch,
+        mup_base_width=config.mup_base_width if p.mup else None,
+        data=config.data,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        seq_len=config.seq_len,
+        optim=optim.OptimConfig(
+            optimizer=p.optimizer,
+            lr=spec.lr,
+            embed_lr_mult=1.0,  # one learning rate for every parameter: the question is its transfer
+            warmup=max(1, config.steps // 10),
+        ),
+        seed=spec.seed,
+        out=None,
+        ckpt_every=0,
+        eval=jif_eval.EvalConfig(
+            eval_every=config.steps,  # evaluate once, at the end
+            eval_sequences=config.eval_sequences,
+            eval_times=config.eval_times,
+            n_samples=0,
+        ),
+        progress=False,
+    )
+
+
+def train_run(spec: RunSpec, config: SweepConfig) -> dict:
+    """Trains one grid point with jif.train.run; a non-finite loss counts as diverged."""
+    with contextlib.redirect_stdout(io.StringIO()):  # keep the grid's progress bar readable
+        result = train.run(train_config_for(spec, config), progress=False)
+    nan_if_none = lambda v: math.nan if v is None else float(v)
+    return {
+        "val_nelbo": nan_if_none(result.get("val_nelbo")),
+        "train_loss_smoothed": nan_if_none(result.get("train_loss_smoothed")),
+        "diverged": bool(result.get("diverged", False)),
+    }
+
+
+RunFn = Callable[[RunSpec, Any], dict]  # (spec, SweepConfig) -> outcome
+
+
+class _LrState(NamedTuple):
+    lr: Any  # float32 scalar, part of the optimizer state so it is data, not a constant
+
+
+def scale_by_state_lr() -> optax.GradientTransformation:
+    """Multiplies updates by the learning rate held in the state (set per run, traced)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map(lambda u: u * state.lr.astype(u.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: _LrState(jnp.ones((), jnp.float32)), update)
+
+
+class CompiledRuns:
+    """The default run function: trains like jif.train.run (same model, optimizer registry,
+    schedule, clipping, data order and train step, `jif.loop`), but compiles the step once
+    per (optimizer, width, depth, seed) and passes the learning rate as data.
+
+    This is exact because every optimizer swept is linear in its learning rate (AdamW, muP
+    AdamW and Modula all end in scale_by_learning_rate, weight decay included): the optimizer
+    is built with lr = 1 and its updates are multiplied by the run's lr. The final *raw*
+    parameters are evaluated (an EMA lags far behind in runs this short).
+    """
+
+    def __init__(self):
+        self._groups: dict[tuple, dict] = {}
+        self._shared: dict[tuple, Any] = {}
+
+    def _data(self, config: SweepConfig, seed: int):
+        key = ("data", seed, *(getattr(config, n) for n in RUN_SETTINGS))
+        if key not in self._shared:
+            tokenizer = load_tokenizer()
+            batches = data_lib.TokenBatches(
+                config.data,
+                tokenizer,
+                split="train",
+                batch_size=config.batch_size,
+                seq_len=config.seq_len,
+                seed=seed,
+            )
+            train_batches = [next(batches) for _ in range(config.steps)]
+            val = data_lib.validation_tokens(
+                config.data,
+                tokenizer,
+                seq_len=config.seq_len,
+                n_sequences=config.eval_sequences,
+                seed=seed,
+            )
+            self._shared[key] = (tokenizer, train_batches, jif_eval.batched(val, config.batch_size))
+        return self._shared[key]
+
+    def _group(self, spec: RunSpec, config: SweepConfig) -> dict:
+        key = (spec.optimizer, spec.width, spec.depth, spec.seed, id(config))
+        if key not in self._groups:
+            tokenizer, _, _ = self._data(config, spec.seed)
+            cfg = train_config_for(dataclasses.replace(spec, lr=1.0), config)
+            model_config = train.resolve_model_config(cfg, tokenizer.vocab_size)
+            unbound, params = ckpt.init_model(model_config, cfg.seed)
+            tx, _ = optim.make_optimizer(cfg.optim, cfg.steps, model_config, params)
+            tx = optax.chain(tx, scale_by_state_lr())
+            step = loop.make_train_step(
+                unbound, tx, seed=cfg.seed, ema=cfg.ema, mask_id=tokenizer.mask_id
+            )
+            self._groups = {key: dict(unbound=unbound, params=params, tx=tx, step=jax.jit(step))}
+        return self._groups[key]
+
+    def train(self, spec: RunSpec, config: SweepConfig) -> tuple[Any, dict]:
+        """Trains one run: (final parameters or None if diverged, outcome without val_nelbo)."""
+        _, batches, _ = self._data(config, spec.seed)
+        g = self._group(spec, config)
+        state = loop.init_state(g["params"], g["tx"])
+        opt_state = state["opt_state"]
+        state["opt_state"] = (*opt_state[:-1], _LrState(jnp.asarray(spec.lr, jnp.float32)))
+        last = None
+        try:
+            for s in loop.steps(g["step"], state, iter(batches), start=0, stop=len(batches)):
+                last = s
+        except loop.Diverged:
+            return None, {"train_loss_smoothed": math.nan, "diverged": True}
+        return last.state["params"], {"train_loss_smoothed": last.smoothed, "diverged": False}
+
+    def init_params(self, spec: RunSpec, config: SweepConfig) -> tuple[Any, dict]:
+        """(unbound model, initial parameters) of the run's shape and seed."""
+        g = self._group(spec, config)
+        return g["unbound"], g["params"]
+
+    def __call__(self, spec: RunSpec, config: SweepConfig) -> dict:
+        params, outcome = self.train(spec, config)
+        if params is None:
+            return {"val_nelbo": math.nan, **outcome}
+        tokenizer, _, val = self._data(config, spec.seed)
+        model = ckpt.bind_params(self._group(spec, config)["unbound"], params)
+        result = jif_eval.val_nelbo(
+            model, val, mask_id=tokenizer.mask_id, n_times=config.eval_times
+        )
+        return {"val_nelbo": result["nelbo"], **outcome}
+
+
+RUNNERS: dict[str, Callable[[], RunFn]] = {
+    "compiled": CompiledRuns,
+    "train_run": lambda: train_run,
+}
