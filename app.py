@@ -97,19 +97,9 @@ def checkpoint_label(info) -> str:
     return f"{run} · step {info.step} · data {info.data} · val NELBO {nelbo}"
 
 
-def weights_present(step_dir: str, item: str) -> bool:
-    """Whether the orbax item `item` ("ema" or "params") of a step folder holds saved arrays:
-    its _METADATA and at least one data file (under a `d/` folder). A step folder whose
-    weights were deleted, or never finished, has its meta but not these."""
-    folder = os.path.join(step_dir, item)
-    if not os.path.isfile(os.path.join(folder, "_METADATA")):
-        return False
-    return any(os.path.basename(d) == "d" and files for d, _, files in os.walk(folder))
-
-
 def scan_checkpoints(root: str, source=ckpt, item: str | None = None) -> list:
-    """CheckpointInfo of every checkpoint under root, newest first; [] when none or unreadable.
-    With item ("ema" or "params"), only those whose weights of that item are on disk."""
+    """CheckpointInfo of every checkpoint under root, newest first; [] when none or unreadable
+    (jif.checkpoint lists only step folders whose weights are on disk)."""
     if not os.path.isdir(root):
         return []
     try:
@@ -118,7 +108,7 @@ def scan_checkpoints(root: str, source=ckpt, item: str | None = None) -> list:
         print(f"[app] could not list checkpoints under {root}: {e}", file=sys.stderr)
         return []
     infos = [i for i in infos if _is_inside(str(i.path), root)]
-    return [i for i in infos if item is None or weights_present(str(i.path), item)]
+    return [i for i in infos if item is None or ckpt.weights_present(str(i.path), item)]
 
 
 # ----------------------------------------------------------------------------------------

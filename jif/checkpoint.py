@@ -233,10 +233,22 @@ def _read_meta(step_dir: str) -> dict:
     return meta
 
 
+def weights_present(step_dir: str, item: str) -> bool:
+    """Whether the orbax item `item` ("ema" or "params") of a step folder holds saved arrays:
+    its _METADATA and at least one data file (under a `d/` folder). A step folder whose
+    weights were deleted, or never finished, has its meta but not these."""
+    folder = os.path.join(step_dir, item)
+    if not os.path.isfile(os.path.join(folder, "_METADATA")):
+        return False
+    return any(os.path.basename(d) == "d" and files for d, _, files in os.walk(folder))
+
+
 def _is_step_dir(path: str) -> bool:
     """A complete step folder: digits, with the meta item and the weights orbax wrote."""
-    return os.path.basename(os.path.normpath(path)).isdigit() and all(
-        os.path.isdir(os.path.join(path, item)) for item in ("meta", "params", "ema")
+    return (
+        os.path.basename(os.path.normpath(path)).isdigit()
+        and os.path.isdir(os.path.join(path, "meta"))
+        and all(weights_present(path, item) for item in ("params", "ema"))
     )
 
 

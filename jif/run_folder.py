@@ -85,6 +85,19 @@ def check_resumable(saved: dict, now: dict) -> dict:
     return {k: list(v) for k, v in diff.items() if k in RESUME_RETUNE}
 
 
+def check_same_data(saved: dict | None, now: dict, data: str) -> None:
+    """CheckpointError when the training data differs from the checkpoint's (its content:
+    size and sha256 for a file, wherever it now lies). Older checkpoints stored none."""
+    if saved is None:
+        return
+    strip = lambda d: {k: v for k, v in d.items() if k != "path"}
+    if strip(saved) != strip(now):
+        raise ckpt.CheckpointError(
+            f"cannot resume: the training data {data!r} is not the data of the checkpoint "
+            f"(saved {saved}, now {now}). Resume with the same data, or start a new --out."
+        )
+
+
 def write_run_files(run_dir: str, resolved: dict, tokenizer) -> None:
     """config.json, tokenizer.json and tokenizer/ (Hugging Face's format, jif.hf); rewritten
     on every start, also on resume."""
@@ -146,6 +159,7 @@ def open_run(cfg, p: dict, state: dict, shardings: dict, say=print) -> tuple:
                 f"no checkpoint of {cfg.out} can be resumed (steps {[i.step for i in own]}); "
                 "start a new run with another --out."
             )
+        check_same_data(meta.get("data_identity"), p["resolved"]["data_identity"], cfg.data)
         state = {**restored, "step": jax.device_put(restored["step"], shardings["step"])}
         p["batches"].restore(meta["data_state"])
         start = int(meta["step"])
@@ -167,6 +181,7 @@ def save(manager, state: dict, cfg, p: dict, step: int, last_eval: dict) -> None
         model_config=dataclasses.asdict(p["model_config"]),
         tokenizer=p["tokenizer"].to_json(),
         val_nelbo=last_eval.get("val_nelbo") if last_eval.get("step") == step else None,
+        data_identity=p["resolved"]["data_identity"],
         time=time.time(),
     )
     ckpt.save(manager, state, meta)

@@ -219,7 +219,11 @@ def build(cfg: TrainConfig) -> dict:
         evaluator=jif_eval.Evaluator(
             cfg.eval, tokenizer, data=cfg.data, batch_size=cfg.batch_size, **data_args
         ),
-        resolved={**dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_config)},
+        resolved={
+            **dataclasses.asdict(cfg),
+            "model_config": dataclasses.asdict(model_config),
+            "data_identity": data_lib.data_identity(cfg.data),  # checked on resume
+        },
     )
 
 

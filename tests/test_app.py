@@ -73,7 +73,7 @@ class FakeInfo:
 
 
 def fake_weights(step_dir) -> str:
-    """The files app.weights_present looks for in a step folder's "ema" item."""
+    """The files jif.checkpoint.weights_present looks for in a step folder's "ema" item."""
     data = os.path.join(step_dir, "ema", "d")
     os.makedirs(data, exist_ok=True)
     for path in (os.path.join(step_dir, "ema", "_METADATA"), os.path.join(data, "0")):

@@ -255,3 +255,16 @@ def test_newest_checkpoint_is_the_highest_step_whatever_the_file_times(tmp_path)
         os.utime(d)
     assert [i.step for i in checkpoint.list_checkpoints(copy)] == [2, 1]
     assert checkpoint.load_for_inference(copy).step == 2
+
+
+def test_resume_on_changed_data_is_refused(tmp_path):
+    text = tmp_path / "stories.txt"
+    docs = ["Once upon a time, a girl named Lily found a red ball. She was happy."] * 200
+    text.write_text("\n\n".join(docs))
+    out = str(tmp_path / "run")
+    cfg = train.configure(**TINY, data=str(text), steps=1, eval_every=0, ckpt_every=1, out=out)
+    train.run(cfg)
+    train.run(dataclasses.replace(cfg, steps=2, resume=True))  # the same file: fine
+    text.write_text("\n\n".join(d.replace("Lily", "Mia") for d in docs))  # edited in place
+    with pytest.raises(checkpoint.CheckpointError, match="not the data of the checkpoint"):
+        train.run(dataclasses.replace(cfg, steps=3, resume=True))

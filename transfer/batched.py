@@ -3,12 +3,12 @@ trained as one compiled program.
 
 The runs of a group share the model shape, so their train states stack along a leading run
 axis and `jax.vmap` turns the sweep's train step (`jif.loop.make_train_step`, the learning
-rate held in the optimizer state as data, as in `transfer.sweep.CompiledRuns`) into one step
+rate held in the optimizer state as data, as in `transfer.runs.CompiledRuns`) into one step
 of all of them. Each run keeps its own initial weights, data order and noise (its seed), and
 its own learning rate; every step sees each run's own batch. At the small widths of a sweep
 one big program keeps the CPU's matmul units far busier than many small ones.
 
-Results equal training each run alone up to float rounding (tests/test_transfer.py).
+Results equal training each run alone up to float rounding (tests/test_batched.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ import optax
 from jif import checkpoint as ckpt
 from jif import eval as jif_eval
 from jif import loop, optim, train
-from transfer import sweep
+from transfer import runs
+
+SweepConfig = "transfer.sweep.SweepConfig"  # type hints only: sweep imports this module
 
 
 def _stack(trees: list):
@@ -35,19 +37,19 @@ def _unstack(tree, n: int) -> list:
     return [jax.tree_util.tree_map(lambda x, i=i: x[i], tree) for i in range(n)]
 
 
-class BatchedRuns(sweep.CompiledRuns):
-    """A run function for `transfer.sweep.run_sweep` that trains a whole group at once
+class BatchedRuns(runs.CompiledRuns):
+    """A run function for `transfer.runs.run_sweep` that trains a whole group at once
     (`run_group`); calling it on one spec trains a group of one."""
 
-    def _batched_step(self, spec: sweep.RunSpec, config: sweep.SweepConfig):
+    def _batched_step(self, spec: runs.RunSpec, config: SweepConfig):
         key = ("batched", spec.optimizer, spec.width, spec.depth, id(config))
         if key not in self._shared:
             tokenizer, _, _ = self._data(config, spec.seed)
-            cfg = sweep.train_config_for(dataclasses.replace(spec, lr=1.0), config)
+            cfg = runs.train_config_for(dataclasses.replace(spec, lr=1.0), config)
             model_config = train.resolve_model_config(cfg, tokenizer.vocab_size)
             unbound, params = ckpt.init_model(model_config, cfg.seed)
             tx, _ = optim.make_optimizer(cfg.optim, cfg.steps, model_config, params)
-            tx = optax.chain(tx, sweep.scale_by_state_lr())
+            tx = optax.chain(tx, runs.scale_by_state_lr())
             step = loop.make_train_step(
                 unbound, tx, seed=None, ema=cfg.ema, mask_id=tokenizer.mask_id
             )
@@ -56,7 +58,7 @@ class BatchedRuns(sweep.CompiledRuns):
             )
         return self._shared[key]
 
-    def run_group(self, specs: list[sweep.RunSpec], config: sweep.SweepConfig) -> list[dict]:
+    def run_group(self, specs: list[runs.RunSpec], config: SweepConfig) -> list[dict]:
         """Trains `specs` (one optimizer, width and depth; any learning rates and seeds)
         together; one result dict per spec, as `CompiledRuns.__call__` returns."""
         shapes = {(s.optimizer, s.width, s.depth) for s in specs}
@@ -68,7 +70,7 @@ class BatchedRuns(sweep.CompiledRuns):
             _, train_batches, _ = self._data(config, spec.seed)
             _, params = ckpt.init_model(g["model_config"], spec.seed)
             state = loop.init_state(params, g["tx"])
-            lr = sweep._LrState(jnp.asarray(spec.lr, jnp.float32))
+            lr = runs._LrState(jnp.asarray(spec.lr, jnp.float32))
             state["opt_state"] = (*state["opt_state"][:-1], lr)
             states.append({**state, "key": jax.random.key(spec.seed)})
             batches.append(np.stack(train_batches))
@@ -102,5 +104,5 @@ class BatchedRuns(sweep.CompiledRuns):
             )
         return results
 
-    def __call__(self, spec: sweep.RunSpec, config: sweep.SweepConfig) -> dict:
+    def __call__(self, spec: runs.RunSpec, config: SweepConfig) -> dict:
         return self.run_group([spec], config)[0]

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from jif import data as data_lib
 from jif import hostmem, train
 from jif.tokenizer import load_tokenizer
-from transfer import analysis
+from transfer import analysis, batched
 from transfer.runs import (  # noqa: F401 (re-exported: the sweep's names)
     PARAMETERISATIONS,
     RUN_SETTINGS,
@@ -96,7 +96,8 @@ class SweepConfig:
     progress: bool = True
     """Show a tqdm bar over the whole grid."""
     engine: str = "compiled"
-    """How runs are trained: "compiled" (one compiled step per shape, lr as data; fast) or
+    """How runs are trained: "compiled" (one compiled step per shape, lr as data; fast),
+    "batched" (every lr and seed of a shape as one vmapped program, transfer/batched.py) or
     "train_run" (a full jif.train.run per grid point; same training, EMA evaluated)."""
 
 
@@ -170,8 +171,8 @@ def resolve(config: SweepConfig) -> SweepConfig:
             raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(PARAMETERISATIONS)}")
     if config.metric not in ("val_nelbo", "train_loss_smoothed"):
         raise ValueError(f"metric {config.metric!r}: use 'val_nelbo' or 'train_loss_smoothed'")
-    if config.engine not in RUNNERS:
-        raise ValueError(f"engine {config.engine!r}: choose from {sorted(RUNNERS)}")
+    if config.engine not in ENGINES:
+        raise ValueError(f"engine {config.engine!r}: choose from {sorted(ENGINES)}")
     for width in config.widths:
         if width % config.n_heads:
             raise ValueError(
@@ -254,6 +255,20 @@ def _check_settings(out: Path, config: SweepConfig) -> None:
         os.replace(tmp, path)  # never a half-written settings.json
 
 
+ENGINES = {**RUNNERS, "batched": batched.BatchedRuns}  # --engine: how runs are trained
+
+
+def _groups(todo: list[RunSpec], run_fn) -> list[list[RunSpec]]:
+    """The runs to train together: one group per (optimizer, width, depth) for an engine
+    that trains groups (`run_group`), else one run each."""
+    if not hasattr(run_fn, "run_group"):
+        return [[spec] for spec in todo]
+    groups: dict[tuple, list[RunSpec]] = {}
+    for spec in todo:
+        groups.setdefault((spec.optimizer, spec.width, spec.depth), []).append(spec)
+    return list(groups.values())
+
+
 def run_sweep(config: SweepConfig, run_fn: RunFn) -> list[dict]:
     """Trains every grid point missing from runs.csv, appending one row per finished run."""
     out = Path(config.out)
@@ -274,40 +289,45 @@ def run_sweep(config: SweepConfig, run_fn: RunFn) -> list[dict]:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         if new_file:
             writer.writeheader()
-        for spec in todo:
+        for group in _groups(todo, run_fn):
+            spec = group[0]
             if bar is not None:
-                bar.set_postfix_str(
-                    f"{spec.optimizer} w={spec.width} d={spec.depth} lr={spec.lr:.3g}"
-                )
+                lrs = f"{len(group)} runs" if len(group) > 1 else f"lr={spec.lr:.3g}"
+                bar.set_postfix_str(f"{spec.optimizer} w={spec.width} d={spec.depth} {lrs}")
             start = time.perf_counter()
             try:
-                result = run_fn(spec, config)
+                if len(group) > 1:
+                    results = run_fn.run_group(group, config)
+                else:
+                    results = [run_fn(spec, config)]
             except data_lib.DataError:
                 raise  # the data, not the run: exit with its message
             except ValueError as e:  # not a mistake in the flags (those were checked): a bug
                 raise RuntimeError(f"run {spec} failed: {e}") from e
-            val, train = float(result["val_nelbo"]), float(result["train_loss_smoothed"])
-            diverged = bool(result.get("diverged", False)) or not (
-                math.isfinite(val) and math.isfinite(train)
-            )
-            writer.writerow(
-                dict(
-                    optimizer=spec.optimizer,
-                    width=spec.width,
-                    depth=spec.depth,
-                    lr=f"{spec.lr:.6g}",
-                    seed=spec.seed,
-                    steps=config.steps,
-                    val_nelbo=f"{val:.6f}",
-                    train_loss_smoothed=f"{train:.6f}",
-                    diverged=diverged,
-                    seconds=f"{time.perf_counter() - start:.2f}",
+            seconds = (time.perf_counter() - start) / len(group)  # a group's runs share it
+            for spec, result in zip(group, results, strict=True):
+                val, train = float(result["val_nelbo"]), float(result["train_loss_smoothed"])
+                diverged = bool(result.get("diverged", False)) or not (
+                    math.isfinite(val) and math.isfinite(train)
                 )
-            )
+                writer.writerow(
+                    dict(
+                        optimizer=spec.optimizer,
+                        width=spec.width,
+                        depth=spec.depth,
+                        lr=f"{spec.lr:.6g}",
+                        seed=spec.seed,
+                        steps=config.steps,
+                        val_nelbo=f"{val:.6f}",
+                        train_loss_smoothed=f"{train:.6f}",
+                        diverged=diverged,
+                        seconds=f"{seconds:.2f}",
+                    )
+                )
             f.flush()
             os.fsync(f.fileno())
             if bar is not None:
-                bar.update(1)
+                bar.update(len(group))
     if bar is not None:
         bar.close()
     return analysis.read_rows(path)
@@ -336,7 +356,7 @@ def main(argv: Sequence[str] | None = None, run_fn: RunFn | None = None) -> dict
         if not config.plot_only:
             print(json.dumps(dataclasses.asdict(config)), flush=True)
             check_runs(config)
-            run_sweep(config, run_fn or RUNNERS[config.engine]())
+            run_sweep(config, run_fn or ENGINES[config.engine]())
         summary = analyse(config)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
