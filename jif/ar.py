@@ -156,7 +156,11 @@ def _sample(
 
     def body(i, carry):
         tokens, prob = carry
-        logits = jax.lax.dynamic_index_in_dim(logits_fn(tokens), i - 1, axis=1, keepdims=False)
+        # The positions still to come hold id 0, not masks: the causal model cannot see them,
+        # and a denoise_fn that reads the mask fraction as noise level (adaLN) sees 0, as in
+        # training.
+        seen = jnp.where(tokens == mask_id, 0, tokens)
+        logits = jax.lax.dynamic_index_in_dim(logits_fn(seen), i - 1, axis=1, keepdims=False)
         logits = filt(logits)
         noise = draw.gumbel(jax.random.fold_in(key, i), logits.shape)
         chosen, chosen_logp = draw.gumbel_max(logits, noise, temperature)
@@ -195,7 +199,7 @@ def sample(
     text after a position, so a template's later text does not steer it).
 
     denoise_fn: tokens int32 [B, L] -> logits [B, L, V] of a causal model (for example
-    jif.checkpoint.load_for_inference(ar_run).denoise_fn). Tokens are drawn the way
+    jif.checkpoint.load_for_inference(ar_run).denoise_fn); it is never shown a mask. Tokens are drawn the way
     jif.sampling draws them (jif.draw: temperature, top-k, top-p, Gumbel-max; temperature 0
     is argmax). One network call per position from the first mask to the end (no key/value
     cache: each call runs the whole window). Returns jif.sampling.SampleResult(tokens,

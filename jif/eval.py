@@ -325,16 +325,12 @@ def measure(cfg: MeasureConfig) -> dict:
         "ema": cfg.ema,
         "trained_on": loaded.data,
     }
-    rows = None
+    data_args = dict(
+        split=cfg.split, seed=cfg.seed, packing=cfg.packing or loaded.config.get("packing", "pack")
+    )
     if cfg.sequences:
         rows, out["data"] = windows.eval_windows(
-            cfg.data or loaded.data,
-            tok,
-            split=cfg.split,
-            seq_len=seq_len,
-            n_sequences=cfg.sequences,
-            seed=cfg.seed,
-            packing=cfg.packing or loaded.config.get("packing", "pack"),
+            cfg.data or loaded.data, tok, seq_len=seq_len, n_sequences=cfg.sequences, **data_args
         )
         out.update(
             likelihood(
@@ -355,7 +351,12 @@ def measure(cfg: MeasureConfig) -> dict:
             top_p=cfg.top_p,
             block_length=cfg.block_length,
         )
-        reference = rows[: cfg.samples] if rows is not None and seq_len == context else None
+        if cfg.sequences and seq_len == context and len(rows) >= cfg.samples:
+            reference = rows[: cfg.samples]  # real windows as long as the samples
+        else:
+            reference, _ = windows.eval_windows(
+                cfg.data or loaded.data, tok, seq_len=context, n_sequences=cfg.samples, **data_args
+            )
         out["generative"] = genppl.generative_perplexity(
             loaded,
             cfg.judge,

@@ -128,6 +128,31 @@ def test_sampler_follows_a_known_causal_model():
     np.testing.assert_allclose(np.asarray(out.trajectory.prob)[0, 1:], want, rtol=1e-5)
 
 
+def test_greedy_sampling_of_an_adaln_model_is_greedy_decoding():
+    """With adaLN the noise level changes the logits; the sampler never shows the model a
+    mask, so a denoise_fn that reads the mask fraction (jif.model.make_denoise_fn, as
+    checkpoints load) decodes like the model at noise level 0, the level it trained at."""
+    cfg = M.make_config("tiny", causal=True, adaln=True, vocab_size=V)
+    m = M.build_model(cfg, jax.random.key(0))
+    _, params = pz.unbind_params(m)
+    for i, p in enumerate(params):  # every parameter random, the adaLN ones included
+        noise = jax.random.normal(jax.random.key(i), p.value.data_array.shape)
+        p.value = p.value + pz.nx.wrap(noise).tag(*p.value.named_shape)
+    m = pz.freeze_params(m)
+    logits = lambda x, r: np.array(M.apply_logits(m, jnp.asarray(x), jnp.full(2, r)))
+    x = np.full((2, 10), MASK, np.int32)
+    x[:, 0], x[1, 1] = EOT, 5
+    denoise = jax.jit(M.make_denoise_fn(m, mask_id=MASK))
+    got = ar.sample(denoise, jax.random.key(0), x, mask_id=MASK, temperature=0.0)
+    want = x.copy()
+    for i in range(1, 10):  # independent greedy decoding at noise level 0
+        z = logits(np.where(want == MASK, 0, want), 0.0)[:, i - 1]
+        z[:, MASK] = -np.inf
+        want[:, i] = np.where(want[:, i] == MASK, z.argmax(-1), want[:, i])
+    np.testing.assert_array_equal(got.tokens, want)
+    assert np.abs(logits(want, 0.5) - logits(want, 0.0)).max() > 1e-3  # the level matters
+
+
 def test_sampler_draws_from_the_model_distribution():
     """At temperature 1 the first generated token follows softmax(logits) (here a fixed
     distribution over 4 ids), and top_p keeps only the most likely ids."""
