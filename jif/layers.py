@@ -143,3 +143,10 @@ class ScaledResidual(pz.nn.Layer):
 
     def __call__(self, x, **side):
         return (1 - self.alpha) * x + self.alpha * self.delta(x, **side)
+
+
+def causal_mask(dtype) -> pz.nn.ApplyCausalAttentionMask:
+    """penzai's causal mask on attention scores {"seq", "kv_seq", ...}: key positions after
+    the query's ("token_positions" side input) get the dtype's most negative finite value
+    (as penzai's llamalike models), so their softmax weight is exactly 0."""
+    return pz.nn.ApplyCausalAttentionMask(masked_out_value=jnp.asarray(jnp.finfo(dtype).min, dtype))

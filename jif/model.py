@@ -1,4 +1,4 @@
-"""A bidirectional diffusion transformer (DiT) in penzai, ported from SEDD's DiT.
+"""A bidirectional diffusion transformer (DiT) in penzai, ported from SEDD's DiT (or causal).
 
 Top to bottom: config -> parameters -> attention -> MLP -> block -> model. The fast
 penzai-compatible layers it is built from live in `jif.layers`.
@@ -59,6 +59,7 @@ from jif.layers import (
     SoftmaxF32,
     TableRoPE,
     Unembed,
+    causal_mask,
     static_positions,
 )
 from modula import GELU_MAX_SLOPE
@@ -80,6 +81,7 @@ class ModelConfig:
     mlp_ratio: int = 4  # MLP width ("neurons") as a multiple of d_model
     cond_dim: int = 128  # width of the adaLN conditioning vector ("cond")
     adaln: bool = False  # condition blocks on the mask rate (SEDD adaLN shift/scale/gate)
+    causal: bool = False  # attention sees only earlier positions (jif.ar's next-token model)
     arch: str = "standard"  # a key of ARCHS: "standard" or "modula" (well-normed)
     dtype: str = "float32"  # "float32" | "bfloat16": parameters and activations
     mup_base_width: int | None = None  # muP: logits * base/d_model, scores 1/d_head
@@ -273,7 +275,7 @@ def _post(name, key, config) -> list[pz.nn.Layer]:
 
 
 def build_attention(name: str, key, config: ModelConfig) -> pz.nn.Attention:
-    """Bidirectional multi-head attention with RoPE on queries and keys (no mask)."""
+    """Multi-head attention, RoPE on queries and keys; bidirectional, or causal (config.causal)."""
     emb, hp = {"embedding": config.d_model}, {"heads": config.n_heads, "projection": config.d_head}
     rope = TableRoPE("projection", config.rope_wavelength, "token_positions")
     mup = config.mup_base_width is not None  # muP: 1/d_head scores, whatever the architecture
@@ -282,13 +284,14 @@ def build_attention(name: str, key, config: ModelConfig) -> pz.nn.Attention:
     q_ax = {"seq": "q", "heads": "h", "projection": "p"}  # einsum letters per named axis
     kv_ax = {"seq": "k", "heads": "h", "projection": "p"}  # keys/values: their "seq" is k
     attn_ax = {"heads": "h", "seq": "q", "kv_seq": "k"}
+    mask = [causal_mask(DTYPES[config.dtype])] if config.causal else []  # none: bidirectional
     query = [_linear(f"{name}/query", key, config, emb, hp), rope, pz.nn.ConstantRescale(q_scale)]
     return pz.nn.Attention(
         input_to_query=pz.nn.Sequential(query),
         input_to_key=pz.nn.Sequential([_linear(f"{name}/key", key, config, emb, hp), rope]),
         input_to_value=_linear(f"{name}/value", key, config, emb, hp),
         query_key_to_attn=pz.nn.Sequential(
-            [pz.nn.NamedEinsum((q_ax, kv_ax), attn_ax), SoftmaxF32("kv_seq")]  # no mask
+            [pz.nn.NamedEinsum((q_ax, kv_ax), attn_ax), *mask, SoftmaxF32("kv_seq")]
         ),
         attn_value_to_output=pz.nn.Sequential(
             [
@@ -305,10 +308,8 @@ def build_attention(name: str, key, config: ModelConfig) -> pz.nn.Attention:
 def build_mlp(name: str, key, config: ModelConfig) -> pz.nn.Sequential:
     """Linear up -> GELU (the architecture's) -> Linear down."""
     emb, neurons = {"embedding": config.d_model}, {"neurons": config.mlp_ratio * config.d_model}
-    up, down = (
-        _linear(f"{name}/up", key, config, emb, neurons),
-        _linear(f"{name}/down", key, config, neurons, emb),
-    )
+    up = _linear(f"{name}/up", key, config, emb, neurons)
+    down = _linear(f"{name}/down", key, config, neurons, emb)
     return pz.nn.Sequential([up, pz.nn.Elementwise(ARCHS[config.arch].gelu), down])
 
 
@@ -335,9 +336,8 @@ def noise_features(mask_rate: pz.nx.NamedArray, n: int = N_FREQUENCIES) -> pz.nx
 def build_cond(name: str, key, config: ModelConfig) -> pz.nn.Sequential:
     """SEDD's TimestepEmbedder followed by SiLU: features -> MLP -> SiLU -> "cond"."""
     hid, cond = {"cond_hidden": config.cond_dim}, {"cond": config.cond_dim}
-    bias = lambda part, ax: pz.nn.AddBias(
-        _param(f"{name}/{part}", key, config, {}, ax, "zeros"), ()
-    )
+    zeros = lambda part, ax: _param(f"{name}/{part}", key, config, {}, ax, "zeros")
+    bias = lambda part, ax: pz.nn.AddBias(zeros(part, ax), ())
     freq, silu = {"frequencies": N_FREQUENCIES}, pz.nn.Elementwise(jax.nn.silu)
     layer_in = [_linear(f"{name}/in", key, config, freq, hid), bias("in_bias", hid), silu]
     layer_out = [_linear(f"{name}/out", key, config, hid, cond), bias("out_bias", cond), silu]

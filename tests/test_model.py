@@ -313,3 +313,64 @@ def test_tiny_model_overfits_one_batch(adaln):
         first,
         last,
     )
+
+
+# ----------------------------------------------------------------------------- causal option
+
+
+@pytest.mark.parametrize("variant", ["standard", "adaln", "modula"])
+def test_causal_position_independent_of_later_tokens(variant):
+    """With causal=True a later token leaves every earlier position's logits exactly as they
+    were and changes its own and later ones."""
+    m = M.build_model(M.make_config("tiny", causal=True, **VARIANTS[variant]), jax.random.key(0))
+    for label in (
+        "dit/out/unembed",
+        "dit/blocks/attn/value",
+        "dit/out/scale" * (variant == "adaln"),
+    ):
+        if label:
+            randomize(m, label)
+    x, r = tokens(2, 16), jnp.array([0.3, 0.7])
+    base = np.asarray(logits(m, x, r))
+    for i in (1, 9, 15):
+        changed = np.asarray(logits(m, x.at[:, i].set((x[:, i] + 7) % 2049), r))
+        np.testing.assert_array_equal(changed[:, :i], base[:, :i])
+        assert np.abs(changed[:, i:] - base[:, i:]).max() > 1e-4
+
+
+def test_causal_equals_the_bidirectional_model_on_each_prefix():
+    """Position i of a one-block causal model attends to exactly tokens 0..i: its logits
+    equal those of the bidirectional model (same weights) run on the prefix x[:, :i + 1]
+    alone. (With more blocks they differ: there the prefix's earlier positions have seen
+    the prefix's later tokens.)"""
+    causal = M.build_model(M.make_config("tiny", causal=True, n_layers=1), jax.random.key(0))
+    bidir = M.build_model(M.make_config("tiny", n_layers=1), jax.random.key(0))
+    for m in (causal, bidir):
+        randomize(m, "dit/out/unembed")
+        randomize(m, "dit/blocks/attn/key", seed=2)
+    x, r = tokens(2, 12), jnp.zeros(2)
+    got = np.asarray(logits(causal, x, r))
+    for i in range(12):
+        want = np.asarray(logits(bidir, x[:, : i + 1], r))[:, i]
+        np.testing.assert_allclose(got[:, i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_option_adds_only_the_mask():
+    """causal=False (the default) builds the same attention as before the option (einsum ->
+    softmax, no mask layer) and causal=True the same parameters plus penzai's causal mask."""
+    cfg = M.make_config("tiny")
+    assert cfg.causal is False
+    plain = M.build_model(cfg, jax.random.key(0))
+    causal = M.build_model(M.make_config("tiny", causal=True), jax.random.key(0))
+    assert not pz.select(plain).at_instances_of(pz.nn.ApplyCausalAttentionMask).get_sequence()
+    masks = pz.select(causal).at_instances_of(pz.nn.ApplyCausalAttentionMask).get_sequence()
+    assert len(masks) == 1  # one layer inside the stacked blocks
+    attn = pz.select(plain).at_instances_of(pz.nn.Attention).get_sequence()[0]
+    assert [type(la).__name__ for la in attn.query_key_to_attn.sublayers] == [
+        "NamedEinsum",
+        "SoftmaxF32",
+    ]
+    a, b = M.params_dict(plain), M.params_dict(causal)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k].data_array, b[k].data_array)
