@@ -27,7 +27,7 @@ import numpy as np
 import tyro
 
 from jif import checkpoint as ckpt
-from jif import hostmem, render, sampling, serve
+from jif import hostmem, objectives, render, sampling, serve
 from jif.tokenizer import encode_template
 
 
@@ -221,7 +221,8 @@ class DiffusionApp:
         except ValueError as e:  # a misspelt marker, or too long: the message says the fix
             raise serve.user_error(f"Bad template: {e}") from None
         tokens = np.tile(row[None], (n_samples, 1))
-        result = sampling.sample(
+        objective = objectives.objective_of(getattr(loaded, "config", None) or {})
+        result = objectives.OBJECTIVES[objective].generate(  # "ar": left to right
             loaded.denoise_fn,  # the same object every time: the compiled sampler is reused
             jax.random.key(seed),
             tokens,

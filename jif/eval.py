@@ -38,7 +38,7 @@ import tyro
 
 from jif import checkpoint as ckpt
 from jif import data as data_lib
-from jif import genppl, hostmem, objectives, probes, sampling, stories, windows
+from jif import floor, genppl, hostmem, objectives, probes, sampling, stories, windows
 from jif import model as model_lib
 
 
@@ -73,12 +73,18 @@ class EvalConfig:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
                 )
-        if self.sample_temperature < 0:
-            raise ValueError(f"--sample-temperature must be >= 0, got {self.sample_temperature}")
-        if self.n_samples and self.sample_method not in sampling.METHODS:
-            raise ValueError(
-                f"--sample-method {self.sample_method!r} is unknown; choose one of "
-                f"{sorted(sampling.METHODS)}"
+        if self.n_samples:  # the samplers' own checks, with this config's flag names
+            sampling.check_settings(
+                method=self.sample_method,
+                steps=self.sample_steps,
+                temperature=self.sample_temperature,
+                batch=self.n_samples,
+                names={
+                    "method": "--sample-method",
+                    "steps": "--sample-steps",
+                    "temperature": "--sample-temperature",
+                    "batch": "--n-samples",
+                },
             )
         return self
 
@@ -129,8 +135,15 @@ class Evaluator:
             packing=packing,
         )
         self.val_batches = batched(val, batch_size)
-        self.probes = self.friends = None
-        if data == "stories":
+        self.probes = self.friends = self.floor = None
+        if data == "stories":  # the floor: what a perfect model scores on these windows
+            self.floor = floor.floor(
+                tokenizer,
+                seq_len=seq_len,
+                n_sequences=cfg.eval_sequences,
+                seed=seed,
+                packing=packing,
+            )
             self.probes = probes.name_probes(tokenizer, seq_len=seq_len, seed=seed)
             self.friends = probes.friend_probes(tokenizer, seq_len=seq_len, seed=seed)
 
@@ -152,6 +165,8 @@ class Evaluator:
         }
         if name == "ar":
             out["val_nll"] = out["val_nelbo"]
+        if self.floor is not None:
+            out["val_floor"] = self.floor.nats_per_token
         if self.probes is not None and len(self.probes.tokens):
             p = self.probes
             nats, exact = objective.span_scores(model, p.tokens, p.mask, mask_id=mask_id)
@@ -187,13 +202,21 @@ class Evaluator:
             n_sentences = max(sum(c.n_sentences for c in checks), 1)
             out["grammar_score"] = sum(c.n_valid for c in checks) / n_sentences
             out["grammatical"] = sum(c.n_grammatical for c in checks) / n_sentences
+            report = floor.check_stories(texts, window=True)  # whole stories, and diversity
+            out["story_level"] = report.story_level
+            out["distinct_4grams"] = report.distinct_4grams
         return out
 
 
 def summary_line(row: dict) -> str:
     """One line for the terminal: the NELBO and, where measured, the probes' scores."""
     what = "NLL" if "val_nll" in row else "NELBO"
-    parts = [f"step {row['step']}: val {what} {row.get('val_nelbo', float('nan')):.4f} nats/token"]
+    value = row.get("val_nelbo", float("nan"))
+    parts = [f"step {row['step']}: val {what} {value:.4f} nats/token"]
+    if "val_floor" in row:
+        parts[0] += f" (floor {row['val_floor']:.3f}: {value / row['val_floor'] - 1:+.0%})"
+    if "story_level" in row:
+        parts.append(f"whole stories {row['story_level']:.2f}")
     if "grammar_score" in row:
         parts.append(
             f"grammar {row['grammar_score']:.2f} in context"

@@ -118,6 +118,7 @@ def make_train_step(
 
 
 NONFINITE = ("stop", "skip")  # what a step with a non-finite update does to the run
+MAX_SKIPPED = 10  # on_nonfinite="skip": this many non-finite steps in a row stop the run
 
 
 class Step(NamedTuple):
@@ -143,20 +144,22 @@ def steps(
     """Runs train_step from step `start` to `stop`, one `Step` per step. A step whose update
     was not finite (see make_train_step) raises `Diverged` (on_nonfinite="stop"; the state is
     the last good one) or is yielded as skipped: its loss is NaN in `Step.loss` and the
-    smoothed loss is unchanged (on_nonfinite="skip"). `put` places a batch (for example onto
+    smoothed loss is unchanged (on_nonfinite="skip"; MAX_SKIPPED in a row raise). `put` places a batch (for example onto
     a mesh) before the step."""
     if on_nonfinite not in NONFINITE:
         raise ValueError(f"--on-nonfinite {on_nonfinite!r}: choose one of {NONFINITE}")
-    smoothed = None
+    smoothed, skipped = None, 0
     for step in range(start, stop):
         batch = next(batches)
         state, metrics = train_step(state, put(batch) if put else batch)
         loss = float(metrics["loss"])
         if not bool(metrics["finite"]):
-            if on_nonfinite == "stop":
+            skipped += 1
+            if on_nonfinite == "stop" or skipped >= MAX_SKIPPED:
                 raise Diverged(step + 1, loss, float(metrics["grad_norm"]))
             yield Step(step + 1, state, metrics, math.nan, smoothed)
             continue
+        skipped = 0
         smoothed = loss if smoothed is None else 0.95 * smoothed + 0.05 * loss
         yield Step(step + 1, state, metrics, loss, smoothed)
 

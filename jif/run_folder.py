@@ -213,6 +213,19 @@ def read_metrics(path: str) -> list[dict]:
     return rows
 
 
+def diverged_message(e, cfg) -> str:
+    """What happened, the last good checkpoint, and a command that continues from it."""
+    good = ckpt.list_checkpoints(ckpt.checkpoints_dir(cfg.out)) if cfg.out else []
+    lower = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr / 3))
+    if good:
+        again = command_line(lower, resume=True)
+        where = f"The last good checkpoint is step {good[0].step} ({good[0].path}); continue it with a lower learning rate:\n  {again}"
+    else:
+        again = command_line(lower, resume=False)
+        where = f"No checkpoint was written; start again with a lower learning rate:\n  {again}"
+    return f"{e}: the run diverged (--lr {cfg.optim.lr:g}). Nothing non-finite was kept. {where}"
+
+
 class Logger:
     """metrics.jsonl (+ optional TensorBoard / wandb); silent without a run folder.
 

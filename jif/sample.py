@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import tyro
 
-from jif import hostmem, sampling
+from jif import hostmem, objectives, sampling
 from jif.checkpoint import load_for_inference
 from jif.stories import check_text
 from jif.tokenizer import encode_template
@@ -99,7 +99,8 @@ def run(cfg: SampleConfig) -> dict:
     row = encode_template(tok, cfg.template or cfg.prompt, length=length)
     tokens = np.tile(row[None], (cfg.num, 1))
     start = time.perf_counter()
-    result = sampling.sample(
+    objective = objectives.objective_of(loaded.config)  # "ar": left to right
+    result = objectives.OBJECTIVES[objective].generate(
         loaded.denoise_fn,
         jax.random.key(cfg.seed),
         tokens,
@@ -124,8 +125,8 @@ def run(cfg: SampleConfig) -> dict:
         "checkpoint": loaded.path,
         "step": loaded.step,
         "data": loaded.data,
-        "method": cfg.method,
-        "steps": cfg.steps,
+        "method": "left to right" if objective == "ar" else cfg.method,
+        "steps": None if objective == "ar" else cfg.steps,
         "n_calls": int(result.n_calls),
         "seconds": seconds,
         "texts": texts,
@@ -147,9 +148,10 @@ def print_report(out: dict) -> None:
             )
         print(f"--- sample {i}{score}")
         print(text)
+    how = out["method"] if out["steps"] is None else f"{out['method']} with {out['steps']} steps"
     summary = (
         f"--- {len(out['texts'])} samples from {out['checkpoint']} (step {out['step']}), "
-        f"{out['method']} with {out['steps']} steps: {out['n_calls']} network calls, "
+        f"{how}: {out['n_calls']} network calls, "
         f"{out['seconds']:.2f} s including compilation"
     )
     if out["mean_score"] is not None:

@@ -68,7 +68,8 @@ class TrainConfig:
     (each sequence starts at a document, the stream packed after it) or pad (one each)."""
     # --- optimisation
     objective: str = "mdlm"
-    """Training objective (jif.objectives.OBJECTIVES): mdlm, the masked diffusion NELBO."""
+    """Training objective (jif.objectives.OBJECTIVES): mdlm, the masked diffusion NELBO, or ar,
+    the autoregressive reference (the same DiT with a causal mask, next-token loss)."""
     steps: int = 6000
     """Training steps."""
     optim: tyro.conf.OmitArgPrefixes[optim.OptimConfig] = optim.OptimConfig()
@@ -107,9 +108,6 @@ class TrainConfig:
     """Also log to Weights & Biases (needs wandb)."""
     progress: bool = True
     """Show a tqdm progress bar."""
-
-
-MAX_SKIPPED = 10  # --on-nonfinite skip: this many non-finite steps in a row stop the run
 
 
 def configure(**flags) -> TrainConfig:
@@ -217,7 +215,12 @@ def build(cfg: TrainConfig) -> dict:
             cfg.data, tokenizer, split="train", batch_size=cfg.batch_size, **data_args
         ),
         evaluator=jif_eval.Evaluator(
-            cfg.eval, tokenizer, data=cfg.data, batch_size=cfg.batch_size, **data_args
+            cfg.eval,
+            tokenizer,
+            data=cfg.data,
+            batch_size=cfg.batch_size,
+            objective=cfg.objective,
+            **data_args,
         ),
         resolved={
             **dataclasses.asdict(cfg),
@@ -227,17 +230,30 @@ def build(cfg: TrainConfig) -> dict:
     )
 
 
-def diverged_message(e: loop.Diverged, cfg: TrainConfig) -> str:
-    """What happened, the last good checkpoint, and a command that continues from it."""
-    good = ckpt.list_checkpoints(ckpt.checkpoints_dir(cfg.out)) if cfg.out else []
-    lower = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr / 3))
-    if good:
-        again = runs.command_line(lower, resume=True)
-        where = f"The last good checkpoint is step {good[0].step} ({good[0].path}); continue it with a lower learning rate:\n  {again}"
-    else:
-        again = runs.command_line(lower, resume=False)
-        where = f"No checkpoint was written; start again with a lower learning rate:\n  {again}"
-    return f"{e}: the run diverged (--lr {cfg.optim.lr:g}). Nothing non-finite was kept. {where}"
+def compile_step(cfg: TrainConfig, p: dict, shardings: dict, batch_sharding):
+    """The jitted train step (state donated) with the state's and the batch's shardings."""
+    step_fn = loop.make_train_step(
+        p["unbound"],
+        p["tx"],
+        seed=cfg.seed,
+        ema=cfg.ema,
+        mask_id=p["tokenizer"].mask_id,
+        objective=cfg.objective,
+    )
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_sharding or shardings["step"]),  # one device: the same
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+
+
+def show_model(cfg: TrainConfig, p: dict, say) -> None:
+    """--show-model: the model as text, and as model.html in the run folder."""
+    model = model_lib.build_model(p["model_config"], jax.random.key(cfg.seed))
+    say(treescope.render_to_text(model))
+    if cfg.out and jax.process_index() == 0:
+        model_lib.show_model(model, os.path.join(cfg.out, "model.html"))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -270,24 +286,8 @@ def _run(cfg: TrainConfig, interrupts: loop.Interrupts, progress: bool) -> dict:
     state, shardings, batch_sharding = sharding.place_state(state, cfg.mesh, say)
     manager, state, start_step, changed = runs.open_run(cfg, p, state, shardings, say)
     if cfg.show_model:
-        model = model_lib.build_model(p["model_config"], jax.random.key(cfg.seed))
-        say(treescope.render_to_text(model))
-        if cfg.out and is_main:
-            model_lib.show_model(model, os.path.join(cfg.out, "model.html"))
-    step_fn = loop.make_train_step(
-        p["unbound"],
-        p["tx"],
-        seed=cfg.seed,
-        ema=cfg.ema,
-        mask_id=p["tokenizer"].mask_id,
-        objective=cfg.objective,
-    )
-    train_step = jax.jit(
-        step_fn,
-        in_shardings=(shardings, batch_sharding or shardings["step"]),  # one device: the same
-        out_shardings=(shardings, None),
-        donate_argnums=0,
-    )
+        show_model(cfg, p, say)
+    train_step = compile_step(cfg, p, shardings, batch_sharding)
     logger = runs.Logger(
         cfg.out if is_main else None,
         start=start_step,
@@ -303,7 +303,7 @@ def _run(cfg: TrainConfig, interrupts: loop.Interrupts, progress: bool) -> dict:
         logger.log({"step": start_step, "event": "resumed", "changed": changed})
 
     # --- the loop
-    losses, smoothed, diverged, last_eval, skipped = [], None, False, {}, 0
+    losses, smoothed, diverged, last_eval = [], None, False, {}
     bar = None
     if progress and cfg.progress and is_main:
         bar = tqdm(total=cfg.steps, initial=start_step, dynamic_ncols=True)
@@ -317,12 +317,10 @@ def _run(cfg: TrainConfig, interrupts: loop.Interrupts, progress: bool) -> dict:
             state, done, smoothed, at_end = s.state, s.done, s.smoothed, s.done == cfg.steps
             losses.append(s.loss)
             meter.step()
-            skipped = 0 if math.isfinite(s.loss) else skipped + 1
-            if skipped:  # --on-nonfinite skip: the update was dropped
-                grad_norm = float(s.metrics["grad_norm"])
-                logger.log({"step": done, "event": "skipped", "grad_norm": grad_norm})
-                if skipped >= MAX_SKIPPED:
-                    raise loop.Diverged(done, float(s.metrics["loss"]), grad_norm)
+            if not math.isfinite(s.loss):  # --on-nonfinite skip: the update was dropped
+                logger.log(
+                    {"step": done, "event": "skipped", "grad_norm": float(s.metrics["grad_norm"])}
+                )
             # log
             if done % cfg.log_every == 0 or at_end:
                 tok_s, mfu = meter.read()
@@ -347,7 +345,7 @@ def _run(cfg: TrainConfig, interrupts: loop.Interrupts, progress: bool) -> dict:
             if interrupts.signal:  # SIGINT / SIGTERM: saved above, stop here
                 break
     except loop.Diverged as e:
-        diverged, msg = True, diverged_message(e, cfg)
+        diverged, msg = True, runs.diverged_message(e, cfg)
         logger.log({"step": e.step, "event": "diverged", "loss": str(e.loss), "message": msg})
         say(msg, file=sys.stderr)
     if bar is not None:
@@ -359,6 +357,8 @@ def _run(cfg: TrainConfig, interrupts: loop.Interrupts, progress: bool) -> dict:
         "val_nelbo": last_eval.get("val_nelbo"),
         "grammar_score": last_eval.get("grammar_score"),
         "grammatical": last_eval.get("grammatical"),
+        "story_level": last_eval.get("story_level"),
+        "val_floor": last_eval.get("val_floor"),
         "train_loss_smoothed": smoothed,
         "diverged": diverged,
         "interrupted": interrupts.signal,

@@ -60,7 +60,8 @@ def _nan_gradient(model, batch, key, *, mask_id):
 
 @pytest.fixture
 def nan_objective(monkeypatch):
-    monkeypatch.setitem(objectives.OBJECTIVES, "nan_grad", objectives.Objective(loss=_nan_gradient))
+    nan = dataclasses.replace(objectives.OBJECTIVES["mdlm"], loss=_nan_gradient)
+    monkeypatch.setitem(objectives.OBJECTIVES, "nan_grad", nan)
 
 
 def test_finite_loss_with_nan_gradient_stops_and_keeps_nothing_non_finite(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,8 @@ from jif import eval as jif_eval
 from jif import loop, optim, train
 from transfer import runs
 
-SweepConfig = "transfer.sweep.SweepConfig"  # type hints only: sweep imports this module
+if TYPE_CHECKING:  # annotations only: the sweep imports this module
+    from transfer.sweep import SweepConfig
 
 
 def _stack(trees: list):
