@@ -26,8 +26,9 @@ Sequences (int32 [batch_size, seq_len]) always start with eot_id, which serves a
   window does not begin with a bare separator). No token is padding, so every position
   trains the model and a batch costs the same whatever the document lengths; a model that
   sees separators learns where stories end, and long documents are never truncated. MDLM's
-  `wrap` option packs the same way, and the loss floor of the embedded grammar
-  (`jif.stories.entropy_nats_per_token`, one eot per story) is computed for this stream.
+  `wrap` option packs the same way. `jif.stories.entropy_nats_per_token` is the entropy
+  rate of this stream (one eot per story); the floor of its validation windows, which start
+  mid-story, is `jif.floor.floor`.
 - packing="align": as "pack", but every row starts at a document's first token (the rest
   of a document that the previous row cut is skipped): rows open a story, as unprompted
   samples then do, at the cost of the skipped tokens.
