@@ -178,3 +178,19 @@ def test_sampler_refuses_bad_input():
         ar.sample(fake, jax.random.key(0), np.full((1, 4), MASK), mask_id=MASK)
     with pytest.raises(ValueError, match="temperature"):
         ar.sample(fake, jax.random.key(0), rows(1, 4), mask_id=MASK, temperature=-1)
+
+
+def test_an_ar_run_trains_evaluates_and_samples_left_to_right(tmp_path):
+    """One run folder layout for both objectives: jif.train writes it, jif.sample reads it."""
+    from test_train import TINY
+
+    from jif import sample, train
+
+    out = str(tmp_path / "ar")
+    cfg = train.configure(**TINY, objective="ar", steps=2, eval_every=2, ckpt_every=2, out=out)
+    result = train.run(cfg)
+    assert np.isfinite(result["val_nelbo"]) and not result["diverged"]
+    got = sample.run(sample.SampleConfig(checkpoint=out, num=2, length=16, prompt="Once"))
+    assert got["method"] == "left to right" and got["steps"] is None
+    assert 0 < got["n_calls"] < 16  # one call per generated position
+    assert all(t.startswith("Once") for t in got["texts"])
