@@ -381,7 +381,8 @@ def build_demo(
     listed = app.choices()
     first = app.initial_choice(listed)
     methods = list(sampling.METHODS)
-    default_method = "ddpm_cache" if "ddpm_cache" in methods else methods[0]
+    # confidence writes the most whole stories on the default model (README, Samplers)
+    default_method = "confidence" if "confidence" in methods else methods[0]
 
     with gr.Blocks(title="jif: watch a masked diffusion model write") as demo:
         gr.Markdown(

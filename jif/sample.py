@@ -35,9 +35,10 @@ class SampleConfig:
 
     checkpoint: str
     """Run folder (its newest checkpoint) or one step folder."""
-    method: str = "ddpm_cache"
-    """Sampler: one of ddpm, ddpm_cache, confidence, margin, entropy, random."""
-    steps: int = 500
+    method: str = "confidence"
+    """Sampler: one of ddpm, ddpm_cache, confidence, margin, entropy, random (confidence
+    writes the most whole stories on the default model: README, Samplers)."""
+    steps: int = 128
     """Denoising steps (a multiple of the number of blocks)."""
     num: int = 4
     """Number of samples."""

@@ -449,7 +449,7 @@ def test_cli_end_to_end(tiny_run, capsys):
 
     sample_cli.main(["--checkpoint", tiny_run, "--steps", "8", "--num", "1", "--no-ema"])
     text = capsys.readouterr().out
-    assert "--- sample 0  grammar score" in text and "ddpm_cache with 8 steps" in text
+    assert "--- sample 0  grammar score" in text and "confidence with 8 steps" in text
 
 
 def test_cli_user_mistakes(tiny_run, tmp_path, capsys):
