@@ -92,30 +92,27 @@ def make_manager(run_dir: str, *, keep: int = 3) -> ocp.CheckpointManager:
 ITEMS = ("params", "ema", "opt_state")
 
 
-def checksums(tree) -> dict[str, str] | None:
-    """{leaf path: sha256 of dtype, shape and bytes} of a pytree of arrays; None when some
-    array is not fully addressable here (multi-host: each process holds only its shards)."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            return None
-        a = np.asarray(jax.device_get(leaf))
-        h = hashlib.sha256(f"{a.dtype}{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-        out[jax.tree_util.keystr(path)] = h.hexdigest()
-    return out
+def fingerprint(tree) -> tuple[dict[str, str] | None, list[str]]:
+    """(checksums, non-finite paths) of a pytree of arrays, from one host copy of each leaf.
 
-
-def non_finite_leaves(tree) -> list[str]:
-    """Paths of the floating-point leaves that hold a NaN or an infinity."""
+    checksums: {leaf path: sha256 of dtype, shape and bytes}, or None when some array is not
+    fully addressable here (multi-host: each process holds only its shards). Non-finite
+    paths: the floating-point leaves holding a NaN or an infinity (leaves held by other
+    processes are checked by the train step, metrics["finite"], on every process)."""
+    sums: dict[str, str] | None = {}
     bad = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            continue  # checked by the train step (metrics["finite"]) on every process
-        a = np.asarray(jax.device_get(leaf))
+            sums = None
+            continue
+        a, key = np.asarray(jax.device_get(leaf)), jax.tree_util.keystr(path)
         if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
-            bad.append(jax.tree_util.keystr(path))
-    return bad
+            bad.append(key)
+        if sums is not None:
+            h = hashlib.sha256(f"{a.dtype}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+            sums[key] = h.hexdigest()
+    return sums, bad
 
 
 def verify(tree, expected: dict[str, str] | None, where: str) -> None:
@@ -123,7 +120,7 @@ def verify(tree, expected: dict[str, str] | None, where: str) -> None:
     (a checkpoint written without checksums is accepted as it is)."""
     if not expected:
         return
-    got = checksums(tree)
+    got, _ = fingerprint(tree)
     if got is None:
         return
     for path, digest in expected.items():
@@ -138,10 +135,11 @@ def save(manager: ocp.CheckpointManager, state: dict, meta: dict) -> None:
     """Writes state {"params", "ema", "opt_state", "step"} and JSON `meta` at state's step,
     with a checksum of every array; refuses a state that holds a non-finite value."""
     step = int(meta["step"])
-    bad = [f"{item}{p}" for item in ITEMS for p in non_finite_leaves(state[item])]
+    prints = {item: fingerprint(state[item]) for item in ITEMS}
+    bad = [f"{item}{p}" for item, (_, paths) in prints.items() for p in paths]
     if bad:
         raise FloatingPointError(f"refusing to save step {step}: non-finite values in {bad[:5]}")
-    sums = {item: checksums(state[item]) for item in ITEMS}
+    sums = {item: digests for item, (digests, _) in prints.items()}
     meta = {"format": FORMAT, **meta, "checksums": sums}
     manager.save(
         step,

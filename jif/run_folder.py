@@ -120,8 +120,9 @@ def open_run(cfg, p: dict, state: dict, shardings: dict, say=print) -> tuple:
     if not cfg.out:
         return None, state, 0, {}
     own = ckpt.list_checkpoints(ckpt.checkpoints_dir(cfg.out))
-    if not own and ckpt.list_checkpoints(cfg.out):
-        runs = sorted({os.path.basename(i.run_dir) for i in ckpt.list_checkpoints(cfg.out)})
+    inside = [] if own else ckpt.list_checkpoints(cfg.out)  # a folder of runs?
+    if inside:
+        runs = sorted({os.path.basename(i.run_dir) for i in inside})
         raise ValueError(
             f"{cfg.out} is a folder of runs ({', '.join(runs[:5])}), not a run: pass one of "
             f"them as --out (e.g. --out {os.path.join(cfg.out, runs[0])})."
