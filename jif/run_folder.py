@@ -366,3 +366,47 @@ def command_line(cfg, *, resume: bool) -> str:
     if cfg.out:
         parts.append(f"--out {cfg.out}")
     return " ".join(parts + (["--resume"] if resume else []))
+
+
+# ----------------------------------------------------------------------------- terminal
+
+
+def config_summary(cfg, model_config) -> str:
+    """Two lines on what this run trains (the whole config is in <run>/config.json)."""
+    m, o = model_config, cfg.optim
+    where = f"{cfg.out}/config.json" if cfg.out else "not saved: no --out"
+    return (
+        f"{cfg.objective} on {cfg.data}: {cfg.preset} preset ({m.arch} DiT, d_model {m.d_model}, "
+        f"{m.n_layers} layers, {m.n_heads} heads), {o.optimizer} at lr {o.lr:g} ({o.schedule}), "
+        f"{cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, seed {cfg.seed}\n"
+        f"full config: {where}"
+    )
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes} min {s} s" if minutes else f"{s} s"
+
+
+def closing_lines(result: dict, cfg) -> str:
+    """What the run reached, where its checkpoint is and what to run next."""
+    lines = [f"done: {result['steps']} steps in {_duration(result['seconds'])}"]
+    value, floor_ = result.get("val_nelbo"), result.get("val_floor")
+    if value is not None:
+        line = f"validation NELBO {value:.3f} nats/token"
+        if floor_:
+            line += f" (floor of these windows {floor_:.3f}: +{value / floor_ - 1:.0%})"
+        if result.get("story_level") is not None:
+            e = cfg.eval
+            line += (
+                f"; whole stories in {e.n_samples} samples ({e.sample_method}, "
+                f"{e.sample_steps} steps): {result['story_level']:.2f}"
+            )
+        lines.append(line)
+    if result.get("run_dir") and cfg.ckpt_every:
+        lines += [
+            f"checkpoint: {result['run_dir']}/checkpoints/{result['steps']}",
+            f"next: python -m jif.sample --checkpoint {result['run_dir']}",
+            f"      python app.py --checkpoint {result['run_dir']}",
+        ]
+    return "\n".join(lines)

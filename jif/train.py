@@ -14,10 +14,10 @@ checkpointed, so a run killed at any point and resumed reaches bitwise the same 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
+import time
 
 import jax
 import treescope
@@ -248,6 +248,12 @@ def compile_step(cfg: TrainConfig, p: dict, shardings: dict, batch_sharding):
     )
 
 
+def phase(bar, name: str) -> None:
+    """Names what the run is doing between steps (evaluating, saving) on the progress bar."""
+    if bar is not None and bar.desc != name:
+        bar.set_description_str(name, refresh=True)
+
+
 def show_model(cfg: TrainConfig, p: dict, say) -> None:
     """--show-model: the model as text, and as model.html in the run folder."""
     model = model_lib.build_model(p["model_config"], jax.random.key(cfg.seed))
@@ -277,8 +283,9 @@ def _run(cfg: TrainConfig, interrupts: loop.Interrupts, progress: bool) -> dict:
     say = print if is_main else (lambda *a, **k: None)
 
     # --- setup: the parts, the state (fresh or resumed), the compiled step
+    started = time.perf_counter()
     p = build(cfg)
-    say(json.dumps(p["resolved"], indent=2))
+    say(runs.config_summary(cfg, p["model_config"]))
     n_params = sum(int(v.data_array.size) for v in p["params"].values())
     kind = jax.devices()[0].device_kind
     say(f"model: {n_params:,} parameters; devices: {jax.device_count()} x {kind}")
@@ -307,6 +314,9 @@ def _run(cfg: TrainConfig, interrupts: loop.Interrupts, progress: bool) -> dict:
     bar = None
     if progress and cfg.progress and is_main:
         bar = tqdm(total=cfg.steps, initial=start_step, dynamic_ncols=True)
+        say = bar.write  # lines above the bar, not through it
+    if start_step < cfg.steps:
+        say("compiling the train step (the first step waits for it)")
     put = (lambda b: sharding.put_batch(b, batch_sharding)) if batch_sharding else None
     try:
         steps = loop.steps(
@@ -334,14 +344,17 @@ def _run(cfg: TrainConfig, interrupts: loop.Interrupts, progress: bool) -> dict:
                 bar.update(1)
             # evaluate
             if cfg.eval.eval_every and (done % cfg.eval.eval_every == 0 or at_end):
+                phase(bar, "evaluating")
                 last_eval = evaluate(cfg, p, state, done, say)
                 logger.log(last_eval)
                 meter.pause()
             # checkpoint
             due = cfg.ckpt_every and (done % cfg.ckpt_every == 0 or at_end)
             if manager is not None and (due or interrupts.signal):
+                phase(bar, "saving")
                 runs.save(manager, state, cfg, p, done, last_eval)
                 meter.pause()
+            phase(bar, "")
             if interrupts.signal:  # SIGINT / SIGTERM: saved above, stop here
                 break
     except loop.Diverged as e:
@@ -366,6 +379,7 @@ def _run(cfg: TrainConfig, interrupts: loop.Interrupts, progress: bool) -> dict:
         "run_dir": cfg.out,
         "losses": losses,
         "n_params": n_params,
+        "seconds": time.perf_counter() - started,
         "final_params": None if diverged else state["params"],
     }
 
@@ -382,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
     if result["diverged"]:
         raise SystemExit(1)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "final_params")}))
+    print(runs.closing_lines(result, cfg))
     if result["interrupted"]:
         saved = (
             f"saved step {result['steps']} in {result['run_dir']}; " if result["run_dir"] else ""

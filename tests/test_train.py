@@ -44,10 +44,17 @@ def test_cli_two_steps_writes_a_loadable_run(tmp_path, capsys):
     assert all(np.isfinite(result["losses"])) and len(result["losses"]) == 2
     assert result["val_nelbo"] is not None and np.isfinite(result["val_nelbo"])
 
-    # The resolved config is printed as JSON and stored in the run folder.
+    # The resolved config is stored in the run folder; the terminal gets a summary of it
+    # and, at the end, what was reached and what to run next.
     config = json.loads((out / "config.json").read_text())
     assert config["steps"] == 2 and config["model_config"]["d_model"] > 0
-    assert '"preset": "tiny"' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"tiny preset ({config['model_config']['arch']} DiT" in printed
+    assert f"full config: {out}/config.json" in printed
+    assert f"validation NELBO {result['val_nelbo']:.3f} nats/token" in printed
+    assert (
+        f"checkpoint: {out}/checkpoints/2\nnext: python -m jif.sample --checkpoint {out}" in printed
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2]
