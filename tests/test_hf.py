@@ -6,7 +6,9 @@ import itertools
 import os
 import shutil
 import time
+import types
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
@@ -15,7 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import app
-from jif import data, hf, sample, stories, train
+from jif import data, genppl, hf, sample, stories, train
 from jif import eval as jif_eval
 from jif import tokenizer as tok_lib
 from jif.checkpoint import load_for_inference
@@ -176,3 +178,64 @@ def test_train_sample_eval_and_app_with_a_folder_tokenizer_offline(tmp_path, mon
     )
     prompt, rest = samples.texts[0].split("Once upon a time,", 1)
     assert prompt == "</s>" and " said." in rest and "[MASK]" not in rest
+
+
+# ----------------------------------------------------------------------------- the judge
+
+
+def test_hf_judge_without_torch_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setattr(genppl, "torch_installed", lambda: False)  # as in a plain install
+    with pytest.raises(SystemExit) as e:  # before the checkpoint is even looked at
+        jif_eval.main(["--checkpoint", "nowhere", "--judge", "gpt2-large"])
+    assert e.value.code == 2
+    assert (
+        "error: --judge gpt2-large: a Hugging Face causal LM needs PyTorch, which is not "
+        'installed: pip install -e ".[judge]"' in capsys.readouterr().err
+    )
+
+
+def test_hf_judge_matches_the_models_own_loss(tmp_path):
+    """A tiny random GPT-2 in a local folder judges samples whose tokens are known (a fake
+    denoiser that is certain of them); the NLL equals the one from the model's own loss
+    (labels=...) on the same texts, retokenised through text and joined by the judge's eos."""
+    torch = pytest.importorskip("torch")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = str(tmp_path / "judge")
+    save_story_bpe(folder)
+    judge_tok = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(judge_tok), n_positions=48, n_embd=32, n_layer=2, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+
+    tok = tok_lib.load_tokenizer(2048)
+    first, second = "Tom had a big red ball.", story_texts(1)[0]
+    length = 40  # the samples' length; the judge's context is 48
+    target = ([tok.eot_id] + tok.encode(first) + [tok.eot_id] + tok.encode(second))[:length]
+    assert tok.eot_id in target[1:], "the premise: a story ends inside the sample"
+    v = tok.vocab_size
+
+    def denoise(tokens):
+        logits = jnp.full((length, v), -1e4).at[jnp.arange(length), jnp.asarray(target)].set(0.0)
+        return jnp.broadcast_to(logits, (tokens.shape[0], length, v))
+
+    loaded = types.SimpleNamespace(
+        tokenizer=tok, denoise_fn=denoise, config={"seq_len": length, "objective": "mdlm"}
+    )
+    g = genppl.generative_perplexity(loaded, folder, n_samples=3, batch_size=2, steps=8)
+
+    cut = target.index(tok.eot_id, 1)
+    texts = [tok.decode(target[1:cut]), tok.decode(target[cut + 1 :])]
+    eos = judge_tok.eos_token_id
+    ids = [eos] + judge_tok(texts[0])["input_ids"] + [eos] + judge_tok(texts[1])["input_ids"]
+    ids = ids[:48]
+    model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        mean = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    assert g["nll"] == pytest.approx(mean, rel=1e-5) and g["gen_ppl"] == pytest.approx(
+        np.exp(mean), rel=1e-5
+    )
+    assert g["nll_ci95_halfwidth"] == pytest.approx(0.0, abs=1e-6)  # three identical samples
+    assert g["judge"] == folder and g["judge_step"] is None
+    assert "through text" in g["tokenization"]
+    assert g["texts"][0] == tok.decode(target[1:])
