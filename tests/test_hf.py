@@ -194,7 +194,7 @@ def test_hf_judge_without_torch_says_what_to_install(monkeypatch, capsys):
     )
 
 
-def test_hf_judge_matches_the_models_own_loss(tmp_path):
+def test_hf_judge_matches_the_models_own_loss(tmp_path, capsys):
     """A tiny random GPT-2 in a local folder judges samples whose tokens are known (a fake
     denoiser that is certain of them); the NLL equals the one from the model's own loss
     (labels=...) on the same texts, retokenised through text and joined by the judge's eos."""
@@ -205,7 +205,9 @@ def test_hf_judge_matches_the_models_own_loss(tmp_path):
     save_story_bpe(folder)
     judge_tok = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
+    eos = judge_tok.eos_token_id
     config = GPT2Config(vocab_size=len(judge_tok), n_positions=48, n_embd=32, n_layer=2, n_head=2)
+    config.bos_token_id = config.eos_token_id = eos
     GPT2LMHeadModel(config).save_pretrained(folder)
 
     tok = tok_lib.load_tokenizer(2048)
@@ -222,11 +224,12 @@ def test_hf_judge_matches_the_models_own_loss(tmp_path):
     loaded = types.SimpleNamespace(
         tokenizer=tok, denoise_fn=denoise, config={"seq_len": length, "objective": "mdlm"}
     )
-    g = genppl.generative_perplexity(loaded, folder, n_samples=3, batch_size=2, steps=8)
+    g = genppl.generative_perplexity(
+        loaded, folder, n_samples=3, batch_size=2, steps=8, method="confidence"
+    )
 
     cut = target.index(tok.eot_id, 1)
     texts = [tok.decode(target[1:cut]), tok.decode(target[cut + 1 :])]
-    eos = judge_tok.eos_token_id
     ids = [eos] + judge_tok(texts[0])["input_ids"] + [eos] + judge_tok(texts[1])["input_ids"]
     ids = ids[:48]
     model = GPT2LMHeadModel.from_pretrained(folder).eval()
@@ -237,5 +240,8 @@ def test_hf_judge_matches_the_models_own_loss(tmp_path):
     )
     assert g["nll_ci95_halfwidth"] == pytest.approx(0.0, abs=1e-6)  # three identical samples
     assert g["judge"] == folder and g["judge_step"] is None
-    assert "through text" in g["tokenization"]
     assert g["texts"][0] == tok.decode(target[1:])
+    jif_eval.print_report(dict(checkpoint="x", step=2, objective="mdlm", seconds=1, generative=g))
+    printed = capsys.readouterr().out
+    assert f"judged by {folder} (retokenised through text, as MDLM does" in printed
+    assert f"gen PPL {np.exp(mean):.2f}" in printed
