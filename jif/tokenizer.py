@@ -53,6 +53,7 @@ from jif import hub
 EOT_TOKEN = "<|endoftext|>"
 MASK_TOKEN = "<|mask|>"
 MASK_TEXT = "[MASK]"  # how decode() renders mask ids
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback piece
 GPT2_N_BPE = 50256  # GPT-2's byte-level BPE ids (its own <|endoftext|> is id 50256)
 HUB_REPO = "gpt2"
 HUB_FILES = ("vocab.json", "merges.txt")
@@ -133,6 +134,27 @@ class Tokenizer:
                 "(a new --out) with this tokenizer, or use the model's own tokenizer (its run "
                 "folder's tokenizer/)"
             )
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for, int64 [vocab_size]. Byte-level BPE (GPT-2's
+        decoder): each vocabulary symbol is one byte, exactly, so a text's ids add up to its
+        UTF-8 length. Other vocabularies, from the piece's text: "<0xNN>" (byte fallback) is
+        one byte, "▁" (SentencePiece's space) a space, a leading "##" (WordPiece's
+        continuation) nothing; approximate where a tokenizer adds text (e.g. the space that
+        SentencePiece puts before a document). Special tokens stand for no text: 0."""
+        d = json.loads(self.definition)
+        byte_level = (d.get("decoder") or {}).get("type") == "ByteLevel"
+        out = np.zeros(self.vocab_size, np.int64)
+        for piece, i in self._tok.get_vocab(with_added_tokens=False).items():
+            if byte_level:
+                out[i] = len(piece)
+            elif _BYTE_PIECE.fullmatch(piece):
+                out[i] = 1
+            else:
+                out[i] = len(piece.removeprefix("##").replace("▁", " ").encode())
+        for added in d.get("added_tokens", []):
+            out[added["id"]] = 0 if added.get("special") else len(added["content"].encode())
+        return out
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids. The special tokens' texts (e.g. "<|endoftext|>", "<|mask|>") become

@@ -101,6 +101,26 @@ def test_a_folder_tokenizer_gets_mask_and_end_of_text(tmp_path):
     assert bare != tok_lib.Tokenizer.from_json(tok.to_json())
 
 
+def test_token_bytes_add_up_to_the_utf8_length(tmp_path):
+    default = tok_lib.load_tokenizer(2048)
+    save_story_bpe(tmp_path / "bpe")
+    bpe = hf.load_tokenizer(str(tmp_path / "bpe"))
+    for tok in (default, bpe):  # byte-level BPE: exact
+        n = tok.token_bytes()
+        assert n[tok.eot_id] == n[tok.mask_id] == 0
+        for text in story_texts(3) + TEXTS[:1] + ["Ünïcödé 🙂 and\ttabs"]:
+            assert n[tok.encode(text)].sum() == len(text.encode()), text
+    unigram = tokenizers.Tokenizer(models.Unigram())  # another model: approximate, no error
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=200, show_progress=False, unk_token="<unk>")
+    unigram.train_from_iterator(story_texts(200), trainer)
+    PreTrainedTokenizerFast(tokenizer_object=unigram).save_pretrained(str(tmp_path / "uni"))
+    tok = hf.load_tokenizer(str(tmp_path / "uni"))
+    text = story_texts(1)[0]
+    assert tok.token_bytes()[tok.encode(text)].sum() == len(text.encode()) + 1  # its "▁" first
+
+
 def test_bad_tokenizer_names_say_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))  # nothing cached there
