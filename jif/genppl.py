@@ -177,15 +177,17 @@ def torch_installed() -> bool:
 def open_hf_judge(name: str) -> Judge:
     """A Hugging Face causal LM (hub id or local folder) as a Judge, float32, on a GPU where
     torch sees one; ValueError naming the install or the offline alternative."""
+    local = os.path.isdir(name)
     if not torch_installed():
+        what = "" if local else " (no such folder: read as a hub id)"
         raise ValueError(
-            f"--judge {name}: a Hugging Face causal LM needs PyTorch, which is not installed: "
-            'pip install -e ".[judge]" (or judge with a jif run trained with --objective ar)'
+            f"--judge {name}{what}: a Hugging Face causal LM needs PyTorch, which is not "
+            'installed: pip install -e ".[judge]" (or judge with a jif run trained with '
+            "--objective ar)"
         )
     import torch  # the optional `judge` extra
     import transformers
 
-    local = os.path.isdir(name)
     why_not = None if local else hub.unavailable()
     try:
         args = dict(local_files_only=local or why_not is not None)
@@ -200,9 +202,10 @@ def open_hf_judge(name: str) -> Judge:
             ) from e
         why = f"it is not cached and the hub cannot be used ({why_not})" if why_not else str(e)
         raise ValueError(
-            f"--judge {name!r}: as a hub id {why}. Offline, use a local folder: where the hub "
-            f"is reachable, save AutoModelForCausalLM.from_pretrained({name!r}) and its "
-            "AutoTokenizer with save_pretrained('path/to/folder'), then pass --judge path/to/folder"
+            f"--judge {name!r}: no such folder, and as a hub id {why}. Offline, use a local "
+            f"folder: where the hub is reachable, save AutoModelForCausalLM.from_pretrained("
+            f"{name!r}) and its AutoTokenizer with save_pretrained('path/to/folder'), then "
+            "pass --judge path/to/folder"
         ) from e
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.float().to(device).eval()
