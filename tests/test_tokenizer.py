@@ -193,6 +193,21 @@ def test_json_and_pickle_rebuild_exactly(tok):
         Tokenizer.from_json('{"format": "other"}')
 
 
+def test_old_checkpoints_tokenizer_json_still_reads(tok):
+    """Checkpoints written before other tokenizers existed stored "jif.tokenizer/1", whose ids
+    follow from n_bpe alone."""
+    new = json.loads(tok.to_json())
+    old = {k: new[k] for k in ("n_bpe", "eot_id", "mask_id", "vocab_size", "source", "tokenizer")}
+    again = Tokenizer.from_json(json.dumps({"format": "jif.tokenizer/1", **old}))
+    assert again == tok and again.n_bpe == 2048 and again.name == "gpt2"
+    assert again.encode(TEXTS[0]) == tok.encode(TEXTS[0])
+    assert new["format"] == "jif.tokenizer/2" and new["eot_id"] == 2048
+    with pytest.raises(ValueError, match="does not match n_bpe=2047"):
+        Tokenizer(definition=tok.definition, eot_id=2047, mask_id=2048, n_bpe=2047)
+    with pytest.raises(ValueError, match="mask_id=5 is not the id"):
+        Tokenizer(definition=tok.definition, eot_id=2048, mask_id=5)
+
+
 def test_bad_arguments(tok):
     with pytest.raises(ValueError, match="n_bpe=100"):
         load_tokenizer(100)
