@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +25,9 @@ from jif.tokenizer import MASK_TOKEN
 
 @functools.lru_cache(maxsize=4)
 def token_bytes(tokenizer) -> np.ndarray:
-    """UTF-8 bytes each token id stands for, int64 [vocab_size]: a byte-level BPE token's
-    symbols are one byte each; end-of-text and mask stand for no text (0)."""
-    vocab = json.loads(tokenizer.definition)["model"]["vocab"]
-    out = np.zeros(tokenizer.vocab_size, np.int64)
-    for symbols, i in vocab.items():
-        out[i] = len(symbols)
-    return out
+    """UTF-8 bytes each token id stands for, int64 [vocab_size] (`Tokenizer.token_bytes`,
+    computed once per tokenizer)."""
+    return tokenizer.token_bytes()
 
 
 def check_text_file(path: str) -> str:
