@@ -120,7 +120,8 @@ def measure(cfg: MeasureConfig, say=print) -> list[dict]:
 
 
 def plot(rows: list[dict], figure: str, names: list[str]) -> None:
-    """Story-level measure and generative perplexity against steps, one column a method."""
+    """Story-level measure, generative perplexity and entropy against steps, one column a
+    method, one line a model."""
     import matplotlib  # optional extra: only for the figure
 
     matplotlib.use("Agg")
@@ -130,6 +131,7 @@ def plot(rows: list[dict], figure: str, names: list[str]) -> None:
     metrics = [("story_level", "story-level (higher is better)")]
     if any("gen_ppl" in r for r in rows):
         metrics.append(("gen_ppl", "generative perplexity (lower)"))
+    metrics.append(("entropy", "unigram entropy, nats"))
     fig, axes = plt.subplots(
         len(metrics), len(methods), figsize=(4 * len(methods), 3 * len(metrics)), squeeze=False
     )
@@ -143,13 +145,17 @@ def plot(rows: list[dict], figure: str, names: list[str]) -> None:
                 if pts:
                     ax.plot(*zip(*pts, strict=True), marker="o", label=name)
             ax.set_xscale("log", base=2)
+            if key == "gen_ppl":
+                ax.set_yscale("log")
+            ticks = sorted({r["steps"] for r in rows})
+            ax.set_xticks(ticks, [str(t) for t in ticks])
             ax.set_xlabel("sampling steps")
             ax.set_ylabel(label)
             ax.set_title(method)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(figure, dpi=80)
+    fig.savefig(figure, dpi=64)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
