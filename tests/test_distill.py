@@ -243,3 +243,27 @@ def test_cli_errors_exit_2_with_a_message(teacher, tmp_path, capsys):
     msg = error(*_flags(teacher, out, "--rounds", "1", "--resume", "--lr", "1", steps=2))
     assert "cannot resume" in msg and "lr" in msg
     assert not os.path.exists(out / "round-2")
+
+
+def test_measure_samples_once_and_plots(teacher, tmp_path):
+    from jif import distill_measure, floor
+
+    out, fig = tmp_path / "m", tmp_path / "q.png"
+    argv = ["--models", f"t={teacher}", "--samples", "3", "--steps", "2", "4"]
+    argv += ["--methods", "ddpm_cache", "--out", str(out), "--batch-size", "2"]
+    rows = distill_measure.main([*argv, "--figure", str(fig)])
+    assert [(r["model"], r["steps"]) for r in rows] == [("t", 2), ("t", 4)] and fig.stat().st_size
+    tokens = np.load(out / "t-ddpm_cache-4.npy")
+    assert (
+        tokens.shape == (3, 32)
+        and (tokens != ckpt.load_for_inference(teacher).tokenizer.mask_id).all()
+    )
+    tok = ckpt.load_for_inference(teacher).tokenizer
+    texts = [tok.decode(r[1:].tolist()) for r in tokens]
+    assert rows[1]["story_level"] == floor.check_stories(texts, window=True).story_level
+    stamp = os.path.getmtime(out / "t-ddpm_cache-4.npy")
+    again = distill_measure.main(argv)  # nothing missing: nothing drawn again
+    assert again == rows and os.path.getmtime(out / "t-ddpm_cache-4.npy") == stamp
+    with pytest.raises(SystemExit) as e:
+        distill_measure.main(["--models", teacher, "--out", str(out)])
+    assert e.value.code == 2
