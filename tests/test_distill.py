@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jif import checkpoint as ckpt
-from jif import diffusion, distill, sample, sdtt, train
+from jif import diffusion, distill, distill_measure, floor, sample, sdtt, train
 from jif import model as model_lib
 
 V, MASK, B, L = 48, 47, 4, 24
@@ -246,8 +246,6 @@ def test_cli_errors_exit_2_with_a_message(teacher, tmp_path, capsys):
 
 
 def test_measure_samples_once_and_plots(teacher, tmp_path):
-    from jif import distill_measure, floor
-
     out, fig = tmp_path / "m", tmp_path / "q.png"
     argv = ["--models", f"t={teacher}", "--samples", "3", "--steps", "2", "4"]
     argv += ["--methods", "ddpm_cache", "--out", str(out), "--batch-size", "2"]
