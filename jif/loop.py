@@ -74,17 +74,20 @@ def make_train_step(
     ema: float,
     mask_id: int,
     objective: str = "mdlm",
+    custom_loss: Callable | None = None,
 ) -> Callable[[dict, jax.Array], tuple[dict, dict]]:
     """train_step(state, batch int32 [B, L]) -> (state, metrics) for the named objective
     (jif.objectives). The step's key is fold_in(key(seed), step); with seed=None the state
     carries its own base key as state["key"] (so that runs of several seeds can be vmapped).
-    `ema` is the decay of the weight average that is evaluated.
+    `ema` is the decay of the weight average that is evaluated. `custom_loss`, with the
+    signature of an objective's loss, replaces the objective's (jif.distill: its batch is a
+    pytree holding the teacher's weights too).
 
     An update is kept only if the loss, the gradient norm and every updated parameter are
     finite; otherwise the step returns the previous params, EMA and optimizer state (the step
     counter still advances) and metrics["finite"] is False."""
     fixed_key = None if seed is None else jax.random.key(seed)
-    objective_loss = objectives.OBJECTIVES[objective].loss
+    objective_loss = custom_loss or objectives.OBJECTIVES[objective].loss
 
     def loss_fn(params, batch, key):
         return objective_loss(ckpt.bind_params(unbound, params), batch, key, mask_id=mask_id)
