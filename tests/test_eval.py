@@ -44,6 +44,7 @@ def runs(tmp_path_factory):
         cfg = train.configure(
             **TINY,
             steps=3,
+            optimizer="adamw",
             lr=lr,
             objective=objective,
             eval_every=3,

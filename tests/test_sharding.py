@@ -56,6 +56,7 @@ def test_sharded_losses_equal_single_device():
         batch_size=8,
         seq_len=32,
         steps=4,
+        optimizer="adamw",
         lr=1e-2,
         warmup=1,
         eval_every=4,

@@ -161,7 +161,19 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = [*FLAGS, "--steps", "8", "--lr", "1e36", "--warmup", "1", "--eval-every", "0"]
+    argv = [
+        *FLAGS,
+        "--optimizer",
+        "adamw",
+        "--steps",
+        "8",
+        "--lr",
+        "1e36",
+        "--warmup",
+        "1",
+        "--eval-every",
+        "0",
+    ]
     with pytest.raises(SystemExit) as e:
         train.main([*argv, "--ckpt-every", "1", "--out", str(out)])
     assert e.value.code == 1
@@ -236,7 +248,7 @@ def test_warmup_cosine_schedule_known_values():
 def test_adamw_matches_optax_on_named_params():
     """The registry's adamw on a dict of NamedArrays == optax.adamw on the plain arrays, with
     the embedding table's step times embed_lr_mult."""
-    cfg = optim.OptimConfig(lr=1e-2, warmup=0, clip=0.0, weight_decay=0.1)
+    cfg = optim.OptimConfig(optimizer="adamw", lr=1e-2, warmup=0, clip=0.0, weight_decay=0.1)
     params = checkpoint.init_model(model_lib.make_config("tiny"), 0)[1]
     tx, schedule = optim.make_optimizer(cfg, 10, None, params)
     grads = jax.tree_util.tree_map(lambda x: 0.01 * x + 0.001, params)
