@@ -51,6 +51,7 @@ import numpy as np
 from jif import draw
 from jif.draw import score_confidence, score_entropy, score_margin, score_random
 from jif.plans import PLANNERS, T_MIN, Outcome, Plan, Planner, ancestral_grid  # noqa: F401
+from jif.remask import ETA, loop_cap, loop_conf
 from jif.threshold import THRESHOLD
 from jif.threshold import loop as threshold_loop
 
@@ -119,6 +120,8 @@ METHODS: dict[str, Method] = {
     "entropy": Method("expected", score_entropy, score_uses_logits=True),
     "random": Method("expected", score_random),
     "threshold": Method("expected", score_confidence, True, True, loop=threshold_loop),
+    "remdm_cap": Method("ancestral", every_step=True, cached=True, loop=loop_cap),
+    "remdm_conf": Method("ancestral", every_step=True, cached=True, loop=loop_conf),
 }
 
 
@@ -406,7 +409,7 @@ def sample(
     return_trajectory: bool = False,
     time_conditioned: bool = False,
     threshold: float = THRESHOLD,
-    eta: float = 0.02,
+    eta: float = ETA,
 ) -> SampleResult:
     """Generate every `mask_id` position of `tokens` (int32 [B, L]); other tokens stay fixed.
 
