@@ -50,6 +50,7 @@ import numpy as np
 
 from jif import draw
 from jif.draw import score_confidence, score_entropy, score_margin, score_random
+from jif.interference import loop as interference_loop
 from jif.plans import PLANNERS, T_MIN, Outcome, Plan, Planner, ancestral_grid  # noqa: F401
 from jif.remask import ETA, loop_cap, loop_conf
 from jif.threshold import THRESHOLD
@@ -122,6 +123,7 @@ METHODS: dict[str, Method] = {
     "threshold": Method("expected", score_confidence, True, True, loop=threshold_loop),
     "remdm_cap": Method("ancestral", every_step=True, cached=True, loop=loop_cap),
     "remdm_conf": Method("ancestral", every_step=True, cached=True, loop=loop_conf),
+    "interference": Method("expected", score_confidence, True, True, loop=interference_loop),
 }
 
 
