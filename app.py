@@ -27,7 +27,7 @@ import numpy as np
 import tyro
 
 from jif import checkpoint as ckpt
-from jif import hostmem, objectives, render, sampling, serve
+from jif import hostmem, interference, objectives, render, sampling, serve
 from jif.tokenizer import encode_template
 
 
@@ -222,8 +222,15 @@ class DiffusionApp:
             raise serve.user_error(f"Bad template: {e}") from None
         tokens = np.tile(row[None], (n_samples, 1))
         objective = objectives.objective_of(getattr(loaded, "config", None) or {})
+        denoise_fn = loaded.denoise_fn  # the same object every time: the compiled sampler is reused
+        if method == "interference" and objective != "ar":  # its probe, if trained
+            try:
+                denoise_fn, note = interference.denoise_fn_for(loaded)
+            except ValueError as e:
+                raise serve.user_error(str(e)) from None
+            print(f"[app] {note}", file=sys.stderr, flush=True)
         result = objectives.OBJECTIVES[objective].generate(  # "ar": left to right
-            loaded.denoise_fn,  # the same object every time: the compiled sampler is reused
+            denoise_fn,
             jax.random.key(seed),
             tokens,
             mask_id=tok.mask_id,

@@ -48,6 +48,23 @@ class Plan(NamedTuple):
     rand: jax.Array
 
 
+class Outcome(NamedTuple):
+    """What a sampler loop returns (`jif.sampling` makes the SampleResult and trajectory).
+
+    tokens int32 [B, L]; n_calls int32 [] network calls; reveal_step int32 [B, L] (the step
+    of each position's last draw, -1 for fixed tokens); prob float32 [B, L] of that draw;
+    n_steps: number of steps (static); remasked: int32 [B, n_steps] tokens masked again per
+    step, or None for samplers that never remask.
+    """
+
+    tokens: jax.Array
+    n_calls: jax.Array
+    reveal_step: jax.Array
+    prob: jax.Array
+    n_steps: int
+    remasked: jax.Array | None = None
+
+
 def ancestral_grid(steps: int) -> np.ndarray:
     """Times t_0 = 1 > t_1 > ... > t_steps = T_MIN of the ancestral steps, float64 [steps + 1]."""
     return 1.0 - np.arange(steps + 1) * (1.0 - T_MIN) / steps

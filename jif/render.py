@@ -172,7 +172,11 @@ def plot_statistics(samples: Samples) -> Figure:
     steps, revealed, conf = step_statistics(samples)
     fig = Figure(figsize=(6, 3.2))
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
-    ax1.bar(steps, revealed, width=1.0, color="#4c78a8")
+    ax1.bar(steps, revealed, width=1.0, color="#4c78a8", label="revealed (final tokens)")
+    remasked = samples.result.trajectory.remasked  # remasking samplers (jif.remask) only
+    if remasked is not None:
+        ax1.bar(steps, -np.asarray(remasked).sum(axis=0), width=1.0, color="#f58518")
+        ax1.legend(["revealed (final tokens)", "remasked (below 0)"], fontsize=7)
     ax1.set_ylabel("revealed")
     ok = ~np.isnan(conf)
     ax2.plot(steps[ok], conf[ok], ".-", color="#e45756", markersize=3)

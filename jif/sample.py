@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import tyro
 
-from jif import hostmem, objectives, sampling
+from jif import hostmem, interference, objectives, sampling, threshold
 from jif.checkpoint import load_for_inference
 from jif.stories import check_text
 from jif.tokenizer import encode_template
@@ -36,8 +36,9 @@ class SampleConfig:
     checkpoint: str
     """Run folder (its newest checkpoint) or one step folder."""
     method: str = "confidence"
-    """Sampler: one of ddpm, ddpm_cache, confidence, margin, entropy, random (confidence
-    writes the most whole stories on the default model: README, Samplers)."""
+    """Sampler: one of ddpm, ddpm_cache, confidence, margin, entropy, random, threshold,
+    remdm_cap, remdm_conf, interference (confidence writes the most whole stories on the
+    default model: README, Samplers; the others: docs/sampling.md)."""
     steps: int = 128
     """Denoising steps (a multiple of the number of blocks)."""
     num: int = 4
@@ -54,6 +55,12 @@ class SampleConfig:
     """Keep only the k most likely tokens; 0 keeps every token."""
     block_length: int | None = None
     """Generate blocks of this many tokens left to right (semi-autoregressive); default: one."""
+    threshold: float = 0.9
+    """threshold: also reveal every token whose probability is above this, in (0, 1]."""
+    eta: float = 0.02
+    """remdm_cap: the most a revealed token is remasked per step, in [0, 1]."""
+    probe: str | None = None
+    """interference: the probe folder (default <run>/probe, from python -m jif.probe)."""
     prompt: str = ""
     """Text to continue."""
     template: str = ""
@@ -68,6 +75,7 @@ FLAGS = {
     "batch": "--num",
     **{k: "--" + k.replace("_", "-") for k in ("method", "steps", "temperature", "top_p")},
     **{k: "--" + k.replace("_", "-") for k in ("top_k", "block_length", "length", "seed")},
+    **{k: "--" + k for k in ("threshold", "eta")},
 }  # how check_settings' messages name the options
 
 
@@ -82,6 +90,8 @@ def settings(cfg: SampleConfig, **known) -> dict:
         block_length=cfg.block_length if known.get("length") else None,
         batch=cfg.num,
         seed=cfg.seed,
+        threshold=cfg.threshold,
+        eta=cfg.eta,
         names=FLAGS,
         **known,
     )
@@ -101,8 +111,14 @@ def run(cfg: SampleConfig) -> dict:
     tokens = np.tile(row[None], (cfg.num, 1))
     start = time.perf_counter()
     objective = objectives.objective_of(loaded.config)  # "ar": left to right
+    denoise_fn, extra, note = loaded.denoise_fn, {}, None
+    if objective != "ar":
+        extra = {"threshold": cfg.threshold, "eta": cfg.eta}
+        if cfg.method == "interference":
+            denoise_fn, note = interference.denoise_fn_for(loaded, cfg.probe)
+            print(note, file=sys.stderr)
     result = objectives.OBJECTIVES[objective].generate(
-        loaded.denoise_fn,
+        denoise_fn,
         jax.random.key(cfg.seed),
         tokens,
         mask_id=tok.mask_id,
@@ -112,8 +128,12 @@ def run(cfg: SampleConfig) -> dict:
         top_p=cfg.top_p,
         top_k=cfg.top_k,
         block_length=cfg.block_length,
+        return_trajectory=True,
+        **extra,
     )
     out_tokens = np.asarray(result.tokens)
+    per_row = objective != "ar" and sampling.METHODS[cfg.method].planner == "expected"
+    calls = threshold.calls_per_row(result.trajectory.reveal_step) if per_row else None
     seconds = time.perf_counter() - start
     texts = [tok.decode(r[1:].tolist()) for r in out_tokens]  # without the leading BOS
     scores = grammatical = None
@@ -129,6 +149,8 @@ def run(cfg: SampleConfig) -> dict:
         "method": "left to right" if objective == "ar" else cfg.method,
         "steps": None if objective == "ar" else cfg.steps,
         "n_calls": int(result.n_calls),
+        "calls_per_sample": None if calls is None else np.asarray(calls).tolist(),
+        "probe": note,
         "seconds": seconds,
         "texts": texts,
         "tokens": out_tokens.tolist(),
@@ -152,7 +174,13 @@ def print_report(out: dict) -> None:
     how = out["method"] if out["steps"] is None else f"{out['method']} with {out['steps']} steps"
     summary = (
         f"--- {len(out['texts'])} samples from {out['checkpoint']} (step {out['step']}), "
-        f"{how}: {out['n_calls']} network calls, "
+        f"{how}: {out['n_calls']} network calls"
+        + (
+            ""
+            if out["calls_per_sample"] is None
+            else f" ({np.mean(out['calls_per_sample']):.1f} per sample)"
+        )
+        + ", "
         f"{out['seconds']:.2f} s including compilation"
     )
     if out["mean_score"] is not None:

@@ -15,8 +15,9 @@ A sampler is two parts, chosen through the `METHODS` registry:
   * a score (`jif.draw`) that says which masked tokens an "expected" step reveals: highest
     probability of the sampled token ("confidence"), largest top-2 margin, lowest entropy,
     or at random.
-
-Every setting is range-checked in one place, `check_settings`, which jif.sample, the app and
+Loops of their own: "threshold" (`jif.threshold`, Fast-dLLM), "remdm_cap"/"remdm_conf"
+(`jif.remask`, ReMDM), "interference" (`jif.interference`, the seed write-up's idea).
+Every setting is checked in one place, `check_settings`, which jif.sample, the app and
 jif.eval call as well; compiled samplers are kept in a bounded cache (`MAX_COMPILED`).
 
 Steps that reveal nothing change nothing, so they need no network call. "ddpm" calls the
@@ -28,9 +29,8 @@ The whole loop is one `jax.lax.while_loop` inside one jitted program.
 Token values come from Gumbel-max on the filtered, temperature-scaled logits. The mask logit
 is never sampled. For the methods whose choice of positions does not depend on the sampled
 value, each position gets one Gumbel draw for the whole run (it is revealed once, and its
-noise comes from a counter-based stream keyed by position, see `jif.draw`), which is
-what makes "ddpm" and "ddpm_cache" agree sample for sample; they also draw tokens only at
-the positions being revealed, so a cached call costs little more than the network itself.
+noise comes from a counter-based stream keyed by position, see `jif.draw`): "ddpm" and
+"ddpm_cache" agree sample for sample, drawing only at the positions being revealed.
 """
 
 from __future__ import annotations
@@ -50,7 +50,11 @@ import numpy as np
 
 from jif import draw
 from jif.draw import score_confidence, score_entropy, score_margin, score_random
-from jif.plans import PLANNERS, T_MIN, Plan, Planner, ancestral_grid  # noqa: F401 (re-exported)
+from jif.interference import loop as interference_loop
+from jif.plans import PLANNERS, T_MIN, Outcome, Plan, Planner, ancestral_grid  # noqa: F401
+from jif.remask import ETA, loop_cap, loop_conf
+from jif.threshold import THRESHOLD
+from jif.threshold import loop as threshold_loop
 
 DenoiseFn = Callable[..., jax.Array]
 
@@ -62,6 +66,9 @@ class Trajectory(NamedTuple):
     prob: float32 [B, L], probability of the chosen token under the distribution it was drawn
         from (after temperature, top-k, top-p); 1 for fixed tokens.
     counts: int32 [B, n_steps], number of tokens revealed at each step.
+    remasked: int32 [B, n_steps], tokens masked again at each step (remasking samplers,
+        `jif.remask`), else None. A remasked position's reveal_step and prob are those of
+        its last draw, the token it ends with.
 
     Frames count steps done: frame 0 is the input, frame n_steps the final tokens, and a
     token revealed at step s first shows in frame s + 1 (`first_frame`).
@@ -70,6 +77,7 @@ class Trajectory(NamedTuple):
     reveal_step: jax.Array
     prob: jax.Array
     counts: jax.Array
+    remasked: jax.Array | None = None
 
     @property
     def n_steps(self) -> int:
@@ -92,7 +100,9 @@ class Method(NamedTuple):
     at every call, with fresh noise (a position passed over must not keep the draw it was
     passed over for); otherwise the positions are chosen first and tokens drawn only there.
     every_step: call the network at every step, even one that reveals nothing. cached:
-    reuses logits across steps (refused for noise-conditioned denoisers)."""
+    reuses logits across steps (refused for noise-conditioned denoisers). loop: a sampler
+    loop of its own, called with `_sample`'s arguments, returning a `jif.plans.Outcome`
+    (jif.threshold, jif.remask, jif.interference); the fields above then only describe it."""
 
     planner: str
     score: Callable | None = None
@@ -100,17 +110,20 @@ class Method(NamedTuple):
     score_uses_sample: bool = False
     every_step: bool = False
     cached: bool = False
+    loop: Callable | None = None
 
 
 METHODS: dict[str, Method] = {
     "ddpm": Method("ancestral", every_step=True),
     "ddpm_cache": Method("ancestral", cached=True),
-    "confidence": Method(
-        "expected", score_confidence, score_uses_logits=True, score_uses_sample=True
-    ),
+    "confidence": Method("expected", score_confidence, True, True),  # uses logits, sample
     "margin": Method("expected", score_margin, score_uses_logits=True),
     "entropy": Method("expected", score_entropy, score_uses_logits=True),
     "random": Method("expected", score_random),
+    "threshold": Method("expected", score_confidence, True, True, loop=threshold_loop),
+    "remdm_cap": Method("ancestral", every_step=True, cached=True, loop=loop_cap),
+    "remdm_conf": Method("ancestral", every_step=True, cached=True, loop=loop_conf),
+    "interference": Method("expected", score_confidence, True, True, loop=interference_loop),
 }
 
 
@@ -142,7 +155,9 @@ def _sample(
     block_length,
     return_trajectory,
     time_conditioned,
-):
+    threshold=None,
+    eta=None,
+) -> Outcome:
     spec = METHODS[method]
     planner = PLANNERS[spec.planner]
     batch, length = tokens.shape
@@ -230,22 +245,28 @@ def _sample(
         n_calls=jnp.zeros((), jnp.int32),
     )
     state = jax.lax.while_loop(lambda s: jnp.any(s.step < plan.n_steps), body, state)
-    trajectory = None
-    if return_trajectory:
-        where = jnp.where(state.reveal_step >= 0, state.reveal_step, plan.n_steps)
-        counts = jnp.zeros((batch, plan.n_steps), jnp.int32)
-        counts = counts.at[jnp.broadcast_to(rows, where.shape), where].add(1, mode="drop")
-        trajectory = Trajectory(state.reveal_step, state.prob, counts)
-    return SampleResult(state.tokens, state.n_calls, trajectory)
+    return Outcome(state.tokens, state.n_calls, state.reveal_step, state.prob, plan.n_steps)
+
+
+def _run(key, tokens, *, return_trajectory, **settings) -> SampleResult:
+    """The method's loop (its own, or `_sample`) and the trajectory from its outcome."""
+    loop = METHODS[settings["method"]].loop or _sample
+    out = loop(key, tokens, return_trajectory=return_trajectory, **settings)
+    if not return_trajectory:
+        return SampleResult(out.tokens, out.n_calls, None)
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    where = jnp.where(out.reveal_step >= 0, out.reveal_step, out.n_steps)
+    counts = jnp.zeros((tokens.shape[0], out.n_steps), jnp.int32)
+    counts = counts.at[jnp.broadcast_to(rows, where.shape), where].add(1, mode="drop")
+    trajectory = Trajectory(out.reveal_step, out.prob, counts, out.remasked)
+    return SampleResult(out.tokens, out.n_calls, trajectory)
 
 
 # ----------------------------------------------------------------------------- settings
 
 MAX_STEPS = 1 << 20  # a plan holds int32 [B, steps]; more steps than this is a typo
 MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits: larger seeds repeat smaller ones
-LOGIT_COPIES = (
-    4  # [B, L, V] float32 arrays alive at once in a step: logits, filtered, noise, one more
-)
+LOGIT_COPIES = 4  # [B, L, V] float32 arrays alive at once in a step: logits, filtered, noise, +1
 
 
 def _whole(name: str, value, lo: int, hi: int, note: str = "") -> int:
@@ -282,6 +303,8 @@ def check_settings(
     batch: int | None = None,
     vocab: int | None = None,
     seed: int | None = None,
+    threshold: float | None = None,
+    eta: float | None = None,
     names: dict[str, str] | None = None,
 ) -> dict:
     """Range-checks sampling settings; the one check behind `sample`, jif.sample, the app and
@@ -289,7 +312,8 @@ def check_settings(
     settings given, normalised (whole numbers as int, reals as float; None ones left out).
 
     temperature: finite, >= 0. top_p: in (0, 1]. top_k, steps, seed: whole numbers >= 0, >= 1,
-    in [0, MAX_SEED]. length: tokens per row, at most `context` (the model's) when given.
+    in [0, MAX_SEED]. threshold ("threshold"): in (0, 1]. eta (ReMDM's cap): in [0, 1].
+    length: tokens per row, at most `context` (the model's) when given.
     block_length: needs length; steps must be a multiple of the number of blocks. Sizes are
     checked before anything of that size exists: with batch, length and vocab, the
     [batch, length, vocab] logits of a network call must fit in this machine's memory.
@@ -328,6 +352,10 @@ def check_settings(
     out["top_k"] = _whole(name("top_k"), top_k, 0, 2**31 - 1, " (0 keeps every token)")
     if seed is not None:
         out["seed"] = _whole(name("seed"), seed, 0, MAX_SEED)
+    if threshold is not None:
+        out["threshold"] = _real(name("threshold"), threshold, "(0, 1]", lambda x: 0 < x <= 1)
+    if eta is not None:
+        out["eta"] = _real(name("eta"), eta, "[0, 1]", lambda x: 0 <= x <= 1, " (0: no remasking)")
     if batch and length and vocab:
         need = LOGIT_COPIES * 4 * batch * length * int(vocab)
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -343,10 +371,9 @@ def check_settings(
 # ----------------------------------------------------------------------------- compiled samplers
 
 MAX_COMPILED = 16
-"""Compiled samplers kept, least recently used dropped first. Each (denoiser, shape, method,
-steps, ...) compiles its own program, which one jax.jit with static arguments keeps for the
-life of the process (60 step counts of the tiny checkpoint's sampler: +543 MB); a dropped
-one is freed with its jitted function (the same 60 here: +45 MB)."""
+"""Compiled samplers kept, least recently used dropped first: each (denoiser, shape, method,
+steps, ...) compiles a program (60 step counts of the tiny checkpoint's: +543 MB if all are
+kept; +45 MB with the dropped ones freed with their jitted functions)."""
 _compiled: OrderedDict = OrderedDict()
 _compiled_lock = threading.Lock()
 
@@ -357,7 +384,7 @@ def _compiled_sampler(shape: tuple, **static) -> Callable:
     with _compiled_lock:
         fn = _compiled.pop(key, None)
         if fn is None:
-            fn = jax.jit(functools.partial(_sample, **static))
+            fn = jax.jit(functools.partial(_run, **static))
         _compiled[key] = fn
         while len(_compiled) > MAX_COMPILED:
             _compiled.popitem(last=False)
@@ -383,6 +410,8 @@ def sample(
     block_length: int | None = None,
     return_trajectory: bool = False,
     time_conditioned: bool = False,
+    threshold: float = THRESHOLD,
+    eta: float = ETA,
 ) -> SampleResult:
     """Generate every `mask_id` position of `tokens` (int32 [B, L]); other tokens stay fixed.
 
@@ -393,7 +422,8 @@ def sample(
         block). method: a key of METHODS. temperature: 0 is argmax. top_p: nucleus mass in
         (0, 1]. top_k: keep the k most likely tokens (0 keeps all). block_length: generate
         blocks of this many positions left to right (semi-autoregressive), None for one block.
-        Every setting is checked by `check_settings`.
+        threshold: confidence above which "threshold" reveals a token at once. eta: the
+        remasking cap of "remdm_cap". Every setting is checked by `check_settings`.
     Returns SampleResult(tokens [B, L], n_calls, trajectory or None). Compiled once per
     denoise_fn object, shape, method, steps, block_length, top_k, top_p < 1 and
     return_trajectory (the MAX_COMPILED most recent are kept); temperature and the top_p
@@ -412,12 +442,13 @@ def sample(
         block_length=length if block_length is None else block_length,
         length=length,
         batch=batch,
+        threshold=threshold,
+        eta=eta,
     )
     if time_conditioned and METHODS[method].cached:
         raise ValueError(
-            f"method={method!r} reuses logits across steps, which is only valid for a denoiser "
-            "that is not conditioned on the noise level (it may depend on the tokens only); "
-            "use method='ddpm' for a noise-conditioned denoiser."
+            f"method={method!r} reuses logits across steps, only valid for a denoiser not "
+            "conditioned on the noise level; use method='ddpm' for a noise-conditioned one."
         )
     run = _compiled_sampler(
         tokens.shape,
@@ -431,9 +462,8 @@ def sample(
         return_trajectory=bool(return_trajectory),
         time_conditioned=bool(time_conditioned),
     )
-    return run(
-        key, tokens, temperature=jnp.float32(s["temperature"]), top_p=jnp.float32(s["top_p"])
-    )
+    knobs = {k: jnp.float32(s[k]) for k in ("temperature", "top_p", "threshold", "eta")}
+    return run(key, tokens, **knobs)
 
 
 def first_frame(trajectory: Trajectory) -> np.ndarray:
