@@ -37,7 +37,7 @@ import jax
 import numpy as np
 import scipy.stats
 
-from jif import ar, hub, objectives
+from jif import ar, hub, interference, objectives
 from jif import checkpoint as ckpt
 
 NGRAM = 4  # repetition is measured on 4-grams of tokens
@@ -88,14 +88,15 @@ def draw_samples(loaded, key, *, n: int, batch_size: int, **options) -> np.ndarr
     top_p, top_k, block_length)."""
     tok, length = loaded.tokenizer, int(loaded.config.get("seq_len", 128))
     generate = objectives.OBJECTIVES[objectives.objective_of(loaded.config)].generate
+    fn = loaded.denoise_fn
+    if options.get("method") == "interference":  # its probe, where the run has one
+        fn = interference.denoise_fn_for(loaded)[0]
     out = []
     for i in range(0, n, batch_size):
         rows = np.full((min(batch_size, n - i), length), tok.mask_id, np.int32)
         rows[:, 0] = tok.eot_id
         k = jax.random.fold_in(key, i)
-        out.append(
-            np.asarray(generate(loaded.denoise_fn, k, rows, mask_id=tok.mask_id, **options).tokens)
-        )
+        out.append(np.asarray(generate(fn, k, rows, mask_id=tok.mask_id, **options).tokens))
     return np.concatenate(out)
 
 
