@@ -81,7 +81,9 @@ def test_finite_loss_with_nan_gradient_stops_and_keeps_nothing_non_finite(
     # --on-nonfinite skip: every update is dropped, the weights stay the initial ones.
     skip = train.run(dataclasses.replace(cfg, out=out + "-skip", on_nonfinite="skip"))
     assert not skip["diverged"] and skip["steps"] == 3 and np.isnan(skip["losses"]).all()
-    init = _params(checkpoint.init_model(train.resolve_model_config(cfg, 2050), 0)[1])
+    init = _params(
+        checkpoint.init_model(train.resolve_model_config(train.resolve(cfg), 2050), 0)[1]
+    )
     for k, v in _params(skip["final_params"]).items():
         np.testing.assert_array_equal(v, init[k], err_msg=k)
     saved = checkpoint.load_for_inference(out + "-skip", ema=False)
