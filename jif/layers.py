@@ -156,11 +156,38 @@ def causal_mask(dtype) -> pz.nn.ApplyCausalAttentionMask:
 # ----------------------------------------------------------------------------- attention
 
 
+def _head_major(q, k, v, *, scale: float, causal: bool) -> jax.Array:
+    """Attention on [..., heads, seq, head] arrays: scores and softmax in float32, masked
+    scores at float32's most negative value (their weight is exactly 0)."""
+    s = jnp.einsum("...th,...sh->...ts", q * jnp.asarray(scale, q.dtype), k)
+    s = s.astype(jnp.float32)
+    if causal:
+        t = q.shape[-2]
+        s = jnp.where(np.tri(t, dtype=bool), s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("...ts,...sh->...th", p, v)
+
+
 def _xla_attention(q, k, v, *, scale: float, causal: bool) -> jax.Array:
-    """jax.nn.dot_product_attention's XLA path: scores and softmax in float32."""
-    return jax.nn.dot_product_attention(
-        q, k, v, scale=scale, is_causal=causal, implementation="xla"
-    )
+    """Attention as XLA ops in the head-major layout [batch, heads, seq, head]. Not
+    jax.nn.dot_product_attention's XLA path: on XLA:CPU its [batch, seq, heads] einsums (and
+    its vmap over head groups) made attention's forward and backward 1.6x slower (32 x 128,
+    4 heads of 64; docs/bench.md)."""
+    bnth = lambda a: jnp.swapaxes(a, 1, 2)
+    return bnth(_head_major(bnth(q), bnth(k), bnth(v), scale=scale, causal=causal))
+
+
+def _chunked_attention(q, k, v, *, scale: float, causal: bool) -> jax.Array:
+    """`_xla_attention` one (batch, head) pair at a time (lax.map), its scores recomputed in
+    the backward pass (jax.checkpoint) instead of stored: on CPU each pair's score matrix
+    stays in cache, as in flash attention. At 4 x 1024 tokens (4 heads of 64) forward and
+    backward took 0.66x the CPU time of `_xla_attention`, at 32 x 128 the same (docs/bench.md).
+    Sequential: for CPUs, not accelerators."""
+    b, t, n, h = q.shape
+    pairs = lambda a: jnp.swapaxes(a, 1, 2).reshape(b * n, t, h)
+    core = jax.checkpoint(lambda x: _head_major(*x, scale=scale, causal=causal))
+    out = jax.lax.map(core, (pairs(q), pairs(k), pairs(v)))
+    return jnp.swapaxes(out.reshape(b, n, t, h), 1, 2)
 
 
 def _cudnn_attention(q, k, v, *, scale: float, causal: bool) -> jax.Array:
@@ -197,6 +224,7 @@ def _pallas_attention(q, k, v, *, scale: float, causal: bool) -> jax.Array:
 # name -> (kernel on [batch, seq, heads, head] arrays, the jax platforms it runs on)
 ATTENTION_KERNELS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "xla": (_xla_attention, ("cpu", "gpu", "tpu")),
+    "chunked": (_chunked_attention, ("cpu", "gpu", "tpu")),
     "cudnn": (_cudnn_attention, ("gpu",)),  # jax reports NVIDIA GPUs as platform "gpu"/"cuda"
     "pallas": (_pallas_attention, ("tpu",)),
 }
@@ -206,14 +234,14 @@ ATTENTION_NAMES = ("auto", *ATTENTION_KERNELS)
 def pick_attention(name: str, *, platform: str, dtype, seq_len: int) -> str:
     """The attention kernel to run: `name` itself when forced (ValueError when its platform
     is not this one), or for "auto" cuDNN on NVIDIA GPUs in (b)float16, the Pallas kernel on
-    TPU when seq_len fits its blocks, XLA otherwise."""
+    TPU when seq_len fits its blocks, the chunked XLA kernel on CPU, XLA otherwise."""
     platform = "gpu" if platform in ("cuda", "rocm", "gpu") else platform
     if name == "auto":
         if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
             return "cudnn"
         if platform == "tpu" and seq_len % PALLAS_BLOCK == 0:
             return "pallas"
-        return "xla"
+        return "chunked" if platform == "cpu" else "xla"
     if name not in ATTENTION_KERNELS:
         raise ValueError(f"attention={name!r} is not one of {list(ATTENTION_NAMES)}.")
     if platform not in ATTENTION_KERNELS[name][1]:

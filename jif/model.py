@@ -84,7 +84,7 @@ class ModelConfig:
     causal: bool = False  # attention sees only earlier positions (jif.ar's next-token model)
     arch: str = "standard"  # a key of ARCHS: "standard" or "modula" (well-normed)
     dtype: str = "float32"  # "float32" | "bfloat16": parameters and activations
-    attention: str = "auto"  # jif.layers.ATTENTION_NAMES: auto (cuDNN, Pallas or XLA), ...
+    attention: str = "auto"  # jif.layers.ATTENTION_NAMES; auto: the platform's (pick_attention)
     mup_base_width: int | None = None  # muP: logits * base/d_model, scores 1/d_head
     rope_wavelength: float = 10_000.0  # maximum wavelength of the rotary embedding
     norm_eps: float = 1e-6  # epsilon of the RMS normalisation

@@ -55,7 +55,8 @@ class TrainConfig:
     dtype: str = "auto"
     """Parameter and activation dtype: float32, bfloat16, or auto (bfloat16 on accelerators)."""
     attention: str = "auto"
-    """Attention kernel: auto (cuDNN on NVIDIA GPUs, Pallas on TPU, else XLA), xla, cudnn, pallas."""
+    """Attention kernel: auto (cuDNN on NVIDIA GPUs, Pallas on TPU, chunked on CPU, else xla),
+    xla, chunked, cudnn, pallas (jif.layers.ATTENTION_KERNELS)."""
     # --- data
     data: str = "stories"
     """Training text: stories (embedded grammar), tinystories (HF hub) or a file path."""

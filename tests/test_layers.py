@@ -1,5 +1,7 @@
 """jif.layers: each fast layer against the penzai layer it replaces (values and gradients)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,11 +164,14 @@ def _run(unbound, params, x):
 
 @pytest.mark.parametrize("arch", ["standard", "modula"])  # scores 1/sqrt(d_head) and 1/d_head
 @pytest.mark.parametrize("causal", [False, True])
-def test_dot_product_attention_equals_penzai_attention(causal, arch):
-    """The fused layer (XLA kernel on CPU) against pz.nn.Attention built from the same
-    layers: values, and gradients wrt the input and every parameter."""
+@pytest.mark.parametrize("kernel", ["xla", "chunked"])
+def test_dot_product_attention_equals_penzai_attention(kernel, causal, arch):
+    """The fused layer (each kernel that runs on CPU) against pz.nn.Attention built from the
+    same layers: values, and gradients wrt the input and every parameter."""
     unbound, params, x = _attention(causal, arch)
     assert isinstance(unbound, L.DotProductAttention) and unbound.causal is causal
+    assert unbound.implementation == "auto"
+    unbound = dataclasses.replace(unbound, implementation=kernel)
     assert unbound.scale == (1 / 8 if arch == "modula" else 8**-0.5)  # d_head = 8
     reference = unbound.as_penzai()
     run = lambda layer: jax.jit(lambda p, x: _run(layer, p, x))
@@ -208,8 +213,9 @@ def test_pick_attention_per_platform_and_its_messages():
     )
     assert pick("auto", "gpu") == pick("auto", "cuda") == "cudnn"
     assert pick("auto", "gpu", jnp.float32) == "xla"  # cuDNN's flash kernel is (b)f16 only
+    assert pick("chunked", "gpu") == "chunked"  # runs anywhere (sequential: made for CPUs)
     assert pick("auto", "tpu") == "pallas" and pick("auto", "tpu", seq_len=100) == "xla"
-    assert pick("auto", "cpu") == pick("xla", "tpu") == "xla"
+    assert pick("auto", "cpu") == "chunked" and pick("xla", "tpu") == "xla"
     assert pick("cudnn", "gpu") == "cudnn" and pick("pallas", "tpu") == "pallas"
     with pytest.raises(ValueError, match="'cudnn' runs on .*'cpu'.*auto"):
         pick("cudnn", "cpu")

@@ -44,7 +44,7 @@ class AccelBench:
     dtype: str = "auto"
     """float32, bfloat16, or auto (bfloat16 on accelerators, float32 on CPU)."""
     attention: str = "auto"
-    """Attention kernel: auto, xla, cudnn, pallas (jif.layers.ATTENTION_NAMES)."""
+    """Attention kernel: auto, xla, chunked, cudnn, pallas (jif.layers.ATTENTION_NAMES)."""
     quick: bool = False
     """Small sizes for a CPU: presets tiny, seq 32 and 64, 256 tokens, 2 steps, 1 round."""
     out: str = "runs/bench/accel-{time}.json"

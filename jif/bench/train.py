@@ -64,7 +64,7 @@ class TrainBench:
     dtype: str = "auto"
     """Parameter and activation dtype: float32, bfloat16, auto (bfloat16 on accelerators)."""
     attention: str = "auto"
-    """Attention kernel (jif.layers.ATTENTION_NAMES): auto, xla, cudnn, pallas."""
+    """Attention kernel (jif.layers.ATTENTION_NAMES): auto, xla, chunked, cudnn, pallas."""
 
 
 # ----------------------------------------------------------------------------- peak
@@ -124,16 +124,22 @@ def peak_memory_bytes() -> dict:
     return {"peak_rss_bytes": int(rss_kb) * 1024}
 
 
-def build_step(bench: TrainBench):
-    """(compiled train step, initial state, batch, model config, compile seconds, lowered).
+def build_step(bench: TrainBench, transform=None, **overrides):
+    """(compiled train step, initial state, batch, model config, compile seconds).
 
     The step is jif.loop.make_train_step jitted as jif.train.run does (state donated),
-    on one device, with random token batches of the benchmark's shape.
-    """
+    on one device, with random token batches of the benchmark's shape. `overrides` are
+    ModelConfig fields set on the preset; `transform(model) -> model` swaps layers (for
+    jif.bench.attention's variants)."""
     model_config = model_lib.make_config(
-        bench.preset, vocab_size=VOCAB_SIZE, dtype=bench.dtype, attention=bench.attention
+        bench.preset,
+        vocab_size=VOCAB_SIZE,
+        dtype=bench.dtype,
+        attention=bench.attention,
+        **overrides,
     )
-    unbound, params = ckpt.split_params(model_lib.build_model(model_config, jax.random.key(0)))
+    model = model_lib.build_model(model_config, jax.random.key(0))
+    unbound, params = ckpt.split_params(transform(model) if transform else model)
     opt = optim.OptimConfig(optimizer=bench.optimizer)
     tx, _ = optim.make_optimizer(opt, 1000, model_config, params)
     state = loop.init_state(params, tx)
