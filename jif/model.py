@@ -52,14 +52,14 @@ import treescope
 from penzai import pz
 
 from jif.layers import (
+    ATTENTION_NAMES,
+    DotProductAttention,
     Embed,
     FlatLinear,
     FlatRMSStandardize,
     ScaledResidual,
-    SoftmaxF32,
     TableRoPE,
     Unembed,
-    causal_mask,
     static_positions,
 )
 from modula import GELU_MAX_SLOPE
@@ -84,6 +84,7 @@ class ModelConfig:
     causal: bool = False  # attention sees only earlier positions (jif.ar's next-token model)
     arch: str = "standard"  # a key of ARCHS: "standard" or "modula" (well-normed)
     dtype: str = "float32"  # "float32" | "bfloat16": parameters and activations
+    attention: str = "auto"  # jif.layers.ATTENTION_NAMES; auto: the platform's (pick_attention)
     mup_base_width: int | None = None  # muP: logits * base/d_model, scores 1/d_head
     rope_wavelength: float = 10_000.0  # maximum wavelength of the rotary embedding
     norm_eps: float = 1e-6  # epsilon of the RMS normalisation
@@ -103,7 +104,7 @@ class ModelConfig:
                 f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} into an "
                 "even head size (RoPE rotates pairs); pick e.g. n_heads=d_model // 64."
             )
-        for field, allowed in (("arch", ARCHS), ("dtype", DTYPES)):
+        for field, allowed in (("arch", ARCHS), ("dtype", DTYPES), ("attention", ATTENTION_NAMES)):
             if (value := getattr(self, field)) not in allowed:
                 raise ValueError(f"{field}={value!r} is not one of {sorted(allowed)}.")
         if min(self.vocab_size, self.d_model, self.n_layers, self.vocab_multiple) < 1:
@@ -149,11 +150,20 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def default_dtype(backend: str | None = None) -> str:
+    """The dtype="auto" choice: bfloat16 on accelerators (scores, softmax and the loss stay
+    float32), float32 on CPU (where bfloat16 matmuls are slower)."""
+    return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+
+
 def make_config(preset: str = "cpu", **overrides) -> ModelConfig:
-    """Preset by name, with any ModelConfig field overridden (None values are ignored)."""
+    """Preset by name, with any ModelConfig field overridden (None values are ignored;
+    dtype="auto" becomes `default_dtype()`)."""
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} is not one of {list(PRESETS)}.")
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("dtype") == "auto":
+        overrides["dtype"] = default_dtype()
     return dataclasses.replace(PRESETS[preset], **overrides).validate()
 
 
@@ -274,31 +284,21 @@ def _post(name, key, config) -> list[pz.nn.Layer]:
 # ----------------------------------------------------------------------------- attention
 
 
-def build_attention(name: str, key, config: ModelConfig) -> pz.nn.Attention:
-    """Multi-head attention, RoPE on queries and keys; bidirectional, or causal (config.causal)."""
+def build_attention(name: str, key, config: ModelConfig) -> DotProductAttention:
+    """Multi-head attention, RoPE on queries and keys; bidirectional, or causal (config.causal),
+    by the fused kernel config.attention names (jif.layers.pick_attention)."""
     emb, hp = {"embedding": config.d_model}, {"heads": config.n_heads, "projection": config.d_head}
     rope = TableRoPE("projection", config.rope_wavelength, "token_positions")
     mup = config.mup_base_width is not None  # muP: 1/d_head scores, whatever the architecture
-    scale = 1.0 / config.d_head if mup else ARCHS[config.arch].score_scale(config)
-    q_scale = jnp.asarray(scale, DTYPES[config.dtype])
-    q_ax = {"seq": "q", "heads": "h", "projection": "p"}  # einsum letters per named axis
-    kv_ax = {"seq": "k", "heads": "h", "projection": "p"}  # keys/values: their "seq" is k
-    attn_ax = {"heads": "h", "seq": "q", "kv_seq": "k"}
-    mask = [causal_mask(DTYPES[config.dtype])] if config.causal else []  # none: bidirectional
-    query = [_linear(f"{name}/query", key, config, emb, hp), rope, pz.nn.ConstantRescale(q_scale)]
-    return pz.nn.Attention(
-        input_to_query=pz.nn.Sequential(query),
-        input_to_key=pz.nn.Sequential([_linear(f"{name}/key", key, config, emb, hp), rope]),
-        input_to_value=_linear(f"{name}/value", key, config, emb, hp),
-        query_key_to_attn=pz.nn.Sequential(
-            [pz.nn.NamedEinsum((q_ax, kv_ax), attn_ax), *mask, SoftmaxF32("kv_seq")]
-        ),
-        attn_value_to_output=pz.nn.Sequential(
-            [
-                pz.nn.NamedEinsum((attn_ax, kv_ax), q_ax),
-                _linear(f"{name}/output", key, config, hp, emb),
-            ]
-        ),
+    linear = lambda part, ins, outs: _linear(f"{name}/{part}", key, config, ins, outs)
+    return DotProductAttention(
+        query=pz.nn.Sequential([linear("query", emb, hp), rope]),
+        key=pz.nn.Sequential([linear("key", emb, hp), rope]),
+        value=linear("value", emb, hp),
+        output=linear("output", hp, emb),
+        scale=1.0 / config.d_head if mup else ARCHS[config.arch].score_scale(config),
+        causal=config.causal,
+        implementation=config.attention,
     )
 
 

@@ -51,8 +51,11 @@ class TrainConfig:
     """Override adaLN conditioning on the noise level (off by default, as in MDLM)."""
     mup_base_width: int | None = None
     """muP base width (None: no muP)."""
-    dtype: str = "float32"
-    """Parameter and activation dtype: float32 or bfloat16 (for accelerators)."""
+    dtype: str = "auto"
+    """Parameter and activation dtype: float32, bfloat16, or auto (bfloat16 on accelerators)."""
+    attention: str = "auto"
+    """Attention kernel: auto (cuDNN on NVIDIA GPUs, Pallas on TPU, chunked on CPU, else xla),
+    xla, chunked, cudnn, pallas (jif.layers.ATTENTION_KERNELS)."""
     # --- data
     data: str = "stories"
     """Training text: stories (embedded grammar), tinystories (HF hub) or a file path."""
@@ -142,6 +145,7 @@ def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.ModelCo
         adaln=cfg.adaln,
         mup_base_width=cfg.mup_base_width,
         dtype=cfg.dtype,
+        attention=cfg.attention,
     )
 
 
@@ -156,8 +160,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if optimizer == "mup_adamw" and base is None:
         base = cfg.d_model or model_lib.PRESETS[cfg.preset].d_model
     out = runs.resolve_out(cfg.out, preset=cfg.preset, data=cfg.data, resume=cfg.resume)
+    dtype = model_lib.default_dtype() if cfg.dtype == "auto" else cfg.dtype  # stored resolved
     return dataclasses.replace(
-        cfg, out=out, optim=cfg.optim.resolved(), arch=arch, mup_base_width=base
+        cfg, out=out, optim=cfg.optim.resolved(), arch=arch, mup_base_width=base, dtype=dtype
     )
 
 
@@ -173,8 +178,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.ema < 1.0:
         raise ValueError(f"--ema must be in [0, 1), got {cfg.ema}")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"--dtype {cfg.dtype!r}: choose float32 or bfloat16")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"--dtype {cfg.dtype!r}: choose auto, float32 or bfloat16")
     if cfg.on_nonfinite not in loop.NONFINITE:
         raise ValueError(f"--on-nonfinite {cfg.on_nonfinite!r}: choose one of {loop.NONFINITE}")
     if cfg.objective not in objectives.OBJECTIVES:
@@ -307,7 +312,9 @@ def _run(cfg: TrainConfig, interrupts: loop.Interrupts, progress: bool) -> dict:
         config=dataclasses.asdict(cfg),
     )
     flops_per_step = flops.train_step_flops(p["model_config"], cfg.batch_size, cfg.seq_len)
-    meter = loop.Throughput(cfg.batch_size * cfg.seq_len, flops_per_step, flops.peak_flops())
+    meter = loop.Throughput(
+        cfg.batch_size * cfg.seq_len, flops_per_step, flops.peak_flops(cfg.dtype)
+    )
     say(f"peak {meter.peak / 1e9:.0f} GFLOP/s; {flops_per_step / 1e9:.2f} GFLOP per step")
 
     if changed:

@@ -1,6 +1,7 @@
 """The benchmark: its FLOP count is the model's matmul work, and the CLI runs end to end."""
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,8 @@ import pytest
 
 from jif import flops
 from jif import model as model_lib
+from jif.bench import accel as accel_bench
+from jif.bench import attention as attention_bench
 from jif.bench import cli as bench_cli
 from jif.bench import train as train_bench
 
@@ -62,8 +65,12 @@ def test_bench_cli_runs_end_to_end(tmp_path):
     ]  # fmt: skip
     result = bench_cli.main(argv)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    assert result["machine"]["processor"]  # every record names its processor
+    assert result["machine"]["processor"] == flops.processor()  # every record names it
     (r,) = result["train"]
+    assert r["processor"] == flops.processor()
+    assert (r["dtype"], r["attention"]) == ("float32", "chunked")  # the CPU's defaults
+    # the peak is the faster of XLA's matmul and numpy's (the BLAS), both measured here
+    assert r["peak_flops"] >= max(r["peak_xla_flops"], r["peak_numpy_flops"]) * (1 - 1e-9)
     assert r["flops_per_step_model"] == flops.train_step_flops(
         model_lib.make_config("tiny", vocab_size=train_bench.VOCAB_SIZE), 4, 16
     )
@@ -79,3 +86,86 @@ def test_bench_cli_runs_end_to_end(tmp_path):
 def test_bench_rejects_unknown_preset():
     with pytest.raises(ValueError, match="huge"):
         bench_cli.run(bench_cli.BenchConfig(presets=("huge",), sampling=False, out=""))
+
+
+def test_processor_is_the_os_model_name():
+    with open("/proc/cpuinfo") as f:
+        names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+    assert flops.processor() == names[0]
+
+
+def test_cpu_peak_is_the_faster_of_xla_and_numpy():
+    peak = flops.MatmulPeak(128)
+    best = peak.measure(repeats=2)
+    assert set(peak.last) == {"xla", "numpy"} and best == max(peak.last.values())
+    assert flops.stated_peak("float32") is None  # on CPU the peak is measured
+
+
+def test_stated_peak_per_dtype_and_device_count(monkeypatch):
+    gpu = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(jax, "devices", lambda: [gpu, gpu])
+    assert flops.stated_peak("bfloat16") == 2 * 989e12
+    assert flops.stated_peak("float32") == 2 * 494e12  # TF32 tensor cores
+    tpu = types.SimpleNamespace(platform="tpu", device_kind="TPU v5 lite")
+    monkeypatch.setattr(jax, "devices", lambda: [tpu])
+    assert flops.stated_peak("bfloat16") == 197e12
+    odd = types.SimpleNamespace(platform="gpu", device_kind="Some New Card")
+    monkeypatch.setattr(jax, "devices", lambda: [odd])
+    assert flops.stated_peak("bfloat16") is None  # unknown: measured instead
+
+
+def test_accel_bench_quick_runs_on_cpu(tmp_path):
+    """The accelerator benchmark, unchanged, at --quick sizes: one cell per sequence length,
+    equal tokens per step, each with tokens/s, MFU, memory and the kernel that ran."""
+    out = tmp_path / "accel.json"
+    result = accel_bench.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    cells = result["cells"]
+    assert [(c["preset"], c["seq_len"], c["batch_size"]) for c in cells] == [
+        ("tiny", 32, 8),
+        ("tiny", 64, 4),
+    ]
+    for c in cells:
+        assert c["processor"] == flops.processor() and c["attention"] == "chunked"
+        assert c["tokens_per_s"] > 0 and 0 < c["mfu"] < 5 and c["peak_rss_bytes"] > 0
+        assert c["flops_per_step_model"] == flops.train_step_flops(
+            model_lib.make_config("tiny", vocab_size=train_bench.VOCAB_SIZE),
+            c["batch_size"],
+            c["seq_len"],
+        )
+    assert "tiny" in accel_bench.format_table(result)
+
+
+def test_accel_bench_rejects_bad_settings(capsys):
+    with pytest.raises(SystemExit) as e:
+        accel_bench.main(["--quick", "--attention", "cudnn", "--out", ""])
+    assert e.value.code == 2 and "attention='cudnn' runs on" in capsys.readouterr().err
+
+
+def test_attention_bench_runs_end_to_end(tmp_path):
+    """jif.bench.attention at tiny sizes: every variant timed, and the scaling rows' FLOP
+    growth is jif.flops' count at equal tokens."""
+    out = tmp_path / "attention.json"
+    argv = [
+        "--preset", "tiny", "--d-model", "32", "--n-layers", "1", "--n-heads", "2",
+        "--batch-size", "4", "--seq-len", "16", "--scaling-lens", "16", "32",
+        "--steps", "1", "--rounds", "2", "--out", str(out),
+    ]  # fmt: skip
+    result = attention_bench.main(argv)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["machine"]["processor"] == flops.processor()
+    share = result["share"]
+    assert (
+        list(share) == ["fused", "xla", "penzai", "no_core"] and share["fused"]["over_first"] == 1
+    )
+    assert all(len(r["rounds"]) == 2 and r["step_s"] > 0 for r in share.values())
+    config = model_lib.make_config(
+        "tiny", vocab_size=train_bench.VOCAB_SIZE, d_model=32, n_layers=1, n_heads=2
+    )
+    per_token = lambda n: flops.train_step_flops(config, 64 // n, n) / 64
+    rows = {(r["variant"], r["seq_len"]): r for r in result["scaling"]}
+    assert set(rows) == {(v, n) for v in ("fused", "xla", "penzai") for n in (16, 32)}
+    assert rows["fused", 32]["flop_growth"] == pytest.approx(per_token(32) / per_token(16))
+    assert rows["penzai", 16]["time_growth"] == 1.0
+    with pytest.raises(SystemExit):
+        attention_bench.main(["--variants", "nope", "--out", ""])

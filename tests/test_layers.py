@@ -1,12 +1,17 @@
 """jif.layers: each fast layer against the penzai layer it replaces (values and gradients)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 from penzai import pz
 
+from jif import checkpoint as ckpt
 from jif import layers as L
+from jif import model as M
 
 
 def test_single_index_embedding_equals_naive_lookup():
@@ -134,3 +139,89 @@ def test_scaled_residual_is_a_convex_mix():
     np.testing.assert_allclose(
         layer(x).unwrap("embedding"), 0.75 * np.arange(6.0) + 0.25 * np.arange(6.0) ** 2
     )
+
+
+def _attention(causal: bool, arch: str):
+    """A DiT attention layer (d_model 16, 2 heads) with random weights, split into its
+    parameter slots and values, and the arrays x {"batch", "seq", "embedding"} it reads."""
+    config = M.make_config("tiny", d_model=16, n_heads=2, causal=causal, arch=arch)
+    layer = M.build_attention("attn", jax.random.key(0), config)
+    unbound, params = ckpt.split_params(layer)
+    keys = jax.random.split(jax.random.key(1), len(params))
+    params = {
+        k: pz.nx.wrap(0.3 * jax.random.normal(r, v.data_array.shape)).tag(*v.named_shape)
+        for r, (k, v) in zip(keys, sorted(params.items()), strict=True)
+    }
+    x = jax.random.normal(jax.random.key(2), (3, 24, 16))
+    return unbound, params, x
+
+
+def _run(unbound, params, x):
+    side = {"token_positions": L.static_positions(x.shape[1])}
+    out = ckpt.bind_params(unbound, params)(pz.nx.wrap(x).tag("batch", "seq", "embedding"), **side)
+    return out.unwrap("batch", "seq", "embedding")
+
+
+@pytest.mark.parametrize("arch", ["standard", "modula"])  # scores 1/sqrt(d_head) and 1/d_head
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kernel", ["xla", "chunked"])
+def test_dot_product_attention_equals_penzai_attention(kernel, causal, arch):
+    """The fused layer (each kernel that runs on CPU) against pz.nn.Attention built from the
+    same layers: values, and gradients wrt the input and every parameter."""
+    unbound, params, x = _attention(causal, arch)
+    assert isinstance(unbound, L.DotProductAttention) and unbound.causal is causal
+    assert unbound.implementation == "auto"
+    unbound = dataclasses.replace(unbound, implementation=kernel)
+    assert unbound.scale == (1 / 8 if arch == "modula" else 8**-0.5)  # d_head = 8
+    reference = unbound.as_penzai()
+    run = lambda layer: jax.jit(lambda p, x: _run(layer, p, x))
+    np.testing.assert_allclose(
+        run(unbound)(params, x), run(reference)(params, x), rtol=1e-5, atol=1e-5
+    )
+    loss = lambda layer: lambda p, x: jnp.sum(jnp.sin(_run(layer, p, x)))
+    grad = lambda layer: jax.jit(jax.grad(loss(layer), argnums=(0, 1)))(params, x)
+    ours, ref = grad(unbound), grad(reference)
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    if causal:  # position 5's output does not depend on later inputs
+        jac = jax.jit(jax.jacobian(lambda x: _run(unbound, params, x)[0, 5]))(x)
+        assert np.abs(jac[:, :, 6:]).max() == 0 and np.abs(jac[:, 0, :6]).max() > 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_pallas_tpu_kernel_equals_xla_in_interpret_mode(causal):
+    """The TPU flash-attention kernel itself, run by Pallas' TPU interpreter on CPU, against
+    the XLA kernel: values and gradients (seq 128, its block size)."""
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 128, 2, 8))
+    run = lambda name: (
+        lambda q, k, v: L.ATTENTION_KERNELS[name][0](q, k, v, scale=0.3, causal=causal)
+    )
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+    both = lambda name: jax.jit(jax.value_and_grad(loss(run(name)), argnums=(0, 1, 2)))(q, k, v)
+    with pltpu.force_tpu_interpret_mode():
+        got = both("pallas")
+    want = both("xla")
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        run("pallas")(q[:, :96], k[:, :96], v[:, :96])
+
+
+def test_pick_attention_per_platform_and_its_messages():
+    pick = lambda name, platform, dtype=jnp.bfloat16, seq_len=256: L.pick_attention(
+        name, platform=platform, dtype=dtype, seq_len=seq_len
+    )
+    assert pick("auto", "gpu") == pick("auto", "cuda") == "cudnn"
+    assert pick("auto", "gpu", jnp.float32) == "xla"  # cuDNN's flash kernel is (b)f16 only
+    assert pick("chunked", "gpu") == "chunked"  # runs anywhere (sequential: made for CPUs)
+    assert pick("auto", "tpu") == "pallas" and pick("auto", "tpu", seq_len=100) == "xla"
+    assert pick("auto", "cpu") == "chunked" and pick("xla", "tpu") == "xla"
+    assert pick("cudnn", "gpu") == "cudnn" and pick("pallas", "tpu") == "pallas"
+    with pytest.raises(ValueError, match="'cudnn' runs on .*'cpu'.*auto"):
+        pick("cudnn", "cpu")
+    with pytest.raises(ValueError, match="'pallas' runs on"):
+        pick("pallas", "gpu")
+    with pytest.raises(ValueError, match="'flash' is not one of"):
+        pick("flash", "cpu")
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        L.ATTENTION_KERNELS["cudnn"][0](*[jnp.ones((1, 8, 2, 8))] * 3, scale=1.0, causal=False)

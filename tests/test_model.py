@@ -12,7 +12,7 @@ from penzai import pz
 
 from jif import diffusion as D
 from jif import model as M
-from jif.layers import ScaledResidual, Unembed
+from jif.layers import DotProductAttention, ScaledResidual, Unembed
 
 MASK = 2049
 
@@ -269,6 +269,8 @@ def test_bad_config_messages():
         M.make_config("tiny", arch="nope")
     with pytest.raises(ValueError, match="preset"):
         M.make_config("huge")
+    with pytest.raises(ValueError, match="attention='flash' is not one of"):
+        M.make_config("tiny", attention="flash")
 
 
 def test_show_model_renders():
@@ -355,22 +357,37 @@ def test_causal_equals_the_bidirectional_model_on_each_prefix():
         np.testing.assert_allclose(got[:, i], want, rtol=1e-5, atol=1e-5)
 
 
-def test_causal_option_adds_only_the_mask():
-    """causal=False (the default) builds the same attention as before the option (einsum ->
-    softmax, no mask layer) and causal=True the same parameters plus penzai's causal mask."""
+def test_causal_option_changes_only_the_attention_flag():
+    """causal=False (the default) builds bidirectional attention and causal=True the same
+    layers and parameters with the kernel's causal flag (penzai's mask in its reference)."""
     cfg = M.make_config("tiny")
-    assert cfg.causal is False
+    assert cfg.causal is False and cfg.attention == "auto"
     plain = M.build_model(cfg, jax.random.key(0))
     causal = M.build_model(M.make_config("tiny", causal=True), jax.random.key(0))
-    assert not pz.select(plain).at_instances_of(pz.nn.ApplyCausalAttentionMask).get_sequence()
-    masks = pz.select(causal).at_instances_of(pz.nn.ApplyCausalAttentionMask).get_sequence()
-    assert len(masks) == 1  # one layer inside the stacked blocks
-    attn = pz.select(plain).at_instances_of(pz.nn.Attention).get_sequence()[0]
-    assert [type(la).__name__ for la in attn.query_key_to_attn.sublayers] == [
-        "NamedEinsum",
-        "SoftmaxF32",
+    attn = [
+        pz.select(m).at_instances_of(DotProductAttention).get_sequence() for m in (plain, causal)
     ]
+    assert [len(a) for a in attn] == [1, 1]  # one layer inside the stacked blocks
+    assert (attn[0][0].causal, attn[1][0].causal) == (False, True)
+    ref = [a[0].as_penzai().query_key_to_attn.sublayers for a in attn]
+    assert [type(la).__name__ for la in ref[0]] == ["NamedEinsum", "SoftmaxF32"]
+    assert type(ref[1][1]) is pz.nn.ApplyCausalAttentionMask
     a, b = M.params_dict(plain), M.params_dict(causal)
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k].data_array, b[k].data_array)
+
+
+def test_attention_and_dtype_choices():
+    """attention="auto" resolves per platform when traced (XLA on CPU); dtype="auto" is
+    float32 on CPU and bfloat16 on accelerators; a forced kernel this platform lacks fails
+    with a message when the model first runs."""
+    assert M.make_config("tiny", dtype="auto").dtype == "float32"  # this test runs on CPU
+    assert M.default_dtype("gpu") == M.default_dtype("tpu") == "bfloat16"
+    x, r = tokens(2, 16), jnp.array([0.3, 0.6])
+    base = logits(M.build_model(M.make_config("tiny"), jax.random.key(0)), x, r)
+    forced = M.build_model(M.make_config("tiny", attention="xla"), jax.random.key(0))
+    np.testing.assert_allclose(logits(forced, x, r), base, rtol=1e-5, atol=1e-6)
+    cudnn = M.build_model(M.make_config("tiny", attention="cudnn"), jax.random.key(0))
+    with pytest.raises(ValueError, match="attention='cudnn' runs on"):
+        logits(cudnn, x, r)

@@ -6,8 +6,9 @@
     python -m jif.bench --help
 
 Writes one JSON file (machine info, one record per preset, the sampling results) and prints
-a short table. MFU on CPU is relative to a float32 matmul measured in the same process, so
-the ratio holds on a busy machine even when absolute times do not.
+a short table. MFU on CPU is relative to the faster of XLA's and numpy's float32 matmul
+measured in the same process, so the ratio holds on a busy machine even when absolute times
+do not. `python -m jif.bench.accel` sweeps presets and sequence lengths on accelerators.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 import tyro
 
 from jif import flops, hostmem
+from jif import model as model_lib
 from jif.bench import sampling as sampling_bench
 from jif.bench import sweep as sweep_bench
 from jif.bench import train as train_bench
@@ -64,7 +66,8 @@ def run(cfg: BenchConfig, log=print) -> dict:
         "config": dataclasses.asdict(cfg),
         "train": [],
     }
-    peak = None if flops.stated_peak() else flops.MatmulPeak(cfg.train.peak_n)
+    dtype = model_lib.default_dtype() if cfg.train.dtype == "auto" else cfg.train.dtype
+    peak = None if flops.stated_peak(dtype) else flops.MatmulPeak(cfg.train.peak_n, dtype)
     for preset in cfg.presets:
         bench = dataclasses.replace(cfg.train, preset=preset)
         result["train"].append(train_bench.run(bench, peak, log=log))
@@ -107,6 +110,11 @@ def format_table(result: dict) -> str:
         "GFLOP/s: the step's matmul FLOPs (logits at the positions the loss reads); peak = "
         + (result["train"][0]["peak_source"] if result["train"] else "-")
         + " (GFLOP/s, same process); MFU range over rounds; mem = process peak."
+        + (
+            f" dtype {result['train'][0]['dtype']}, attention {result['train'][0]['attention']}."
+            if result["train"]
+            else ""
+        )
     )
     if "sampling" in result:
         lines.append(sampling_bench.format_table(result["sampling"]))

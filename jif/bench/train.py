@@ -7,9 +7,10 @@ loss's all-positions branch that rarely runs), model FLOPs utilisation (MFU) aga
 peak of this machine, memory, and the time the data pipeline needs per batch (which the loop
 pays unless it is prefetched).
 
-Peak: on CPU the best FLOP/s of a jitted n x n float32 matmul measured in the same process,
-interleaved with the train steps so both see the same (shared, noisy) machine; on an
-accelerator its nameplate peak (jif.flops.ACCELERATOR_PEAKS).
+Peak (jif.flops): on CPU the faster of a jitted n x n float32 matmul and numpy's (the BLAS),
+measured in the same process, interleaved with the train steps so both see the same (shared,
+noisy) machine; on an accelerator its nameplate peak for the dtype used
+(jif.flops.ACCELERATOR_PEAKS). Every record names its processor.
 
 Timing: every step is blocked on the new state and the loss (dispatch is asynchronous; an
 empty aux would make steps look free), the way the training loop blocks on float(loss).
@@ -31,7 +32,7 @@ import tyro
 
 from jif import checkpoint as ckpt
 from jif import data as data_lib
-from jif import flops, hostmem, loop, optim
+from jif import flops, hostmem, layers, loop, optim
 from jif import model as model_lib
 from jif.tokenizer import load_tokenizer
 
@@ -60,6 +61,10 @@ class TrainBench:
     """Size of the square float32 matmul whose FLOP/s is the CPU peak."""
     data: str | None = "stories"
     """Also time the data pipeline for this source (None: skip; needs the tokenizer)."""
+    dtype: str = "auto"
+    """Parameter and activation dtype: float32, bfloat16, auto (bfloat16 on accelerators)."""
+    attention: str = "auto"
+    """Attention kernel (jif.layers.ATTENTION_NAMES): auto, xla, chunked, cudnn, pallas."""
 
 
 # ----------------------------------------------------------------------------- peak
@@ -74,22 +79,11 @@ def device_info() -> dict:
         "device_count": jax.device_count(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
-        "processor": _cpu_model(),
+        "processor": flops.processor(),
         "python": platform.python_version(),
         "jax": jax.__version__,
         "host_memory_reuse": hostmem.applied(),  # see jif.hostmem
     }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 # ----------------------------------------------------------------------------- the step
@@ -130,14 +124,22 @@ def peak_memory_bytes() -> dict:
     return {"peak_rss_bytes": int(rss_kb) * 1024}
 
 
-def build_step(bench: TrainBench):
-    """(compiled train step, initial state, batch, model config, compile seconds, lowered).
+def build_step(bench: TrainBench, transform=None, **overrides):
+    """(compiled train step, initial state, batch, model config, compile seconds).
 
     The step is jif.loop.make_train_step jitted as jif.train.run does (state donated),
-    on one device, with random token batches of the benchmark's shape.
-    """
-    model_config = model_lib.make_config(bench.preset, vocab_size=VOCAB_SIZE)
-    unbound, params = ckpt.split_params(model_lib.build_model(model_config, jax.random.key(0)))
+    on one device, with random token batches of the benchmark's shape. `overrides` are
+    ModelConfig fields set on the preset; `transform(model) -> model` swaps layers (for
+    jif.bench.attention's variants)."""
+    model_config = model_lib.make_config(
+        bench.preset,
+        vocab_size=VOCAB_SIZE,
+        dtype=bench.dtype,
+        attention=bench.attention,
+        **overrides,
+    )
+    model = model_lib.build_model(model_config, jax.random.key(0))
+    unbound, params = ckpt.split_params(transform(model) if transform else model)
     opt = optim.OptimConfig(optimizer=bench.optimizer)
     tx, _ = optim.make_optimizer(opt, 1000, model_config, params)
     state = loop.init_state(params, tx)
@@ -176,25 +178,31 @@ def run(bench: TrainBench, peak: flops.MatmulPeak | None = None, log=print) -> d
     """Benchmarks one preset's train step; see the module docstring for what is measured."""
     if min(bench.batch_size, bench.seq_len, bench.steps, bench.rounds) < 1:
         raise ValueError(f"batch_size, seq_len, steps and rounds must be >= 1, got {bench}")
-    fixed_peak = flops.stated_peak()
-    if fixed_peak is None and peak is None:
-        peak = flops.MatmulPeak(bench.peak_n)
     compiled, state, batch, mc, compile_times = build_step(bench)
+    fixed_peak = flops.stated_peak(mc.dtype)
+    if fixed_peak is None and peak is None:
+        peak = flops.MatmulPeak(bench.peak_n, mc.dtype)
     tokens = bench.batch_size * bench.seq_len
     flops_xla = xla_flops(compiled)
     flops_model = flops.train_step_flops(mc, bench.batch_size, bench.seq_len)
 
     state, metrics = compiled(state, batch)  # warm-up (first call allocates)
     jax.block_until_ready((state, metrics["loss"]))
-    step_times, peaks = [], []
+    step_times, peaks, by_source = [], [], {}
     for _ in range(bench.rounds):
-        peaks.append(fixed_peak or peak.measure())
-        for _ in range(bench.steps):
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready((state, metrics["loss"]))
-            step_times.append(time.perf_counter() - t0)
-        peaks[-1] = fixed_peak or max(peaks[-1], peak.measure())
+        for i in range(2):  # the peak before and after each round's steps: the better of both
+            if fixed_peak is None:
+                peak.measure()
+                for k, v in peak.last.items():
+                    by_source.setdefault(k, []).append(v)
+            if i == 0:
+                for _ in range(bench.steps):
+                    t0 = time.perf_counter()
+                    state, metrics = compiled(state, batch)
+                    jax.block_until_ready((state, metrics["loss"]))
+                    step_times.append(time.perf_counter() - t0)
+        recent = [max(v[-2:]) for v in by_source.values()]
+        peaks.append(fixed_peak or max(recent))
     loss = float(metrics["loss"])
     # MFU per round: that round's median step against the peak measured around it.
     per_round = [
@@ -205,8 +213,14 @@ def run(bench: TrainBench, peak: flops.MatmulPeak | None = None, log=print) -> d
     # the loss that reads out every position, which runs only when unusually many are masked.
     mfu_rounds = [flops_model / t / p for t, p in zip(per_round, peaks, strict=True)]
     step_s = statistics.median(step_times)
+    kernel = layers.pick_attention(
+        mc.attention, platform=jax.default_backend(), dtype=mc.dtype, seq_len=bench.seq_len
+    )
     result = {
         "preset": bench.preset,
+        "processor": flops.processor(),
+        "dtype": mc.dtype,
+        "attention": kernel,
         "batch_size": bench.batch_size,
         "seq_len": bench.seq_len,
         "optimizer": bench.optimizer,
@@ -221,7 +235,10 @@ def run(bench: TrainBench, peak: flops.MatmulPeak | None = None, log=print) -> d
         "xla_over_model": flops_xla / flops_model if flops_xla else None,
         "achieved_flops": flops_model / step_s,
         "peak_flops": statistics.median(peaks),
-        "peak_source": "stated" if fixed_peak else f"matmul {bench.peak_n}^3 f32",
+        "peak_source": f"stated {mc.dtype}"
+        if fixed_peak
+        else f"max(XLA, numpy) matmul {bench.peak_n}^3 {mc.dtype}",
+        **{f"peak_{k}_flops": statistics.median(v) for k, v in by_source.items()},
         "mfu": statistics.median(mfu_rounds),
         "mfu_rounds": mfu_rounds,
         "mfu_xla": statistics.median(
