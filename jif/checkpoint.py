@@ -376,7 +376,10 @@ def load_for_inference(path: str, *, ema: bool = True) -> LoadedModel:
     for key in ("model_config", "tokenizer", "step"):
         if key not in meta:
             raise CheckpointError(f"{step_dir} is corrupt: its meta has no {key!r}.")
-    model_config = model_config_from_dict(meta["model_config"])
+    # The attention kernel is the platform's own here (a run may have forced one elsewhere).
+    model_config = dataclasses.replace(
+        model_config_from_dict(meta["model_config"]), attention="auto"
+    )
     try:
         tokenizer = Tokenizer.from_json(meta["tokenizer"])
     except Exception as e:

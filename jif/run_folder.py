@@ -23,12 +23,14 @@ import jax
 
 from jif import checkpoint as ckpt
 from jif import hf
+from jif import model as model_lib
 
 # Settings that may differ between a run and its resumption (the rest must match).
 RESUME_FREE = {
     "resume", "steps", "ckpt_every", "keep", "eval_every", "eval_sequences", "eval_times",
     "n_samples", "sample_steps", "sample_method", "sample_temperature", "log_every",
     "show_model", "tensorboard", "wandb", "progress", "mesh", "distributed", "out",
+    "attention",  # the kernel computes the same attention: parameters are unchanged
 }  # fmt: skip
 # Settings a resume may change that alter the training itself (recorded in metrics.jsonl).
 RESUME_RETUNE = {"lr", "clip", "on_nonfinite"}
@@ -358,6 +360,8 @@ def command_line(cfg, *, resume: bool) -> str:
     for k, v in now.items():
         if k in ("resume", "out") or v == default.get(k):
             continue
+        if k == "dtype" and default[k] == "auto" and v == model_lib.default_dtype():
+            continue  # what "auto" resolves to here
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
             parts.append(flag if v else "--no-" + flag[2:])
