@@ -134,15 +134,15 @@ def test_reported_loss_is_measured_and_never_below_the_best_run():
         assert o["seed_lr_range"][0] <= o["seed_lr_range"][1]
 
 
-def _fake_run(optimum_at):
-    """A run function whose loss is a parabola in log-lr around optimum_at(spec); diverges far
-    to the right of it. Records the specs it was asked to train."""
+def _fake_run(optimum_at, diverge_at=2.5):
+    """A run function whose loss is a parabola in log-lr around optimum_at(spec); diverges
+    beyond diverge_at (in log-lr) to the right of it. Records the specs it was asked to train."""
     calls = []
 
     def run(spec, config):
         calls.append(spec)
         x = math.log(spec.lr / optimum_at(spec))
-        if x > 2.5:
+        if x > diverge_at:
             return {"val_nelbo": math.nan, "train_loss_smoothed": math.nan, "diverged": True}
         return {"val_nelbo": 3.0 + 0.2 * x * x, "train_loss_smoothed": 3.1 + 0.2 * x * x}
 
@@ -151,7 +151,7 @@ def _fake_run(optimum_at):
 
 def _optimum(spec):
     # adamw drifts as 1/width, muP stays put, modula stays put at a larger lr.
-    return {"adamw": 3e-2 * 64 / spec.width, "mup_adamw": 1e-2, "modula": 0.4}[spec.optimizer]
+    return {"adamw": 1e-2 * 64 / spec.width, "mup_adamw": 1e-2, "modula": 0.4}[spec.optimizer]
 
 
 def _check_outputs(out, n_rows):
@@ -182,7 +182,7 @@ def _check_outputs(out, n_rows):
 def test_sweep_csv_summary_figures_and_resume(tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = ["--out", str(out), "--widths", "64", "128", "256", "--n-lrs", "9", "--no-progress"]
-    run, calls = _fake_run(_optimum)
+    run, calls = _fake_run(_optimum, diverge_at=1.5)
     sweep.main(argv, run_fn=run)
     n = 3 * 3 * 9 * 3  # optimizers x widths x learning rates x seeds (0, 1, 2 by default)
     assert len(calls) == n and {s.seed for s in calls} == {0, 1, 2}
@@ -263,10 +263,10 @@ def test_torn_last_row_is_repaired_and_the_sweep_continues(tmp_path, capsys):
 
 def test_depth_sweep_and_seeds(tmp_path):
     out = tmp_path / "depth"
-    run, calls = _fake_run(lambda spec: 1e-2 * spec.depth)
+    run, calls = _fake_run(lambda spec: 3e-3 * spec.depth)
     argv = ["--out", str(out), "--optimizers", "mup_adamw", "--widths", "64", "128"]
     summary = sweep.main([*argv, "--depths", "1", "2", "--seeds", "0", "1", "--no-progress"], run)
-    assert len(calls) == 2 * 2 * 7 * 2
+    assert len(calls) == 2 * 2 * 5 * 2
     entry = summary["optimizers"]["mup_adamw"]
     assert entry["spread_across_widths"]["1"] == pytest.approx(1.0)
     assert entry["spread_across_depths"]["64"] == pytest.approx(2.0, rel=1e-6)
@@ -292,6 +292,8 @@ def test_configuration_errors_exit_2_with_a_message(tmp_path, capsys):
         (["--lr-span", "-2"], "--lr-span -2.0"),
         (["--n-lrs", "0"], "n_lrs=0"),
         (["--engine", "gpu"], "engine 'gpu'"),
+        (["--engine", "train_run"], "pass --embed-lr-mult 1"),  # muP: no multiplier there
+        (["--embed-lr-mult", "-1"], "--embed-lr-mult -1.0"),
         (["--metric", "loss"], "metric 'loss'"),
         (["--widths", "64", "--n-heads", "64"], "even head size"),  # the model config
         (["--data", str(tmp_path / "none.txt")], "not found"),
@@ -482,3 +484,38 @@ def test_lr_as_data_matches_optimizer_built_with_that_lr():
                 atol=1e-8,
                 err_msg=f"{name} {k}",
             )
+
+
+def test_embedding_multiplier_scales_only_the_embedding_step():
+    """--embed-lr-mult M: AdamW's and muP AdamW's embedding step is M times the one without
+    it, in both engines; every other step, and Modula's, is unchanged."""
+    from transfer import batched
+
+    grads_of = lambda params: jax.tree.map(lambda x: jax.numpy.cos(7.0 * x + 1.0), params)
+    base = sweep.resolve(sweep.SweepConfig(quick=True, widths=(16,)))
+    scaled = sweep.resolve(sweep.SweepConfig(quick=True, widths=(16,), embed_lr_mult=30.0))
+    for name in sweep.PARAMETERISATIONS:
+        spec = sweep.RunSpec(optimizer=name, width=16, depth=1, lr=1.0, seed=0)
+        mult = 1.0 if name == "modula" else 30.0
+        for engine in (sweep.CompiledRuns(), batched.BatchedRuns()):
+            updates = []
+            for config in (base, scaled):
+                if isinstance(engine, batched.BatchedRuns):
+                    tx = engine._batched_step(spec, config)["tx"]
+                else:
+                    tx = engine._group(spec, config)["tx"]
+                _, params = engine.init_params(spec, config)
+                state = tx.init(params)
+                for _ in range(3):  # step 1 is warmup at lr 0
+                    u, state = tx.update(grads_of(params), state, params)
+                updates.append(u)
+            for k in params:
+                ratio = mult if k.endswith("/embed") else 1.0
+                np.testing.assert_allclose(
+                    np.asarray(updates[1][k].data_array),
+                    ratio * np.asarray(updates[0][k].data_array),
+                    rtol=1e-5,
+                    atol=1e-9,
+                    err_msg=f"{name} {type(engine).__name__} {k}",
+                )
+            assert np.abs(np.asarray(updates[0]["dit/embed"].data_array)).max() > 0

@@ -60,11 +60,11 @@ class Parameterisation:
 
 
 PARAMETERISATIONS: dict[str, Parameterisation] = {
-    "adamw": Parameterisation(arch="standard", optimizer="adamw", mup=False, lr_range=(3e-4, 3e-1)),
+    "adamw": Parameterisation(arch="standard", optimizer="adamw", mup=False, lr_range=(3e-4, 3e-2)),
     "mup_adamw": Parameterisation(
-        arch="standard", optimizer="mup_adamw", mup=True, lr_range=(3e-4, 3e-1)
+        arch="standard", optimizer="mup_adamw", mup=True, lr_range=(3e-4, 3e-2)
     ),
-    "modula": Parameterisation(arch="modula", optimizer="modula", mup=False, lr_range=(1e-2, 10.0)),
+    "modula": Parameterisation(arch="modula", optimizer="modula", mup=False, lr_range=(3e-2, 3.0)),
 }
 
 

@@ -1,16 +1,17 @@
 """Width (and depth) x learning-rate sweeps: does the best learning rate stay put?
 
-    python transfer/sweep.py                      # default grid, about 30 min on 2 CPU cores
+    python transfer/sweep.py                      # default grid (docs/transfer.md: wall time)
     python transfer/sweep.py --quick              # tiny widths, few steps, about a minute
     python transfer/sweep.py --depths 1 2 4       # a depth sweep as well
     python transfer/sweep.py --plot-only          # redraw figures + summary from the CSV
 
 Three parameterisations are compared (the `PARAMETERISATIONS` registry): AdamW on the standard
 DiT (the baseline, expected not to transfer), AdamW under muP (`jif.mup`), and the Modula
-optimizer on the well-normed DiT. Every run trains from the same seed on the same data order
-and records its final validation NELBO (fixed time grid) and smoothed training loss as one CSV
-row; rows already present are skipped, so an interrupted sweep picks up where it stopped.
-Figures and `summary.json` are computed from the CSV alone (`transfer/analysis.py`).
+optimizer on the well-normed DiT. The runs of one seed share its initialisation and data
+order; each records its final validation NELBO (fixed time grid) and smoothed training loss
+as one CSV row; rows already present are skipped, so an interrupted sweep picks up where it
+stopped. `summary.json` (optima, seed ranges, basins, drift and a verdict per depth) and the
+figures are computed from the CSV and the unigram plateau (`transfer/analysis.py`).
 """
 
 from __future__ import annotations
@@ -55,25 +56,26 @@ from transfer.runs import (  # noqa: F401 (re-exported: the sweep's names)
 class SweepConfig:
     """A width (x depth) x learning-rate x parameterisation grid of short training runs."""
 
-    out: str = "transfer/results/sweep"
-    """Folder for runs.csv, summary.json and figures (created if missing)."""
+    out: str = "docs/transfer"
+    """Folder for runs.csv, summary.json and figures (created if missing); the default's results
+    are the committed ones (docs/transfer.md)."""
     optimizers: tuple[str, ...] = ("adamw", "mup_adamw", "modula")
     """Parameterisations to sweep (keys of PARAMETERISATIONS)."""
     widths: tuple[int, ...] = (32, 64, 128, 256)
     """Model widths d_model (a factor 8; 512 costs as much again as all four together)."""
     depths: tuple[int, ...] = (2,)
     """Numbers of transformer blocks; several values give a depth sweep as well."""
-    n_lrs: int = 7
-    """Learning rates per parameterisation, log-spaced over its range."""
+    n_lrs: int = 5
+    """Learning rates per parameterisation, log-spaced over its range (5: a factor 3.16 apart)."""
     lr_span: float = 0.0
     """If > 0, override every range to centre x 10^(+-lr_span/2) around its registry centre."""
     lrs: tuple[float, ...] = ()
     """Explicit learning rates for every parameterisation (overrides n_lrs / ranges)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Seeds; each grid point is trained once per seed (same seed -> same data order/init)."""
-    steps: int = 200
+    steps: int = 800
     """Training steps per run (warmup: a tenth of them)."""
-    batch_size: int = 16
+    batch_size: int = 8
     """Sequences per batch."""
     seq_len: int = 64
     """Tokens per sequence."""
@@ -81,9 +83,9 @@ class SweepConfig:
     """Attention heads at every width (head size = width / n_heads)."""
     mup_base_width: int = 0
     """Base width for muP (0: the smallest width of the sweep)."""
-    embed_lr_mult: float = 1.0
+    embed_lr_mult: float = 100.0
     """AdamW and muP AdamW: the embedding table's learning rate as a fixed multiple of the swept
-    learning rate, the same at every width (Modula needs none)."""
+    learning rate, the same at every width (jif.train's default; Modula needs none)."""
     data: str = "stories"
     """Training data (see jif.data)."""
     eval_sequences: int = 64
@@ -98,9 +100,9 @@ class SweepConfig:
     """Only redraw figures and summary.json from the existing CSV."""
     progress: bool = True
     """Show a tqdm bar over the whole grid."""
-    engine: str = "compiled"
-    """How runs are trained: "compiled" (one compiled step per shape, lr as data; fast),
-    "batched" (every lr and seed of a shape as one vmapped program, transfer/batched.py) or
+    engine: str = "batched"
+    """How runs are trained: "batched" (every lr and seed of a shape as one vmapped program,
+    transfer/batched.py), "compiled" (one compiled step per shape and seed, lr as data) or
     "train_run" (a full jif.train.run per grid point; same training, EMA evaluated)."""
 
 
