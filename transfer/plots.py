@@ -50,8 +50,8 @@ def _loss_panel(ax, optima: list[dict], vary: str, plateau, margin: float) -> No
         ax.axhline(plateau - margin, color="grey", ls=":", lw=1, label=f"plateau - {margin:g}")
     finite = [v for o in optima for v in o["losses"] if v is not None]
     if finite:
-        top = max(finite) if plateau is None else max(min(finite) + 0.5, plateau + 0.3)
-        ax.set_ylim(top=min(top, min(finite) + 3.0))  # keep the basin readable
+        top = min(max(finite), min(finite) + 3.0)  # keep the basin readable
+        ax.set_ylim(top=top if plateau is None else max(top, plateau + 0.3))
 
 
 def _optimum_panel(ax, summary: dict, names: list[str], vary: str, fixed: str, value) -> None:
