@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from transfer import analysis, coord_check, sweep
+from transfer import analysis, coord_check, runs, sweep
 
 FIGURES = ("loss_vs_lr", "optimum_vs_width")
 
@@ -23,7 +23,7 @@ def test_fit_recovers_vertex_of_known_parabola():
     lr, loss, method = analysis.fit_optimum(list(lrs), list(losses))
     assert method == "parabola"
     assert lr == pytest.approx(true, rel=1e-9)
-    assert loss == pytest.approx(2.0, abs=1e-9)
+    assert loss == min(losses) > 2.0  # the measured best, never the vertex's value
 
 
 def test_fit_falls_back_to_grid_at_edges_and_next_to_divergence():
@@ -38,15 +38,111 @@ def test_fit_falls_back_to_grid_at_edges_and_next_to_divergence():
 # ---------------------------------------------------------------------------- harness (fake runs)
 
 
-def _fake_run(optimum_at):
-    """A run function whose loss is a parabola in log-lr around optimum_at(spec); diverges far
-    to the right of it. Records the specs it was asked to train."""
+# ---------------------------------------------------------------------------- verdicts
+
+
+def _rows(name, optimum_at, widths=(32, 64, 128, 256), seeds=(0, 1, 2), floor=2.0, n_lrs=9):
+    """Synthetic runs.csv rows: loss = floor + 0.3 (log lr - log optimum_at(width, seed))^2
+    plus a small seed-dependent offset, on a log grid 1e-4..1e0."""
+    rows = []
+    for width in widths:
+        for seed in seeds:
+            for lr in np.geomspace(1e-4, 1.0, n_lrs):
+                x = math.log(lr / optimum_at(width, seed))
+                rows.append(
+                    dict(
+                        optimizer=name,
+                        width=width,
+                        depth=2,
+                        lr=float(lr),
+                        seed=seed,
+                        val_nelbo=floor + 0.01 * seed + 0.3 * x * x,
+                        diverged=False,
+                    )
+                )
+    return rows
+
+
+JITTER = {0: 1.0, 1: 1.15, 2: 0.87}  # each seed's optimum a little off the others'
+
+
+def test_synthetic_sweeps_get_the_right_verdicts():
+    rows = (
+        _rows("drifting", lambda w, s: 1e-2 * JITTER[s] * 32 / w)  # slope -1
+        + _rows("flat", lambda w, s: 1e-2 * JITTER[s])  # slope 0
+        + _rows("slow", lambda w, s: 1e-2 * JITTER[s] * (w / 32) ** 0.1)  # 1.07x per doubling
+        + _rows("plateau", lambda w, s: 1e-2, floor=4.9)  # never 1.5 nats below 5.0
+        + _rows("edge", lambda w, s: 3.0)  # optimum beyond the largest lr
+    )
+    summary = analysis.summarize(rows, "val_nelbo", plateau=5.0)
+    verdict = {n: e["depths"]["2"] for n, e in summary["optimizers"].items()}
+    assert verdict["drifting"]["verdict"] == "drifts"
+    assert verdict["drifting"]["drift_slope"] == pytest.approx(-1.0, abs=0.05)
+    lo, hi = verdict["drifting"]["drift_slope_seed_range"]
+    assert -1.2 < lo <= hi < -0.8
+    assert verdict["flat"]["verdict"] == verdict["slow"]["verdict"] == "transfers"
+    assert abs(verdict["flat"]["drift_slope"]) < 0.05
+    assert verdict["plateau"]["verdict"] == "inconclusive"
+    assert "width 32 does not learn" in verdict["plateau"]["verdict_reason"]
+    assert verdict["edge"]["verdict"] == "inconclusive"
+    assert "optimum at the grid edge" in verdict["edge"]["verdict_reason"]
+    for o in summary["optimizers"]["edge"]["optima"]:
+        assert o["at_edge"] and o["best_lr"] == 1.0 and not o["basin"]
+    for o in summary["optimizers"]["flat"]["optima"]:
+        assert o["learns"] and o["basin"] and not o["at_edge"]
+        lo, hi = o["seed_lr_range"]  # each seed's own optimum: 0.87e-2..1.15e-2
+        assert lo == pytest.approx(0.87e-2, rel=0.05) and hi == pytest.approx(1.15e-2, rel=0.05)
+        assert o["seed_loss_spread"] == pytest.approx(0.02, abs=0.01)
+    # Without a plateau nothing counts as learning: every verdict is inconclusive.
+    blind = analysis.summarize(rows, "val_nelbo")
+    assert {e["depths"]["2"]["verdict"] for e in blind["optimizers"].values()} == {"inconclusive"}
+
+
+def test_one_seed_that_disagrees_makes_the_verdict_inconclusive():
+    widths = [32, 64, 128, 256]
+    good = lambda w: dict(width=w, best_lr=1e-2, learns=True, basin=True, at_edge=False)
+    per_seed = {0: [1e-2] * 4, 1: [1.1e-2] * 4, 2: [1e-2 * (32 / w) ** 0.5 for w in widths]}
+    v = analysis.width_verdict([good(w) for w in widths], per_seed)
+    assert v["verdict"] == "inconclusive" and "some within" in v["verdict_reason"]
+    assert v["drift_slope_seed_range"] == pytest.approx([-0.5, 0.0], abs=1e-9)
+    per_seed[2] = [1e-2] * 4
+    assert analysis.width_verdict([good(w) for w in widths], per_seed)["verdict"] == "transfers"
+
+
+def test_no_basin_when_neighbours_are_within_the_seed_spread():
+    lrs = [1e-3, 1e-2, 1e-1]
+    losses = np.array([[3.00, 2.90, 3.00], [3.30, 3.20, 3.30]])  # seeds 0.3 apart
+    o = analysis.optimum(lrs, losses, plateau=6.0)
+    assert o["seed_loss_spread"] == pytest.approx(0.3)
+    assert not o["basin"] and o["learns"] and not o["at_edge"]
+    o = analysis.optimum(lrs, np.array([[3.5, 2.9, 3.5], [3.7, 3.0, 3.7]]), plateau=6.0)
+    assert o["basin"]
+
+
+def test_reported_loss_is_measured_and_never_below_the_best_run():
+    rng = np.random.default_rng(0)
+    lrs = list(np.geomspace(1e-3, 1.0, 7))
+    for _ in range(200):
+        losses = 2.0 + rng.random((3, 7)) + 0.1 * (np.arange(7) - rng.integers(7)) ** 2
+        o = analysis.optimum(lrs, losses, plateau=None)
+        mean = losses.mean(axis=0)
+        i = int(np.argmin(mean))
+        assert o["best_loss"] == pytest.approx(mean[i]) and o["best_loss"] >= losses.min()
+        assert o["grid_best_lr"] == lrs[i]
+        assert lrs[max(i - 1, 0)] <= o["best_lr"] <= lrs[min(i + 1, 6)]
+        assert o["at_edge"] == (i in (0, 6))
+        assert o["seed_lr_range"][0] <= o["seed_lr_range"][1]
+
+
+def _fake_run(optimum_at, diverge_at=2.5):
+    """A run function whose loss is a parabola in log-lr around optimum_at(spec); diverges
+    beyond diverge_at (in log-lr) to the right of it. Records the specs it was asked to train."""
     calls = []
 
     def run(spec, config):
         calls.append(spec)
         x = math.log(spec.lr / optimum_at(spec))
-        if x > 2.5:
+        if x > diverge_at:
             return {"val_nelbo": math.nan, "train_loss_smoothed": math.nan, "diverged": True}
         return {"val_nelbo": 3.0 + 0.2 * x * x, "train_loss_smoothed": 3.1 + 0.2 * x * x}
 
@@ -55,7 +151,7 @@ def _fake_run(optimum_at):
 
 def _optimum(spec):
     # adamw drifts as 1/width, muP stays put, modula stays put at a larger lr.
-    return {"adamw": 3e-2 * 64 / spec.width, "mup_adamw": 1e-2, "modula": 0.4}[spec.optimizer]
+    return {"adamw": 1e-2 * 64 / spec.width, "mup_adamw": 1e-2, "modula": 0.4}[spec.optimizer]
 
 
 def _check_outputs(out, n_rows):
@@ -76,7 +172,8 @@ def _check_outputs(out, n_rows):
                 assert o["best_lr"] == lrs[i]
             else:
                 assert lrs[i - 1] <= o["best_lr"] <= lrs[i + 1]
-                assert o["best_loss"] <= losses[i] + 1e-9
+            assert o["best_loss"] == pytest.approx(losses[i], rel=1e-12)  # measured
+            assert o["at_edge"] == (i in (0, len(lrs) - 1))
         best = [o["best_lr"] for o in entry["optima"]]
         assert entry["spread"] == pytest.approx(max(best) / min(best))
     return rows, summary
@@ -85,10 +182,10 @@ def _check_outputs(out, n_rows):
 def test_sweep_csv_summary_figures_and_resume(tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = ["--out", str(out), "--widths", "64", "128", "256", "--n-lrs", "9", "--no-progress"]
-    run, calls = _fake_run(_optimum)
+    run, calls = _fake_run(_optimum, diverge_at=1.5)
     sweep.main(argv, run_fn=run)
-    n = 3 * 3 * 9
-    assert len(calls) == n
+    n = 3 * 3 * 9 * 3  # optimizers x widths x learning rates x seeds (0, 1, 2 by default)
+    assert len(calls) == n and {s.seed for s in calls} == {0, 1, 2}
     rows, summary = _check_outputs(out, n)
     assert any(r["diverged"] for r in rows)  # recorded, not dropped
     ops = summary["optimizers"]
@@ -96,6 +193,12 @@ def test_sweep_csv_summary_figures_and_resume(tmp_path, capsys):
     assert ops["adamw"]["spread"] == pytest.approx(4.0, rel=1e-6)
     assert ops["mup_adamw"]["spread"] == pytest.approx(1.0, rel=1e-6)
     assert [o["best_lr"] for o in ops["modula"]["optima"]] == pytest.approx([0.4] * 3)
+    # The fake losses (3.0 at the optimum) lie far below the stories' plateau (about 5).
+    assert 4.0 < summary["unigram_plateau"] < 6.0
+    d2 = {name: e["depths"]["2"] for name, e in ops.items()}
+    assert d2["adamw"]["verdict"] == "drifts"
+    assert d2["adamw"]["drift_slope"] == pytest.approx(-1.0, rel=1e-6)
+    assert d2["mup_adamw"]["verdict"] == d2["modula"]["verdict"] == "transfers"
 
     # Resume: nothing left to do; a wider grid trains only the new runs.
     run2, calls2 = _fake_run(_optimum)
@@ -103,8 +206,8 @@ def test_sweep_csv_summary_figures_and_resume(tmp_path, capsys):
     assert calls2 == []
     run3, calls3 = _fake_run(_optimum)
     sweep.main([*argv[:2], "--widths", "64", "128", "256", "512", *argv[6:]], run_fn=run3)
-    assert {s.width for s in calls3} == {512} and len(calls3) == 3 * 9
-    _check_outputs(out, n + 3 * 9)
+    assert {s.width for s in calls3} == {512} and len(calls3) == 3 * 9 * 3
+    _check_outputs(out, n + 3 * 9 * 3)
 
     # Plot-only redraws from the CSV alone.
     (out / "summary.json").unlink()
@@ -160,10 +263,10 @@ def test_torn_last_row_is_repaired_and_the_sweep_continues(tmp_path, capsys):
 
 def test_depth_sweep_and_seeds(tmp_path):
     out = tmp_path / "depth"
-    run, calls = _fake_run(lambda spec: 1e-2 * spec.depth)
+    run, calls = _fake_run(lambda spec: 3e-3 * spec.depth)
     argv = ["--out", str(out), "--optimizers", "mup_adamw", "--widths", "64", "128"]
     summary = sweep.main([*argv, "--depths", "1", "2", "--seeds", "0", "1", "--no-progress"], run)
-    assert len(calls) == 2 * 2 * 7 * 2
+    assert len(calls) == 2 * 2 * 5 * 2
     entry = summary["optimizers"]["mup_adamw"]
     assert entry["spread_across_widths"]["1"] == pytest.approx(1.0)
     assert entry["spread_across_depths"]["64"] == pytest.approx(2.0, rel=1e-6)
@@ -189,6 +292,8 @@ def test_configuration_errors_exit_2_with_a_message(tmp_path, capsys):
         (["--lr-span", "-2"], "--lr-span -2.0"),
         (["--n-lrs", "0"], "n_lrs=0"),
         (["--engine", "gpu"], "engine 'gpu'"),
+        (["--engine", "train_run"], "pass --embed-lr-mult 1"),  # muP: no multiplier there
+        (["--embed-lr-mult", "-1"], "--embed-lr-mult -1.0"),
         (["--metric", "loss"], "metric 'loss'"),
         (["--widths", "64", "--n-heads", "64"], "even head size"),  # the model config
         (["--data", str(tmp_path / "none.txt")], "not found"),
@@ -253,17 +358,42 @@ def test_mask_tokens_masks_the_requested_fraction():
 # ---------------------------------------------------------------------------- quick real runs
 
 
+def test_nelbo_of_a_position_independent_predictor_is_the_unigram_plateau():
+    """A predictor that outputs the training unigram at every masked position, whatever its
+    input, has the MDLM NELBO per token of the plateau the sweep computes."""
+    from jif import data as data_lib
+    from jif import diffusion
+    from jif.tokenizer import load_tokenizer
+
+    config = sweep.SweepConfig(seq_len=64, eval_sequences=256)
+    log_q = jax.numpy.asarray(runs.unigram_log_probs(config), jax.numpy.float32)
+    tokenizer = load_tokenizer()
+    val = data_lib.validation_tokens(config.data, tokenizer, seq_len=64, n_sequences=256, seed=0)
+    ignore_input = lambda xt, rate: jax.numpy.broadcast_to(log_q, (*xt.shape, log_q.size))
+    out = diffusion.eval_nelbo(ignore_input, val, mask_id=tokenizer.mask_id, n_times=16)
+    plateau = runs.unigram_plateau(config)
+    assert 4.0 < plateau < 6.0
+    assert out["masked_ce"] == pytest.approx(plateau, rel=0.01)
+    assert out["nelbo"] == pytest.approx(plateau, rel=0.03)
+
+
+def test_default_sweep_has_three_seeds():
+    assert sweep.SweepConfig().seeds == (0, 1, 2)
+
+
 def test_sweep_quick_end_to_end(tmp_path):
     out = tmp_path / "quick"
     summary = sweep.main(["--quick", "--out", str(out), "--no-progress"])
-    rows, _ = _check_outputs(out, 3 * 2 * 3)
+    rows, _ = _check_outputs(out, 3 * 2 * 3 * 2)
     assert set(summary["optimizers"]) == {"adamw", "mup_adamw", "modula"}
     finite = [r for r in rows if not r["diverged"]]
     assert finite and all(0 < r["val_nelbo"] < 50 for r in finite)
 
 
-def _check_coord_rows(out, rows, n_models):
-    assert len(rows) == n_models * 2 * len(coord_check.LAYER_TYPES)
+def _check_coord_rows(out, rows, n_models, steps=8):
+    at = coord_check.record_steps(steps)
+    assert at == [0, 1, 2, 4, 8] and len(at) >= 5
+    assert len(rows) == n_models * len(at) * 2 * len(coord_check.LAYER_TYPES)
     with (out / "coord.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     for stem in ("coord_check", "coord_delta"):
@@ -272,9 +402,33 @@ def _check_coord_rows(out, rows, n_models):
     for r in rows:
         if r["layer"] == "logits":
             assert r["rms_init"] == 0.0  # zero-initialised output layer
-        assert r["delta_rms"] > 0.0 and math.isfinite(r["rms"])
+        if r["step"] == 0:  # the initial model itself
+            assert r["delta_rms"] == 0.0 and r["rms"] == pytest.approx(r["rms_init"])
+        if r["step"] == steps:
+            assert r["delta_rms"] > 0.0 and math.isfinite(r["rms"])
         if r["layer"] == "embedding" and r["optimizer"] == "modula":
             assert r["rms_init"] == pytest.approx(1.0, rel=1e-5)  # unit-RMS embedding rows
+    # The change since initialisation is recorded at every step, and it grows: the logits
+    # have moved more by the last step than by step 2 (step 1 is warmup at lr 0).
+    for name in {r["optimizer"] for r in rows}:
+        logit = {
+            r["step"]: r["delta_rms"]
+            for r in rows
+            if r["optimizer"] == name
+            and r["layer"] == "logits"
+            and r["width"] == rows[0]["width"]
+            and r["mask_rate"] == 0.15
+        }
+        assert set(logit) == set(at) and logit[steps] > logit[2] > 0.0, (name, logit)
+    # The figures redraw from coord.csv alone.
+    (out / "coord_delta.png").unlink()
+    assert len(coord_check.main(["--quick", "--out", str(out), "--plot-only"])) == len(rows)
+    assert (out / "coord_delta.png").exists()
+
+
+def test_record_steps_double_up_to_the_last():
+    assert coord_check.record_steps(10) == [0, 1, 2, 4, 8, 10]
+    assert coord_check.record_steps(1) == [0, 1]
 
 
 def test_coord_check_quick_one_model(tmp_path):
@@ -330,3 +484,38 @@ def test_lr_as_data_matches_optimizer_built_with_that_lr():
                 atol=1e-8,
                 err_msg=f"{name} {k}",
             )
+
+
+def test_embedding_multiplier_scales_only_the_embedding_step():
+    """--embed-lr-mult M: AdamW's and muP AdamW's embedding step is M times the one without
+    it, in both engines; every other step, and Modula's, is unchanged."""
+    from transfer import batched
+
+    grads_of = lambda params: jax.tree.map(lambda x: jax.numpy.cos(7.0 * x + 1.0), params)
+    base = sweep.resolve(sweep.SweepConfig(quick=True, widths=(16,)))
+    scaled = sweep.resolve(sweep.SweepConfig(quick=True, widths=(16,), embed_lr_mult=30.0))
+    for name in sweep.PARAMETERISATIONS:
+        spec = sweep.RunSpec(optimizer=name, width=16, depth=1, lr=1.0, seed=0)
+        mult = 1.0 if name == "modula" else 30.0
+        for engine in (sweep.CompiledRuns(), batched.BatchedRuns()):
+            updates = []
+            for config in (base, scaled):
+                if isinstance(engine, batched.BatchedRuns):
+                    tx = engine._batched_step(spec, config)["tx"]
+                else:
+                    tx = engine._group(spec, config)["tx"]
+                _, params = engine.init_params(spec, config)
+                state = tx.init(params)
+                for _ in range(3):  # step 1 is warmup at lr 0
+                    u, state = tx.update(grads_of(params), state, params)
+                updates.append(u)
+            for k in params:
+                ratio = mult if k.endswith("/embed") else 1.0
+                np.testing.assert_allclose(
+                    np.asarray(updates[1][k].data_array),
+                    ratio * np.asarray(updates[0][k].data_array),
+                    rtol=1e-5,
+                    atol=1e-9,
+                    err_msg=f"{name} {type(engine).__name__} {k}",
+                )
+            assert np.abs(np.asarray(updates[0]["dit/embed"].data_array)).max() > 0

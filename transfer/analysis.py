@@ -1,7 +1,13 @@
-"""Sweep analysis: runs.csv rows -> loss curves -> optima -> summary.json and figures.
+"""Sweep analysis: runs.csv rows -> loss curves -> optima -> verdicts (summary.json).
 
-Reads only the CSV rows (`read_rows`), so figures can be redrawn at any time
+Reads only the CSV rows (`read_rows`) and the unigram plateau (a number the sweep computes
+from the data), so the summary and figures (`transfer/plots.py`) can be redrawn at any time
 (`python transfer/sweep.py --plot-only`).
+
+Every optimum comes from measured points: the grid point with the best mean loss over seeds.
+A parabola in log(lr) through it and its two neighbours may move the *location* between
+those neighbours; the loss reported is the measured mean at the grid point, never a fitted
+value. `VERDICT_RULE` says how a width sweep is judged.
 """
 
 from __future__ import annotations
@@ -14,11 +20,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+from transfer.plots import plot  # noqa: F401 (re-exported: the figures of a summary)
 
 INT_FIELDS = ("width", "depth", "seed", "steps")
 FLOAT_FIELDS = ("lr", "val_nelbo", "train_loss_smoothed", "seconds")
@@ -96,13 +100,27 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def fit_optimum(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, float, str]:
-    """Best learning rate from a loss curve: (lr, loss, method).
+LEARNS_MARGIN = 1.5
+"""A run learns when its loss is at least this many nats/token below the unigram plateau."""
+SLOPE_TOLERANCE = 0.25
+"""|d log(optimum) / d log(width)| below this (under 1.19x per doubling) counts as flat."""
+VERDICT_RULE = (
+    f"inconclusive unless every width learns (best mean loss >= {LEARNS_MARGIN} nats below the "
+    "unigram plateau), has a basin (both grid neighbours of the best point worse by more than "
+    "the seed-to-seed spread there) and has its optimum inside the grid; then 'transfers' if "
+    f"every seed's slope of log(optimum) against log(width) lies within +-{SLOPE_TOLERANCE}, "
+    "'drifts' if every seed's lies outside it, else inconclusive"
+)
 
-    lrs: ascending grid [n]; losses: [n], inf/nan for diverged points. Fits a parabola in
-    log(lr) through the grid minimum and its two neighbours and returns its vertex ("parabola");
-    at the edge of the grid, next to a diverged point, or for a non-convex triple it returns
-    the grid point ("grid"). The vertex of a convex triple always lies between the neighbours.
+
+def fit_optimum(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, float, str]:
+    """Best learning rate of a loss curve: (lr, loss, method).
+
+    lrs: ascending grid [n]; losses: [n], inf/nan for diverged points. The loss is always the
+    measured minimum. The location is the vertex of a parabola in log(lr) through the
+    minimum and its two neighbours ("parabola"; a convex triple's vertex lies between the
+    neighbours); at the edge of the grid, next to a diverged point, or for a non-convex
+    triple it is the grid point ("grid").
     """
     x = np.log(np.asarray(lrs, dtype=np.float64))
     y = np.asarray(losses, dtype=np.float64)
@@ -112,25 +130,138 @@ def fit_optimum(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, f
     i = int(np.argmin(y))
     if i == 0 or i == len(y) - 1 or not np.isfinite(y[i - 1 : i + 2]).all():
         return float(lrs[i]), float(y[i]), "grid"
-    a, b, c = np.polyfit(x[i - 1 : i + 2], y[i - 1 : i + 2], 2)
+    a, b, _ = np.polyfit(x[i - 1 : i + 2], y[i - 1 : i + 2], 2)
     if a <= 0:
         return float(lrs[i]), float(y[i]), "grid"
     vertex = float(np.clip(-b / (2 * a), x[i - 1], x[i + 1]))
-    return float(np.exp(vertex)), float(a * vertex**2 + b * vertex + c), "parabola"
+    return float(np.exp(vertex)), float(y[i]), "parabola"
+
+
+def seed_curves(rows: list[dict], metric: str) -> dict[tuple[str, int, int], dict]:
+    """(optimizer, width, depth) -> {"lrs": ascending, "seeds": ascending,
+    "losses": [n_seeds, n_lrs] array (inf: diverged, nan: not run)}."""
+    groups: dict[tuple[str, int, int], dict[tuple[float, int], float]] = {}
+    for row in rows:
+        value = math.inf if row["diverged"] else row[metric]
+        key = (row["optimizer"], row["width"], row["depth"])
+        groups.setdefault(key, {})[(row["lr"], row["seed"])] = value
+    out = {}
+    for key, by_point in groups.items():
+        lrs = sorted({lr for lr, _ in by_point})
+        seeds = sorted({s for _, s in by_point})
+        losses = np.full((len(seeds), len(lrs)), np.nan)
+        for (lr, s), v in by_point.items():
+            losses[seeds.index(s), lrs.index(lr)] = v
+        out[key] = {"lrs": lrs, "seeds": seeds, "losses": losses}
+    return out
 
 
 def curves(rows: list[dict], metric: str) -> dict[tuple[str, int, int], tuple[list, list]]:
-    """(optimizer, width, depth) -> (lrs ascending, mean loss over seeds; inf if any diverged)."""
-    groups: dict[tuple[str, int, int], dict[float, list[float]]] = {}
-    for row in rows:
-        value = math.inf if row["diverged"] else row[metric]
-        groups.setdefault((row["optimizer"], row["width"], row["depth"]), {}).setdefault(
-            row["lr"], []
-        ).append(value)
+    """(optimizer, width, depth) -> (lrs ascending, mean loss over seeds; inf if any diverged
+    or is missing)."""
     out = {}
-    for key, by_lr in groups.items():
-        lrs = sorted(by_lr)
-        out[key] = (lrs, [float(np.mean(by_lr[lr])) for lr in lrs])
+    for key, c in seed_curves(rows, metric).items():
+        mean = np.where(np.isnan(c["losses"]), np.inf, c["losses"]).mean(axis=0)
+        out[key] = (c["lrs"], [float(v) for v in mean])
+    return out
+
+
+def _finite_or_none(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def optimum(lrs: list[float], losses: np.ndarray, plateau: float | None) -> dict:
+    """The optimum of one (parameterisation, width, depth) from its runs.
+
+    losses: [n_seeds, n_lrs] (inf: diverged or missing). Returns best_lr (location),
+    best_loss (measured mean at the best grid point), method, at_edge, the seeds' own best
+    learning rates and their range, the seed-to-seed spread of the loss at the best point
+    (max - min), basin, learns, and the mean curve."""
+    losses = np.where(np.isnan(losses), np.inf, losses)
+    mean = losses.mean(axis=0)
+    lr, loss, method = fit_optimum(lrs, mean)
+    finite = np.isfinite(mean)
+    i = int(np.argmin(np.where(finite, mean, np.inf))) if finite.any() else 0
+    seed_lrs = [fit_optimum(lrs, row)[0] for row in losses]
+    seed_lrs = [v for v in seed_lrs if math.isfinite(v)]
+    at_best = losses[:, i]
+    spread = float(at_best.max() - at_best.min()) if np.isfinite(at_best).all() else math.inf
+    interior = 0 < i < len(lrs) - 1
+    basin = bool(finite.any() and interior and min(mean[i - 1], mean[i + 1]) > mean[i] + spread)
+    return dict(
+        best_lr=lr,
+        best_loss=_finite_or_none(loss),
+        method=method,
+        at_edge=bool(finite.any() and not interior),
+        grid_best_lr=lrs[i],
+        seed_best_lrs=seed_lrs,
+        seed_lr_range=[min(seed_lrs), max(seed_lrs)] if seed_lrs else None,
+        seed_loss_spread=_finite_or_none(spread),
+        basin=basin,
+        learns=bool(
+            plateau is not None and math.isfinite(loss) and loss <= plateau - LEARNS_MARGIN
+        ),
+        n_seeds=int(losses.shape[0]),
+        n_diverged=int((~np.isfinite(losses)).sum()),
+        lrs=lrs,
+        losses=[_finite_or_none(v) for v in mean],
+        seed_losses_min=[_finite_or_none(v) for v in losses.min(axis=0)],
+        seed_losses_max=[_finite_or_none(v) for v in losses.max(axis=0)],
+    )
+
+
+def slope(widths: Sequence[float], lrs: Sequence[float]) -> float:
+    """Least-squares slope of log(lr) against log(width)."""
+    return float(np.polyfit(np.log(widths), np.log(lrs), 1)[0])
+
+
+def width_verdict(optima: list[dict], per_seed: dict[int, list[float]]) -> dict:
+    """Drift and verdict of one parameterisation at one depth (see VERDICT_RULE).
+
+    optima: `optimum` dicts (with "width"), one per width; per_seed: seed -> its own best lr
+    at each of those widths (same order)."""
+    widths = [o["width"] for o in optima]
+    best = [o["best_lr"] for o in optima]
+    out: dict = dict(widths=widths, best_lrs=best, spread_across_widths=_spread(best))
+    ok = len(widths) >= 2 and all(math.isfinite(v) for v in best)
+    out["drift_slope"] = slope(widths, best) if ok else None
+    seed_slopes = {
+        str(s): slope(widths, v)
+        for s, v in per_seed.items()
+        if ok and len(v) == len(widths) and all(math.isfinite(x) for x in v)
+    }
+    out["drift_slope_seeds"] = seed_slopes
+    out["drift_slope_seed_range"] = (
+        [min(seed_slopes.values()), max(seed_slopes.values())] if seed_slopes else None
+    )
+    problems = []
+    if len(widths) < 2:
+        problems.append("fewer than two widths")
+    for o in optima:
+        why = [
+            text
+            for bad, text in (
+                (not o["learns"], "does not learn"),
+                (not o["basin"], "has no basin"),
+                (o["at_edge"], "has its optimum at the grid edge"),
+            )
+            if bad
+        ]
+        if why:
+            problems.append(f"width {o['width']} " + " and ".join(why))
+    if problems or not seed_slopes:
+        verdict, reason = "inconclusive", "; ".join(problems) or "no seed has a slope"
+    else:
+        flat = [abs(v) <= SLOPE_TOLERANCE for v in seed_slopes.values()]
+        lo, hi = out["drift_slope_seed_range"]
+        seeds = f"seed slopes {lo:+.2f}..{hi:+.2f}"
+        if all(flat):
+            verdict, reason = "transfers", f"{seeds}, all within +-{SLOPE_TOLERANCE}"
+        elif not any(flat):
+            verdict, reason = "drifts", f"{seeds}, all outside +-{SLOPE_TOLERANCE}"
+        else:
+            verdict, reason = "inconclusive", f"{seeds}: some within +-{SLOPE_TOLERANCE}, some not"
+    out["verdict"], out["verdict_reason"] = verdict, reason
     return out
 
 
@@ -139,123 +270,51 @@ def _spread(optima: list[float]) -> float | None:
     return max(finite) / min(finite) if len(finite) >= 2 else None
 
 
-def summarize(rows: list[dict], metric: str) -> dict:
-    """Per optimizer and (width, depth): the best lr; spread of optima across widths/depths."""
-    summary: dict = {"metric": metric, "n_runs": len(rows), "optimizers": {}}
-    for (name, width, depth), (lrs, losses) in sorted(curves(rows, metric).items()):
-        lr, loss, method = fit_optimum(lrs, losses)
-        i = int(np.argmin(np.where(np.isfinite(losses), losses, np.inf)))
+def summarize(rows: list[dict], metric: str, plateau: float | None = None) -> dict:
+    """summary.json: per optimizer, the optimum of every (width, depth) (`optimum`), and per
+    depth the spread, drift and verdict across widths (`width_verdict`); with several depths
+    also the spread across depths at each width.
+
+    plateau: the unigram plateau in nats/token (`transfer.runs.unigram_plateau`); without it
+    no run counts as learning, so every verdict is inconclusive."""
+    summary: dict = dict(
+        metric=metric,
+        n_runs=len(rows),
+        unigram_plateau=plateau,
+        learns_margin=LEARNS_MARGIN,
+        slope_tolerance=SLOPE_TOLERANCE,
+        verdict_rule=VERDICT_RULE,
+        optimizers={},
+    )
+    per_seed: dict[tuple[str, int, int], dict[int, float]] = {}
+    for (name, width, depth), c in sorted(seed_curves(rows, metric).items()):
+        o = optimum(c["lrs"], c["losses"], plateau)
         entry = summary["optimizers"].setdefault(name, {"optima": []})
-        entry["optima"].append(
-            dict(
-                width=width,
-                depth=depth,
-                best_lr=lr,
-                best_loss=loss,
-                method=method,
-                at_edge=method == "grid" and i in (0, len(lrs) - 1),
-                grid_best_lr=lrs[i],
-                grid_best_loss=losses[i] if math.isfinite(losses[i]) else None,
-                n_diverged=int(sum(not math.isfinite(v) for v in losses)),
-                lrs=lrs,
-                losses=[v if math.isfinite(v) else None for v in losses],
-            )
-        )
-    for entry in summary["optimizers"].values():
+        entry["optima"].append(dict(width=width, depth=depth, **o))
+        for seed, row in zip(c["seeds"], c["losses"], strict=True):
+            row = np.where(np.isnan(row), np.inf, row)
+            per_seed[(name, width, depth)] = per_seed.get((name, width, depth), {})
+            per_seed[(name, width, depth)][seed] = fit_optimum(c["lrs"], row)[0]
+    for name, entry in summary["optimizers"].items():
         optima = entry["optima"]
         depths = sorted({o["depth"] for o in optima})
         widths = sorted({o["width"] for o in optima})
-        # Width transfer at each depth, depth transfer at each width.
+        entry["depths"] = {}
+        for d in depths:
+            at_d = sorted((o for o in optima if o["depth"] == d), key=lambda o: o["width"])
+            seeds = sorted({s for o in at_d for s in per_seed[(name, o["width"], d)]})
+            by_seed = {
+                s: [per_seed[(name, o["width"], d)].get(s, math.nan) for o in at_d] for s in seeds
+            }
+            entry["depths"][str(d)] = width_verdict(at_d, by_seed)
         entry["spread_across_widths"] = {
-            str(d): _spread([o["best_lr"] for o in optima if o["depth"] == d]) for d in depths
+            d: v["spread_across_widths"] for d, v in entry["depths"].items()
         }
         if len(depths) > 1:
             entry["spread_across_depths"] = {
                 str(w): _spread([o["best_lr"] for o in optima if o["width"] == w]) for w in widths
             }
-        base = [o["best_lr"] for o in optima if o["depth"] == depths[0]]
-        entry["spread"] = _spread(base)
+        entry["spread"] = entry["depths"][str(depths[0])]["spread_across_widths"]
         # Optima at the edge of the lr grid only bound the spread: widen the grid there.
         entry["any_optimum_at_grid_edge"] = any(o["at_edge"] for o in optima)
     return summary
-
-
-# --------------------------------------------------------------------------------------------
-# Plots (read only the CSV via `summarize`)
-
-
-def plot(summary: dict, out: Path) -> list[Path]:
-    """loss_vs_lr.{png,svg} (one panel per optimizer, one curve per width) and
-    optimum_vs_width.{png,svg}; with several depths also the depth versions."""
-    names = list(summary["optimizers"])
-    written = []
-
-    def save(fig, stem):
-        for ext in ("png", "svg"):
-            path = out / f"{stem}.{ext}"
-            fig.savefig(path, dpi=120, bbox_inches="tight")
-            written.append(path)
-        plt.close(fig)
-
-    all_optima = [o for n in names for o in summary["optimizers"][n]["optima"]]
-    depths = sorted({o["depth"] for o in all_optima})
-    widths = sorted({o["width"] for o in all_optima})
-    for vary, fixed_name, fixed_value in [("width", "depth", depths[0])] + (
-        [("depth", "width", widths[-1])] if len(depths) > 1 else []
-    ):
-        fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
-        for ax, name in zip(axes[0], names, strict=True):
-            optima = [
-                o for o in summary["optimizers"][name]["optima"] if o[fixed_name] == fixed_value
-            ]
-            cmap = plt.get_cmap("viridis")
-            for k, o in enumerate(sorted(optima, key=lambda o: o[vary])):
-                color = cmap(k / max(1, len(optima) - 1))
-                lrs = np.array(o["lrs"])
-                losses = np.array([np.nan if v is None else v for v in o["losses"]])
-                ax.plot(lrs, losses, "o-", color=color, ms=3, label=f"{vary} {o[vary]}")
-                bad = ~np.isfinite(losses)
-                if bad.any():
-                    top = np.nanmax(losses) if np.isfinite(losses).any() else 1.0
-                    ax.plot(lrs[bad], np.full(bad.sum(), top), "x", color=color)
-                if math.isfinite(o["best_lr"]):
-                    ax.plot([o["best_lr"]], [o["best_loss"]], "*", color=color, ms=11, mec="k")
-            finite = [v for o in optima for v in o["losses"] if v is not None]
-            if finite and max(finite) > min(finite) + 3.0:  # keep the basin readable
-                ax.set_ylim(top=min(finite) + 3.0)
-            ax.set_xscale("log")
-            ax.set_xlabel("learning rate")
-            ax.set_title(f"{name} ({fixed_name} {fixed_value})")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        axes[0][0].set_ylabel(summary["metric"] + " (nats/token)")
-        fig.tight_layout()
-        save(fig, f"loss_vs_lr{'' if vary == 'width' else '_depth'}")
-
-        fig, ax = plt.subplots(figsize=(5, 3.6))
-        for name in names:
-            optima = sorted(
-                (o for o in summary["optimizers"][name]["optima"] if o[fixed_name] == fixed_value),
-                key=lambda o: o[vary],
-            )
-            (line,) = ax.plot(
-                [o[vary] for o in optima], [o["best_lr"] for o in optima], "o-", label=name
-            )
-            edge = [o for o in optima if o["best_lr"] in (o["lrs"][0], o["lrs"][-1])]
-            ax.plot(  # optimum at the edge of the grid: a bound, not a measurement
-                [o[vary] for o in edge],
-                [o["best_lr"] for o in edge],
-                "o",
-                mfc="white",
-                color=line.get_color(),
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel(vary)
-        ax.set_ylabel("best learning rate")
-        ax.set_title(f"optimum vs {vary} ({fixed_name} {fixed_value}; open: grid edge)")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        save(fig, f"optimum_vs_{vary}")
-    return written

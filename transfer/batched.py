@@ -51,7 +51,7 @@ class BatchedRuns(runs.CompiledRuns):
             model_config = train.resolve_model_config(cfg, tokenizer.vocab_size)
             unbound, params = ckpt.init_model(model_config, cfg.seed)
             tx, _ = optim.make_optimizer(cfg.optim, cfg.steps, model_config, params)
-            tx = optax.chain(tx, runs.scale_by_state_lr())
+            tx = optax.chain(tx, *runs.embed_scale(spec, config, params), runs.scale_by_state_lr())
             step = loop.make_train_step(
                 unbound, tx, seed=None, ema=cfg.ema, mask_id=tokenizer.mask_id
             )

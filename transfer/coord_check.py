@@ -1,21 +1,25 @@
 """Coordinate check (in the spirit of muP's): activation sizes against width, per optimizer.
 
     python transfer/coord_check.py             # widths 64..512, 10 steps, about 5 min
-    python transfer/coord_check.py --quick     # tiny widths, 4 steps (what tests run)
+    python transfer/coord_check.py --quick     # tiny widths, 8 steps (what tests run)
 
 For each parameterisation of `transfer.sweep.PARAMETERISATIONS` and each width, the model is
-evaluated at initialisation and after a few training steps (same seed, same data) on fixed
-validation sequences masked at a low and a high mask rate. Recording layers are inserted with
+evaluated at initialisation and after steps 1, 2, 4, 8, ... and the last (`record_steps`;
+same seed, same data) on fixed validation sequences masked at a low and a high mask rate, as
+muP's coordinate check records several steps. Recording layers are inserted with
 `pz.select` (penzai's `SaveIntermediate`, after unrolling the block LayerStack), so the model
 code is untouched. Per layer type the script records
 
-    rms        root mean square of the activation coordinates
-    delta_rms  root mean square of (activation after training - activation at init)
+    rms        root mean square of the activation coordinates at that step
+    delta_rms  root mean square of (activation at that step - activation at init)
 
 for: embedding (token embedding output), attention (attention branch output, every block),
 mlp (MLP branch output, every block), residual (residual stream after the last block) and
-logits. Under muP (and Modula) both should stay flat in width; with standard AdamW the update
-sizes grow with width. Results: coord.csv, coord_check.{png,svg} (rms), coord_delta.{png,svg}.
+logits. Under muP (and Modula) both should stay flat in width at every step; with standard
+AdamW the update sizes grow with width, more so as steps accumulate. Results: coord.csv (one
+row per model, step, mask rate and layer type), coord_check.{png,svg} (rms) and
+coord_delta.{png,svg} (rms of the change): one panel per parameterisation and layer type, one
+line per step against width, solid at the low mask rate and dashed at the high one.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class CoordConfig:
     depth: int = 2
     """Transformer blocks."""
     steps: int = 10
-    """Training steps between the two measurements."""
+    """Training steps; activations are recorded at steps 0, 1, 2, 4, ... and this one."""
     lrs: tuple[float, ...] = ()
     """Learning rate per optimizer (same order as --optimizers); default: the centre of each
     parameterisation's sweep range."""
@@ -81,7 +85,7 @@ class CoordConfig:
     seed: int = 0
     """Seed of initialisation, data order and probe masks."""
     quick: bool = False
-    """Tiny preset for tests: widths 16/32, depth 1, 4 steps (step 1 is warmup at lr 0, and
+    """Tiny preset for tests: widths 16/32, depth 1, 8 steps (step 1 is warmup at lr 0, and
     with a zero-initialised output layer only the logits move in the next one)."""
     plot_only: bool = False
     """Only redraw the figures from an existing coord.csv."""
@@ -91,7 +95,7 @@ QUICK_OVERRIDES = dict(
     out="transfer/results/coord-quick",
     widths=(16, 32),
     depth=1,
-    steps=4,
+    steps=8,
     batch_size=4,
     seq_len=16,
     n_probe=4,
@@ -254,15 +258,32 @@ def mask_tokens(tokens: np.ndarray, rate: float, mask_id: int, seed: int) -> np.
 # The check
 
 
+def record_steps(steps: int) -> list[int]:
+    """The steps at which activations are recorded: 0, 1, 2, 4, 8, ... below `steps`, and it."""
+    out, k = [0], 1
+    while k < steps:
+        out.append(k)
+        k *= 2
+    return [*out, steps]
+
+
 def check_one(name: str, width: int, lr: float, config: CoordConfig, runs) -> list[dict]:
-    """Rows (layer, mask_rate, rms at init, rms and delta_rms after training) for one model.
+    """Rows (step, layer, mask_rate, rms at init, rms and delta_rms at that step) for one
+    model, at every step of `record_steps`.
 
     runs: a transfer.sweep.CompiledRuns (trains exactly as the sweep does).
     """
 
     sweep_cfg, run = sweep_config(config), spec(name, width, lr, config)
     unbound, init_params = runs.init_params(run, sweep_cfg)
-    final_params, outcome = runs.train(run, sweep_cfg)
+    at = record_steps(config.steps)
+    params = {0: init_params}
+
+    def keep(done, p):
+        if done in at:
+            params[done] = jax.tree_util.tree_map(jnp.copy, p)
+
+    _, outcome = runs.train(run, sweep_cfg, snapshots=keep)
     if outcome["diverged"]:
         raise FloatingPointError(f"{name} at width {width} diverged at lr {lr}; pass smaller --lrs")
     tokenizer = runs._data(sweep_cfg, config.seed)[0]
@@ -277,21 +298,23 @@ def check_one(name: str, width: int, lr: float, config: CoordConfig, runs) -> li
     for rate in config.mask_rates:
         xt = mask_tokens(np.asarray(probe), rate, tokenizer.mask_id, config.seed)
         before = record(ckpt.bind_params(unbound, init_params), xt, rate)
-        after = record(ckpt.bind_params(unbound, final_params), xt, rate)
-        for kind in LAYER_TYPES:
-            rows.append(
-                dict(
-                    optimizer=name,
-                    width=width,
-                    lr=lr,
-                    steps=config.steps,
-                    mask_rate=rate,
-                    layer=kind,
-                    rms_init=float(np.sqrt(np.mean(before[kind] ** 2))),
-                    rms=float(np.sqrt(np.mean(after[kind] ** 2))),
-                    delta_rms=float(np.sqrt(np.mean((after[kind] - before[kind]) ** 2))),
+        for step in at:
+            after = record(ckpt.bind_params(unbound, params[step]), xt, rate)
+            for kind in LAYER_TYPES:
+                rows.append(
+                    dict(
+                        optimizer=name,
+                        width=width,
+                        lr=lr,
+                        steps=config.steps,
+                        step=step,
+                        mask_rate=rate,
+                        layer=kind,
+                        rms_init=float(np.sqrt(np.mean(before[kind] ** 2))),
+                        rms=float(np.sqrt(np.mean(after[kind] ** 2))),
+                        delta_rms=float(np.sqrt(np.mean((after[kind] - before[kind]) ** 2))),
+                    )
                 )
-            )
     return rows
 
 
@@ -300,6 +323,7 @@ CSV_FIELDS = (
     "width",
     "lr",
     "steps",
+    "step",
     "mask_rate",
     "layer",
     "rms_init",
@@ -309,15 +333,22 @@ CSV_FIELDS = (
 
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
-    """coord_check.{png,svg}: rms at init (dashed) and after training (solid) vs width;
-    coord_delta.{png,svg}: rms of the change. One row of panels per optimizer, one column per
-    layer type, one colour per mask rate; log-log axes."""
+    """coord_check.{png,svg}: rms against width; coord_delta.{png,svg}: rms of the change since
+    initialisation. One row of panels per optimizer, one column per layer type; one colour
+    per recorded step (dark: early), solid at the lowest mask rate, dashed at the highest
+    (others dotted); log-log axes. Step 0 is left out of the change (it is zero)."""
 
     names = list(dict.fromkeys(r["optimizer"] for r in rows))
     rates = sorted({r["mask_rate"] for r in rows})
-    colors = plt.get_cmap("coolwarm")(np.linspace(0.1, 0.9, len(rates)))
+    steps = sorted({r["step"] for r in rows})
+    colors = dict(
+        zip(steps, plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(steps))), strict=True)
+    )
+    styles = {
+        rate: "-" if rate == rates[0] else "--" if rate == rates[-1] else ":" for rate in rates
+    }
     written = []
-    for stem, series in (("coord_check", ("rms_init", "rms")), ("coord_delta", ("delta_rms",))):
+    for stem, field in (("coord_check", "rms"), ("coord_delta", "delta_rms")):
         fig, axes = plt.subplots(
             len(names),
             len(LAYER_TYPES),
@@ -328,30 +359,32 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
             for j, kind in enumerate(LAYER_TYPES):
                 ax = axes[i][j]
                 positive = False
-                for color, rate in zip(colors, rates, strict=True):
-                    sel = sorted(
-                        (
-                            r
-                            for r in rows
-                            if r["optimizer"] == name
-                            and r["layer"] == kind
-                            and r["mask_rate"] == rate
-                        ),
-                        key=lambda r: r["width"],
-                    )
-                    for field in series:
+                for rate in rates:
+                    for step in steps:
+                        if field == "delta_rms" and step == 0:
+                            continue
+                        sel = sorted(
+                            (
+                                r
+                                for r in rows
+                                if r["optimizer"] == name
+                                and r["layer"] == kind
+                                and r["mask_rate"] == rate
+                                and r["step"] == step
+                            ),
+                            key=lambda r: r["width"],
+                        )
                         y = np.array([r[field] for r in sel])
                         positive |= bool((y > 0).any())
-                        style = "--" if field == "rms_init" else "-"
-                        label = f"mask {rate:g}" + (" init" if field == "rms_init" else "")
                         ax.plot(
                             [r["width"] for r in sel],
                             np.where(y > 0, y, np.nan),
-                            style,
+                            styles[rate],
                             marker="o",
-                            ms=3,
-                            color=color,
-                            label=label,
+                            ms=2.5,
+                            lw=1,
+                            color=colors[step],
+                            label=f"step {step}" if rate == rates[0] else None,
                         )
                 ax.set_xscale("log", base=2)
                 if positive:  # all-zero panels (e.g. logits at init) stay linear
@@ -365,10 +398,11 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
                 if i == 0:
                     ax.set_title(kind)
                 if j == 0:
-                    ax.set_ylabel(f"{name}\n{'rms' if stem == 'coord_check' else 'rms of change'}")
+                    ax.set_ylabel(f"{name}\n{'rms' if field == 'rms' else 'rms of change'}")
                 if i == len(names) - 1:
                     ax.set_xlabel("width")
-        axes[0][-1].legend(fontsize=6)
+        rate_note = ", ".join(f"{styles[r]} mask {r:g}" for r in rates)
+        axes[0][-1].legend(fontsize=6, title=rate_note, title_fontsize=6)
         fig.tight_layout()
         for ext in ("png", "svg"):
             path = out / f"{stem}.{ext}"
@@ -384,8 +418,10 @@ def read_rows(path: Path) -> list[dict]:
         raise ValueError(f"no {path}; run the coordinate check first (without --plot-only)")
     with path.open() as f:
         rows = list(csv.DictReader(f))
+    if rows and "step" not in rows[0]:
+        raise ValueError(f"{path} has no step column (an older check); run it again")
     for row in rows:
-        row["width"], row["steps"] = int(row["width"]), int(row["steps"])
+        row["width"], row["steps"], row["step"] = (int(row[k]) for k in ("width", "steps", "step"))
         for name in ("lr", "mask_rate", "rms_init", "rms", "delta_rms"):
             row[name] = float(row[name])
     return rows
@@ -433,14 +469,19 @@ def check(config: CoordConfig) -> list[dict]:
     for name in config.optimizers:
         for kind in LAYER_TYPES:
             sel = sorted(
-                (r for r in rows if r["optimizer"] == name and r["layer"] == kind),
+                (
+                    r
+                    for r in rows
+                    if r["optimizer"] == name and r["layer"] == kind and r["step"] == config.steps
+                ),
                 key=lambda r: r["width"],
             )
             ratio = [r["delta_rms"] for r in sel if r["width"] == max(config.widths)]
             base = [r["delta_rms"] for r in sel if r["width"] == min(config.widths)]
             growth = np.mean(ratio) / np.mean(base) if np.mean(base) > 0 else math.nan
             print(
-                f"{name:10s} {kind:10s} change rms x{growth:.2f} from width {min(config.widths)} to {max(config.widths)}"
+                f"{name:10s} {kind:10s} change rms at step {config.steps} x{growth:.2f} from "
+                f"width {min(config.widths)} to {max(config.widths)}"
             )
     print(f"wrote {out}/coord.csv and figures")
     return rows

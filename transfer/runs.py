@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jif import checkpoint as ckpt
@@ -40,6 +41,7 @@ RUN_SETTINGS = (
     "eval_sequences",
     "eval_times",
     "engine",
+    "embed_lr_mult",
 )
 
 
@@ -58,11 +60,11 @@ class Parameterisation:
 
 
 PARAMETERISATIONS: dict[str, Parameterisation] = {
-    "adamw": Parameterisation(arch="standard", optimizer="adamw", mup=False, lr_range=(3e-4, 3e-1)),
+    "adamw": Parameterisation(arch="standard", optimizer="adamw", mup=False, lr_range=(3e-4, 3e-2)),
     "mup_adamw": Parameterisation(
-        arch="standard", optimizer="mup_adamw", mup=True, lr_range=(3e-4, 3e-1)
+        arch="standard", optimizer="mup_adamw", mup=True, lr_range=(3e-4, 3e-2)
     ),
-    "modula": Parameterisation(arch="modula", optimizer="modula", mup=False, lr_range=(1e-2, 10.0)),
+    "modula": Parameterisation(arch="modula", optimizer="modula", mup=False, lr_range=(3e-2, 3.0)),
 }
 
 
@@ -96,7 +98,8 @@ def train_config_for(spec: RunSpec, config: SweepConfig) -> train.TrainConfig:
         optim=optim.OptimConfig(
             optimizer=p.optimizer,
             lr=spec.lr,
-            embed_lr_mult=1.0,  # one learning rate for every parameter: the question is its transfer
+            # AdamW only (jif.optim.adamw); muP's is applied by `embed_scale` (CompiledRuns).
+            embed_lr_mult=config.embed_lr_mult if p.optimizer == "adamw" else 1.0,
             warmup=max(1, config.steps // 10),
         ),
         seed=spec.seed,
@@ -122,6 +125,15 @@ def train_run(spec: RunSpec, config: SweepConfig) -> dict:
         "train_loss_smoothed": nan_if_none(result.get("train_loss_smoothed")),
         "diverged": bool(result.get("diverged", False)),
     }
+
+
+def embed_scale(spec: RunSpec, config: SweepConfig, params) -> list[optax.GradientTransformation]:
+    """muP AdamW's fixed embedding multiplier (`SweepConfig.embed_lr_mult`), applied after the
+    optimizer (exact: every step is linear in its learning rate); [] for the others (AdamW's
+    is in its OptimConfig, Modula normalises each layer's step itself)."""
+    if spec.optimizer != "mup_adamw" or config.embed_lr_mult == 1.0:
+        return []
+    return [optim.scale_labels({k: config.embed_lr_mult for k in params if k.endswith("/embed")})]
 
 
 RunFn = Callable[[RunSpec, Any], dict]  # (spec, SweepConfig) -> outcome
@@ -187,15 +199,21 @@ class CompiledRuns:
             model_config = train.resolve_model_config(cfg, tokenizer.vocab_size)
             unbound, params = ckpt.init_model(model_config, cfg.seed)
             tx, _ = optim.make_optimizer(cfg.optim, cfg.steps, model_config, params)
-            tx = optax.chain(tx, scale_by_state_lr())
+            tx = optax.chain(tx, *embed_scale(spec, config, params), scale_by_state_lr())
             step = loop.make_train_step(
                 unbound, tx, seed=cfg.seed, ema=cfg.ema, mask_id=tokenizer.mask_id
             )
             self._groups = {key: dict(unbound=unbound, params=params, tx=tx, step=jax.jit(step))}
         return self._groups[key]
 
-    def train(self, spec: RunSpec, config: SweepConfig) -> tuple[Any, dict]:
-        """Trains one run: (final parameters or None if diverged, outcome without val_nelbo)."""
+    def train(
+        self,
+        spec: RunSpec,
+        config: SweepConfig,
+        snapshots: Callable[[int, Any], None] | None = None,
+    ) -> tuple[Any, dict]:
+        """Trains one run: (final parameters or None if diverged, outcome without val_nelbo).
+        snapshots(done, params), if given, is called after every step (done = steps taken)."""
         _, batches, _ = self._data(config, spec.seed)
         g = self._group(spec, config)
         state = loop.init_state(g["params"], g["tx"])
@@ -205,6 +223,8 @@ class CompiledRuns:
         try:
             for s in loop.steps(g["step"], state, iter(batches), start=0, stop=len(batches)):
                 last = s
+                if snapshots is not None:
+                    snapshots(s.done, s.state["params"])
         except loop.Diverged:
             return None, {"train_loss_smoothed": math.nan, "diverged": True}
         return last.state["params"], {"train_loss_smoothed": last.smoothed, "diverged": False}
@@ -230,3 +250,35 @@ RUNNERS: dict[str, Callable[[], RunFn]] = {
     "compiled": CompiledRuns,
     "train_run": lambda: train_run,
 }
+
+
+def unigram_log_probs(config: SweepConfig, n_tokens: int = 1 << 18) -> np.ndarray:
+    """log q [vocab]: the unigram distribution of `n_tokens` training tokens (seed 0), with
+    add-one smoothing over the vocabulary; the mask token gets probability 0 (log 1e-300)."""
+    tokenizer = load_tokenizer()
+    batches = data_lib.TokenBatches(
+        config.data, tokenizer, split="train", batch_size=64, seq_len=config.seq_len, seed=0
+    )
+    counts = np.zeros(tokenizer.vocab_size, np.float64)
+    for _ in range(max(1, n_tokens // (64 * config.seq_len))):
+        counts += np.bincount(np.asarray(next(batches)).ravel(), minlength=tokenizer.vocab_size)
+    counts += 1.0
+    counts[tokenizer.mask_id] = 0.0
+    return np.log(np.maximum(counts, 1e-300) / counts.sum())
+
+
+def unigram_plateau(config: SweepConfig) -> float:
+    """The loss of a model that ignores its input: the cross-entropy (nats/token) of the
+    sweep's validation tokens (seed 0) under the training unigram (`unigram_log_probs`).
+
+    For a predictor that outputs one distribution q at every masked position, the MDLM NELBO
+    per token is the mean of -log q(x) (the weight 1/t cancels the masked share t), so this
+    is the plateau a sweep's runs must leave (tests/test_transfer.py checks it)."""
+    val = data_lib.validation_tokens(
+        config.data,
+        load_tokenizer(),
+        seq_len=config.seq_len,
+        n_sequences=config.eval_sequences,
+        seed=0,
+    )
+    return float(-np.mean(unigram_log_probs(config)[np.asarray(val)]))

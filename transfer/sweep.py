@@ -1,16 +1,17 @@
 """Width (and depth) x learning-rate sweeps: does the best learning rate stay put?
 
-    python transfer/sweep.py                      # default grid, about 30 min on 2 CPU cores
+    python transfer/sweep.py                      # default grid (docs/transfer.md: wall time)
     python transfer/sweep.py --quick              # tiny widths, few steps, about a minute
     python transfer/sweep.py --depths 1 2 4       # a depth sweep as well
     python transfer/sweep.py --plot-only          # redraw figures + summary from the CSV
 
 Three parameterisations are compared (the `PARAMETERISATIONS` registry): AdamW on the standard
 DiT (the baseline, expected not to transfer), AdamW under muP (`jif.mup`), and the Modula
-optimizer on the well-normed DiT. Every run trains from the same seed on the same data order
-and records its final validation NELBO (fixed time grid) and smoothed training loss as one CSV
-row; rows already present are skipped, so an interrupted sweep picks up where it stopped.
-Figures and `summary.json` are computed from the CSV alone (`transfer/analysis.py`).
+optimizer on the well-normed DiT. The runs of one seed share its initialisation and data
+order; each records its final validation NELBO (fixed time grid) and smoothed training loss
+as one CSV row; rows already present are skipped, so an interrupted sweep picks up where it
+stopped. `summary.json` (optima, seed ranges, basins, drift and a verdict per depth) and the
+figures are computed from the CSV and the unigram plateau (`transfer/analysis.py`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from jif import data as data_lib
 from jif import hostmem, train
 from jif.tokenizer import load_tokenizer
-from transfer import analysis, batched
+from transfer import analysis, batched, runs
 from transfer.runs import (  # noqa: F401 (re-exported: the sweep's names)
     PARAMETERISATIONS,
     RUN_SETTINGS,
@@ -55,25 +56,26 @@ from transfer.runs import (  # noqa: F401 (re-exported: the sweep's names)
 class SweepConfig:
     """A width (x depth) x learning-rate x parameterisation grid of short training runs."""
 
-    out: str = "transfer/results/sweep"
-    """Folder for runs.csv, summary.json and figures (created if missing)."""
+    out: str = "docs/transfer"
+    """Folder for runs.csv, summary.json and figures (created if missing); the default's results
+    are the committed ones (docs/transfer.md)."""
     optimizers: tuple[str, ...] = ("adamw", "mup_adamw", "modula")
     """Parameterisations to sweep (keys of PARAMETERISATIONS)."""
     widths: tuple[int, ...] = (32, 64, 128, 256)
     """Model widths d_model (a factor 8; 512 costs as much again as all four together)."""
     depths: tuple[int, ...] = (2,)
     """Numbers of transformer blocks; several values give a depth sweep as well."""
-    n_lrs: int = 7
-    """Learning rates per parameterisation, log-spaced over its range."""
+    n_lrs: int = 5
+    """Learning rates per parameterisation, log-spaced over its range (5: a factor 3.16 apart)."""
     lr_span: float = 0.0
     """If > 0, override every range to centre x 10^(+-lr_span/2) around its registry centre."""
     lrs: tuple[float, ...] = ()
     """Explicit learning rates for every parameterisation (overrides n_lrs / ranges)."""
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1, 2)
     """Seeds; each grid point is trained once per seed (same seed -> same data order/init)."""
-    steps: int = 200
+    steps: int = 800
     """Training steps per run (warmup: a tenth of them)."""
-    batch_size: int = 16
+    batch_size: int = 8
     """Sequences per batch."""
     seq_len: int = 64
     """Tokens per sequence."""
@@ -81,6 +83,9 @@ class SweepConfig:
     """Attention heads at every width (head size = width / n_heads)."""
     mup_base_width: int = 0
     """Base width for muP (0: the smallest width of the sweep)."""
+    embed_lr_mult: float = 100.0
+    """AdamW and muP AdamW: the embedding table's learning rate as a fixed multiple of the swept
+    learning rate, the same at every width (jif.train's default; Modula needs none)."""
     data: str = "stories"
     """Training data (see jif.data)."""
     eval_sequences: int = 64
@@ -90,14 +95,14 @@ class SweepConfig:
     metric: str = "val_nelbo"
     """Outcome used for optima: "val_nelbo" or "train_loss_smoothed"."""
     quick: bool = False
-    """Tiny preset for tests: widths 16/32, depth 1, 3 learning rates, few steps."""
+    """Tiny preset for tests: widths 16/32, depth 1, 3 learning rates, 2 seeds, few steps."""
     plot_only: bool = False
     """Only redraw figures and summary.json from the existing CSV."""
     progress: bool = True
     """Show a tqdm bar over the whole grid."""
-    engine: str = "compiled"
-    """How runs are trained: "compiled" (one compiled step per shape, lr as data; fast),
-    "batched" (every lr and seed of a shape as one vmapped program, transfer/batched.py) or
+    engine: str = "batched"
+    """How runs are trained: "batched" (every lr and seed of a shape as one vmapped program,
+    transfer/batched.py), "compiled" (one compiled step per shape and seed, lr as data) or
     "train_run" (a full jif.train.run per grid point; same training, EMA evaluated)."""
 
 
@@ -106,6 +111,7 @@ QUICK_OVERRIDES = dict(
     widths=(16, 32),
     depths=(1,),
     n_lrs=3,
+    seeds=(0, 1),
     steps=12,
     batch_size=4,
     seq_len=16,
@@ -164,7 +170,10 @@ def resolve(config: SweepConfig) -> SweepConfig:
         dict(widths=1, depths=1, seeds=0, steps=1, batch_size=1, seq_len=2, n_heads=1),
         nonempty=("optimizers", "widths", "depths", "seeds"),
     )
-    check_fields(config, dict(eval_sequences=1, eval_times=1, mup_base_width=0, lr_span=0))
+    check_fields(
+        config,
+        dict(eval_sequences=1, eval_times=1, mup_base_width=0, lr_span=0, embed_lr_mult=0),
+    )
     check_lrs(config.lrs)
     for name in config.optimizers:
         if name not in PARAMETERISATIONS:
@@ -173,6 +182,12 @@ def resolve(config: SweepConfig) -> SweepConfig:
         raise ValueError(f"metric {config.metric!r}: use 'val_nelbo' or 'train_loss_smoothed'")
     if config.engine not in ENGINES:
         raise ValueError(f"engine {config.engine!r}: choose from {sorted(ENGINES)}")
+    if config.engine == "train_run" and "mup_adamw" in config.optimizers:
+        if config.embed_lr_mult != 1.0:
+            raise ValueError(
+                "--engine train_run trains mup_adamw without an embedding multiplier; pass "
+                "--embed-lr-mult 1, or --engine compiled or batched"
+            )
     for width in config.widths:
         if width % config.n_heads:
             raise ValueError(
@@ -341,7 +356,8 @@ def analyse(config: SweepConfig) -> dict:
         raise ValueError(
             f"no runs in {out / 'runs.csv'}; run the sweep first (without --plot-only)"
         )
-    summary = analysis.summarize(rows, config.metric)
+    plateau = runs.unigram_plateau(config)
+    summary = analysis.summarize(rows, config.metric, plateau)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     analysis.plot(summary, out)
     return summary
@@ -361,10 +377,19 @@ def main(argv: Sequence[str] | None = None, run_fn: RunFn | None = None) -> dict
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    print(f"unigram plateau {summary['unigram_plateau']:.3f} nats/token")
+    print(f"verdict rule: {summary['verdict_rule']}")
     for name, entry in summary["optimizers"].items():
-        opt = ", ".join(f"w{o['width']}/d{o['depth']}: {o['best_lr']:.3g}" for o in entry["optima"])
-        spread = entry["spread"]
-        print(f"{name:10s} best lr {opt}; spread {spread if spread is None else f'{spread:.2f}x'}")
+        for depth, d in entry["depths"].items():
+            optima = [o for o in entry["optima"] if str(o["depth"]) == depth]
+            opt = ", ".join(
+                f"w{o['width']} {o['best_lr']:.3g}{' (edge)' if o['at_edge'] else ''}"
+                + ("" if o["best_loss"] is None else f" at {o['best_loss']:.2f}")
+                for o in optima
+            )
+            print(
+                f"{name:10s} d{depth} best lr (loss) {opt}: {d['verdict']} ({d['verdict_reason']})"
+            )
     print(f"wrote {config.out}/summary.json and figures")
     return summary
 
