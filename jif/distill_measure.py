@@ -69,7 +69,7 @@ def measure(cfg: MeasureConfig, say=print) -> list[dict]:
     path = os.path.join(cfg.out, "results.json")
     rows = json.load(open(path)) if os.path.exists(path) else []
     index = {(r["model"], r["method"], r["steps"]): r for r in rows}
-    judge = ckpt.load_for_inference(cfg.judge) if cfg.judge else None
+    judge = genppl.open_judge(cfg.judge) if cfg.judge else None
     for name, where in models.items():
         loaded = None
         for method in cfg.methods:
@@ -106,11 +106,10 @@ def measure(cfg: MeasureConfig, say=print) -> list[dict]:
                     )
                 if judge is not None and "gen_ppl" not in row:
                     tokens = np.load(tokens_file)
-                    if tokens.shape[1] > int(judge.config.get("seq_len", 128)):
-                        raise ValueError(f"--judge {cfg.judge}: its context is shorter")
-                    valid = np.ones(tokens.shape, bool)
-                    row.update(genppl.judge_scores(judge, tokens, valid, batch_size=32))
-                    row["judge"] = judge.path
+                    loaded = loaded or ckpt.load_for_inference(where)
+                    scores = genppl.score_rows(judge, tokens, loaded.tokenizer, batch_size=32)
+                    row.update({k: scores[k] for k in ("nll", "nll_ci95_halfwidth", "gen_ppl")})
+                    row["judge"] = judge.name
                 say(json.dumps({k: v for k, v in row.items() if k != "example"}))
                 rows = list(index.values())
                 with open(path + ".tmp", "w") as f:

@@ -266,6 +266,22 @@ def open_judge(name: str, *, ema: bool = True) -> Judge:
     )
 
 
+def score_rows(judge: Judge, rows: np.ndarray, tokenizer, *, batch_size: int = 32) -> dict:
+    """Rows int32 [N, L] of `tokenizer`'s ids (BOS first) scored by `judge`: judge_scores and
+    sample_stats. Tokens go through text (decode, the judge's encoding) unless the judge has
+    the same tokenizer and context enough."""
+    if judge.hf:
+        rows, valid = hf_retokenize(rows, tokenizer, judge.tokenizer, judge.context)
+    elif tokenizer == judge.tokenizer and rows.shape[1] <= judge.context:
+        valid = np.ones(rows.shape, bool)
+    else:
+        rows, valid = retokenize(rows, tokenizer, judge.tokenizer, judge.context)
+    return {
+        **judge_scores(judge, rows, valid, batch_size=batch_size),
+        **sample_stats(rows, valid),
+    }
+
+
 def generative_perplexity(
     loaded,
     judge: str | Judge,
@@ -284,20 +300,10 @@ def generative_perplexity(
     draw_samples). CheckpointError / ValueError for a judge that cannot be opened."""
     if not isinstance(judge, Judge):
         judge = open_judge(judge, ema=ema)
-    context = judge.context
     same = not judge.hf and loaded.tokenizer == judge.tokenizer
 
     def score(rows: np.ndarray) -> dict:
-        if judge.hf:
-            rows, valid = hf_retokenize(rows, loaded.tokenizer, judge.tokenizer, context)
-        elif same and rows.shape[1] <= context:
-            valid = np.ones(rows.shape, bool)
-        else:
-            rows, valid = retokenize(rows, loaded.tokenizer, judge.tokenizer, context)
-        return {
-            **judge_scores(judge, rows, valid, batch_size=batch_size),
-            **sample_stats(rows, valid),
-        }
+        return score_rows(judge, rows, loaded.tokenizer, batch_size=batch_size)
 
     samples = draw_samples(
         loaded, jax.random.key(seed), n=n_samples, batch_size=batch_size, **options

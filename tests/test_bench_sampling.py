@@ -53,7 +53,7 @@ def test_quality_mode_mistakes(runs, capsys):
     mdlm, _ = runs
     for argv, message in (
         (["--judge", mdlm], "--judge needs --checkpoint"),
-        (["--checkpoint", mdlm, "--judge", mdlm], "not an autoregressive checkpoint"),
+        (["--checkpoint", mdlm, "--judge", mdlm], "the judge must be an autoregressive checkpoint"),
         (["--steps", "4", "8"], "several --steps need --judge"),
     ):
         with pytest.raises(SystemExit) as e:

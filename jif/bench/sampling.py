@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
-from jif import floor, genppl, hostmem, interference, objectives, sampling, threshold
+from jif import floor, genppl, hostmem, interference, sampling, threshold
 from jif import model as model_lib
-from jif.checkpoint import CheckpointError, load_for_inference
+from jif.checkpoint import load_for_inference
 
 
 def _denoiser(checkpoint: str | None, preset: str, seed: int):
@@ -175,11 +175,8 @@ def quality(
     progress=print,
 ) -> dict:
     """Sample quality of every method at every step count (see the module's docstring)."""
-    loaded, judged = load_for_inference(checkpoint), load_for_inference(judge)
-    if objectives.objective_of(judged.config) != "ar":
-        raise CheckpointError(f"--judge {judge}: not an autoregressive checkpoint.")
+    loaded, judged = load_for_inference(checkpoint), genppl.open_judge(judge)
     tok, length = loaded.tokenizer, int(loaded.config.get("seq_len", 128))
-    same = tok == judged.tokenizer and length <= int(judged.config.get("seq_len", 128))
     notes, rows_out = {}, []
     for n_steps in steps:
         for method in methods:
@@ -207,26 +204,20 @@ def quality(
             toks = np.concatenate(toks)
             texts = [tok.decode(r[1:].tolist()) for r in toks]
             stories = floor.check_stories(texts, window=True)
-            scored, valid = toks, np.ones(toks.shape, bool)
-            if not same:
-                scored, valid = genppl.retokenize(
-                    toks, tok, judged.tokenizer, int(judged.config.get("seq_len", 128))
-                )
             row = {
                 "method": method,
                 "steps": n_steps,
                 "calls_per_sample": sum(per_row) / samples,
                 "story_level": stories.story_level,
                 "sentence_level": stories.sentence_level,
-                **genppl.judge_scores(judged, scored, valid, batch_size=32),
-                **genppl.sample_stats(scored, valid),
+                **genppl.score_rows(judged, toks, tok, batch_size=32),
                 "wall_s": wall,
             }
             rows_out.append(row)
             progress(format_quality_row(row))
     return {
         "model": f"{loaded.path} (step {loaded.step})",
-        "judge": f"{judged.path} (step {judged.step})",
+        "judge": f"{judged.name} (step {judged.step})",
         "samples": samples,
         "seed": seed,
         "threshold": threshold_value,
