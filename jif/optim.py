@@ -33,9 +33,8 @@ Params = dict[str, pz.nx.NamedArray]
 class OptimConfig:
     """The optimizer, its learning-rate schedule and gradient clipping."""
 
-    optimizer: str = "modula"
-    """modula (the default: the well-normed DiT's own optimizer), adamw, schedule_free, muon or
-    mup_adamw (jif.optim.OPTIMIZERS)."""
+    optimizer: str = "adamw"
+    """adamw, schedule_free, muon, modula or mup_adamw (jif.optim.OPTIMIZERS)."""
     lr: float | None = None
     """Peak learning rate (None: the optimizer's own default, jif.optim.DEFAULT_LR)."""
     embed_lr_mult: float = 100.0

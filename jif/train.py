@@ -75,9 +75,9 @@ class TrainConfig:
     objective: str = "mdlm"
     """Training objective (jif.objectives.OBJECTIVES): mdlm, the masked diffusion NELBO, or ar,
     the autoregressive reference (the same DiT with a causal mask, next-token loss)."""
-    steps: int = 4600
-    """Training steps (the default: about ten minutes of the cpu preset on 2 CPU cores; AdamW
-    takes 6000 steps in the same time, docs/training.md)."""
+    steps: int = 6000
+    """Training steps (the default: about ten minutes of the cpu preset on 2 CPU cores with
+    AdamW; Modula's 4600 take the same time, docs/training.md)."""
     optim: tyro.conf.OmitArgPrefixes[optim.OptimConfig] = optim.OptimConfig()
     """The optimizer (jif.optim.OptimConfig; its flags have no prefix)."""
     ema: float = 0.995
