@@ -492,7 +492,7 @@ def test_embedding_multiplier_scales_only_the_embedding_step():
     from transfer import batched
 
     grads_of = lambda params: jax.tree.map(lambda x: jax.numpy.cos(7.0 * x + 1.0), params)
-    base = sweep.resolve(sweep.SweepConfig(quick=True, widths=(16,)))
+    base = sweep.resolve(sweep.SweepConfig(quick=True, widths=(16,), embed_lr_mult=1.0))
     scaled = sweep.resolve(sweep.SweepConfig(quick=True, widths=(16,), embed_lr_mult=30.0))
     for name in sweep.PARAMETERISATIONS:
         spec = sweep.RunSpec(optimizer=name, width=16, depth=1, lr=1.0, seed=0)
