@@ -16,8 +16,6 @@ the sweep goes on. Writes one JSON file (machine, settings, one record per cell)
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 import time
 
@@ -124,12 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(format_table(result))
-    if cfg.out:
-        path = cfg.out.replace("{time}", time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {path}")
+    train_bench.write_result(result, cfg.out)
     return result
 
 

@@ -22,7 +22,6 @@ length. Writes a JSON record (processor included) and prints a summary.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -204,12 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if cfg.out:
-        path = cfg.out.replace("{time}", time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {path}")
+    train_bench.write_result(result, cfg.out)
     return result
 
 

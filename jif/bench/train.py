@@ -19,6 +19,7 @@ empty aux would make steps look free), the way the training loop blocks on float
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import resource
@@ -259,3 +260,14 @@ def run(bench: TrainBench, peak: flops.MatmulPeak | None = None, log=print) -> d
         file=sys.stderr,
     )
     return result
+
+
+def write_result(result: dict, out: str) -> None:
+    """A benchmark's JSON record to `out` ({time} becomes a UTC timestamp; empty: nothing)."""
+    if not out:
+        return
+    path = out.replace("{time}", time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
