@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jif import diffusion, draw
+from jif import diffusion, draw, live
 from jif import model as model_lib
 from jif.sampling import SampleResult, Trajectory
 
@@ -139,10 +139,23 @@ def span_logprob(model, tokens, mask, span, *, mask_id: int) -> np.ndarray:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("logits_fn", "mask_id", "top_k", "use_top_p", "trajectory")
+    jax.jit,
+    static_argnames=("logits_fn", "mask_id", "top_k", "use_top_p", "trajectory", "stream"),
 )
 def _sample(
-    logits_fn, key, tokens, start, *, mask_id, temperature, top_p, use_top_p, top_k, trajectory
+    logits_fn,
+    key,
+    tokens,
+    start,
+    stream_id,
+    *,
+    mask_id,
+    temperature,
+    top_p,
+    use_top_p,
+    top_k,
+    trajectory,
+    stream,
 ):
     batch, length = tokens.shape
     filt = functools.partial(
@@ -160,7 +173,11 @@ def _sample(
         # and a denoise_fn that reads the mask fraction as noise level (adaLN) sees 0, as in
         # training.
         seen = jnp.where(tokens == mask_id, 0, tokens)
-        logits = jax.lax.dynamic_index_in_dim(logits_fn(seen), i - 1, axis=1, keepdims=False)
+        full = logits_fn(seen)
+        if stream:  # position j is predicted by the logits at j - 1; this call predicts i only
+            here = jnp.broadcast_to(jnp.arange(length) == i, tokens.shape)
+            live.report(stream_id, tokens, jnp.roll(full, 1, axis=1), mask_id, here)
+        logits = jax.lax.dynamic_index_in_dim(full, i - 1, axis=1, keepdims=False)
         logits = filt(logits)
         noise = draw.gumbel(jax.random.fold_in(key, i), logits.shape)
         chosen, chosen_logp = draw.gumbel_max(logits, noise, temperature)
@@ -192,6 +209,7 @@ def sample(
     top_p: float = 1.0,
     top_k: int = 0,
     return_trajectory: bool = False,
+    stream=None,
 ) -> SampleResult:
     """Left-to-right sampling from a causal model: each `mask_id` position of tokens int32
     [B, L] is drawn, first to last, from the logits one position before it; other tokens
@@ -204,7 +222,8 @@ def sample(
     is argmax). One network call per position from the first mask to the end (no key/value
     cache: each call runs the whole window). Returns jif.sampling.SampleResult(tokens,
     n_calls, trajectory): with return_trajectory, step s reveals position s + 1 (a
-    jif.sampling.Trajectory of L - 1 steps, which the app replays)."""
+    jif.sampling.Trajectory of L - 1 steps, which the app replays). stream: as
+    jif.sampling.sample's, called at every network call (`jif.live`)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be int32 [batch, length], got shape {tokens.shape}.")
@@ -221,15 +240,19 @@ def sample(
     if top_k < 0:
         raise ValueError(f"top_k={top_k} must be >= 0 (0 keeps every token).")
     start = int(np.argmax(masked.any(axis=0))) if masked.any() else tokens.shape[1]
-    return _sample(
-        denoise_fn,
-        key,
-        tokens,
-        start,
-        mask_id=int(mask_id),
-        temperature=jnp.float32(temperature),
-        top_p=jnp.float32(top_p),
-        use_top_p=bool(top_p < 1.0),
-        top_k=int(top_k),
-        trajectory=bool(return_trajectory),
-    )
+    with live.registered(stream) as sid:
+        out = _sample(
+            denoise_fn,
+            key,
+            tokens,
+            start,
+            jnp.int32(sid),
+            mask_id=int(mask_id),
+            temperature=jnp.float32(temperature),
+            top_p=jnp.float32(top_p),
+            use_top_p=bool(top_p < 1.0),
+            top_k=int(top_k),
+            trajectory=bool(return_trajectory),
+            stream=stream is not None,
+        )
+        return out if stream is None else jax.block_until_ready(out)

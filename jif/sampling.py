@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jif import draw
+from jif import draw, live
 from jif.draw import score_confidence, score_entropy, score_margin, score_random
 from jif.interference import loop as interference_loop
 from jif.plans import PLANNERS, T_MIN, Outcome, Plan, Planner, ancestral_grid  # noqa: F401
@@ -248,9 +248,13 @@ def _sample(
     return Outcome(state.tokens, state.n_calls, state.reveal_step, state.prob, plan.n_steps)
 
 
-def _run(key, tokens, *, return_trajectory, **settings) -> SampleResult:
-    """The method's loop (its own, or `_sample`) and the trajectory from its outcome."""
+def _run(key, tokens, stream_id, *, return_trajectory, stream, **settings) -> SampleResult:
+    """The method's loop (its own, or `_sample`) and the trajectory from its outcome; with
+    stream, every network call is reported to the stream `stream_id` (`jif.live`)."""
     loop = METHODS[settings["method"]].loop or _sample
+    if stream:
+        fn, mask_id = settings["denoise_fn"], settings["mask_id"]
+        settings = dict(settings, denoise_fn=live.streaming(fn, stream_id, mask_id))
     out = loop(key, tokens, return_trajectory=return_trajectory, **settings)
     if not return_trajectory:
         return SampleResult(out.tokens, out.n_calls, None)
@@ -412,6 +416,7 @@ def sample(
     time_conditioned: bool = False,
     threshold: float = THRESHOLD,
     eta: float = ETA,
+    stream: Callable | None = None,
 ) -> SampleResult:
     """Generate every `mask_id` position of `tokens` (int32 [B, L]); other tokens stay fixed.
 
@@ -424,9 +429,11 @@ def sample(
         blocks of this many positions left to right (semi-autoregressive), None for one block.
         threshold: confidence above which "threshold" reveals a token at once. eta: the
         remasking cap of "remdm_cap". Every setting is checked by `check_settings`.
+        stream: called with a `jif.live.Call` at every network call, as the program runs;
+        an exception it raises (`jif.live.Stopped` to stop) ends the run and is raised here.
     Returns SampleResult(tokens [B, L], n_calls, trajectory or None). Compiled once per
-    denoise_fn object, shape, method, steps, block_length, top_k, top_p < 1 and
-    return_trajectory (the MAX_COMPILED most recent are kept); temperature and the top_p
+    denoise_fn object, shape, method, steps, block_length, top_k, top_p < 1,
+    return_trajectory and stream or not (the MAX_COMPILED most recent are kept); temperature and the top_p
     value change without recompiling.
     """
     tokens = jnp.asarray(tokens, jnp.int32)
@@ -461,9 +468,12 @@ def sample(
         block_length=s["block_length"],
         return_trajectory=bool(return_trajectory),
         time_conditioned=bool(time_conditioned),
+        stream=stream is not None,
     )
     knobs = {k: jnp.float32(s[k]) for k in ("temperature", "top_p", "threshold", "eta")}
-    return run(key, tokens, **knobs)
+    with live.registered(stream) as sid:
+        out = run(key, tokens, jnp.int32(sid), **knobs)
+        return out if stream is None else jax.block_until_ready(out)
 
 
 def first_frame(trajectory: Trajectory) -> np.ndarray:
@@ -486,15 +496,5 @@ def expected_calls(steps: int, length: int) -> float:
     return float(np.sum(1.0 - (1.0 - p) ** length))
 
 
-__all__ = [
-    "METHODS",
-    "PLANNERS",
-    "SampleResult",
-    "Trajectory",
-    "check_settings",
-    "compiled_samplers",
-    "expected_calls",
-    "first_frame",
-    "replay",
-    "sample",
-]
+__all__ = ["METHODS", "PLANNERS", "SampleResult", "Trajectory", "check_settings", "sample"]
+__all__ += ["compiled_samplers", "expected_calls", "first_frame", "replay"]

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import time
 import types
 import urllib.request
 
@@ -21,11 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gradio_client.exceptions import AppError
 
 import app
-from jif import render, sampling, train
-from jif.stories import check_text
+from jif import floor, live, render, sampling, studio, train
 from jif.tokenizer import encode_template, load_tokenizer
 
 N_BPE = 512
@@ -131,10 +130,16 @@ def generate_args(path, **kw):
         length=24,
         temperature=1.0,
         top_p=1.0,
+        top_k=0,
+        block_length=0,
         seed=0,
         n_samples=2,
         fps=app.MAX_FPS,
         template="Tom saw [MASK:6] happy.",
+        compare=False,
+        method_b="ddpm_cache",
+        path_b=None,
+        colouring="reveal order",
     )
     args.update(kw)
     return list(args.values())
@@ -146,50 +151,110 @@ def run_job(client, args):
     return job.outputs(), final
 
 
+def error_of(html: str) -> str | None:
+    """The message of an error box in the output area, or None."""
+    return html if render.ERROR_CLASS in html else None
+
+
+def live_run(loaded, template, *, method, steps, length=24, batch=2, seed=3):
+    tok = loaded.tokenizer
+    tokens = np.tile(encode_template(tok, template, length=length), (batch, 1))
+    run = live.LiveRun(
+        lambda stream: sampling.sample(
+            loaded.denoise_fn,
+            jax.random.key(seed),
+            tokens,
+            mask_id=tok.mask_id,
+            steps=steps,
+            method=method,
+            return_trajectory=True,
+            stream=stream,
+        ),
+        mask_id=tok.mask_id,
+    )
+    run.join()
+    assert run.error is None, run.error
+    return run, render.Samples.from_run(run, tok, label=method, data=loaded.data)
+
+
 def test_streams_frames_and_ends_without_placeholders(fake_server):
     _, url, good, _, loaded = fake_server
     client = gradio_client.Client(url, verbose=False)
     outputs, final = run_job(client, generate_args(good))
-    htmls = [o[0] for o in outputs]
+    htmls = [o[0] for o in outputs if render.SAMPLE_CLASS in o[0]]
     assert len(htmls) >= 4, "a job streams several intermediate frames"
     assert render.PLACEHOLDER_CLASS in htmls[0]
     assert render.PLACEHOLDER_CLASS not in final[0]
     counts = [h.count(render.PLACEHOLDER_CLASS) for h in htmls]
     assert counts == sorted(counts, reverse=True), "placeholders only ever disappear"
     assert counts[0] > counts[-2] >= counts[-1] == 0
-    assert render.NEW_CLASS in htmls[1], "newly revealed tokens are highlighted"
-    # Replay from the stored trajectory (same session): step 0 shows the template again.
-    assert client.predict(0, api_name="/replay").count(render.PLACEHOLDER_CLASS) == counts[0]
-    assert render.PLACEHOLDER_CLASS not in client.predict(12, api_name="/replay")
+    assert render.NEW_CLASS in htmls[1], "newly revealed tokens are marked"
+    # The final frame keeps every generated token coloured, the template's tokens marked.
+    row = encode_template(loaded.tokenizer, "Tom saw [MASK:6] happy.", length=24)
+    n_masked = int((row == loaded.tokenizer.mask_id).sum())
+    assert final[0].count(render.TOKEN_CLASS) == 2 * n_masked
+    assert final[0].count(render.FIXED_CLASS) == 2 * (24 - n_masked)  # the BOS too, as ""
+    assert "model&#x27;s top tokens" in final[0] and "sampled with p" in final[0]
+    assert "#jif-text-b" not in final[1] and render.SAMPLE_CLASS not in final[1]
+    assert "| A: confidence | 12 |" in final[5], final[5]  # the summary: 12 network calls
+    # Replay over the network calls (same session): call 0 shows the template again.
+    at0, _ = client.predict(0, "reveal order", api_name="/replay")
+    assert at0.count(render.PLACEHOLDER_CLASS) == counts[0]
+    last, _ = client.predict(12, "confidence", api_name="/replay")
+    assert render.PLACEHOLDER_CLASS not in last and "sampled with p:" in last
 
 
-def test_fake_answer_text_and_scores(fake_server):
-    demo, _, good, _, loaded = fake_server
-    handler = demo.jif_app
-    _, samples = handler.run_sampler(
-        good, "confidence", 8, 24, 1.0, 1.0, 0, 1, "Tom saw [MASK:6] happy."
-    )
+def test_fake_answer_text_and_statistics(fake_server):
+    _, _, _, _, loaded = fake_server
     tok = loaded.tokenizer
+    run, s = live_run(loaded, "Tom saw [MASK:6] happy.", method="confidence", steps=8, batch=1)
     template = encode_template(tok, "Tom saw [MASK:6] happy.", length=24)
     target = np.asarray(tok.encode(TARGET * 20)[:24])
     masked = template == tok.mask_id
     want = np.where(masked, target, template)  # the fake's answer where the template masks
-    np.testing.assert_array_equal(samples.result.tokens, want[None])
-    first = sampling.first_frame(samples.result.trajectory)[0]
-    assert (first[~masked] == 0).all() and (first[masked] > 0).all()
-    prob = samples.result.trajectory.prob[0]
-    assert np.allclose(prob[masked], 1.0, atol=1e-3), "fake logits put p~1 on target"
-    text = tok.decode(want)
-    assert samples.texts == [text]
-    assert samples.scores == [check_text(text.replace("<|endoftext|>", " ").strip())]
-    frames, revealed, conf = render.step_statistics(samples)
-    np.testing.assert_array_equal(frames, np.arange(1, samples.n_steps + 1))
-    assert revealed.sum() == masked.sum()
-    np.testing.assert_allclose(conf[revealed > 0], 1.0, atol=1e-3)
-    assert np.isnan(conf[revealed == 0]).all()
+    np.testing.assert_array_equal(run.result.tokens, want[None])
+    assert s.done and s.n_calls == 8 and len(s.frames) == 9
+    assert (s.reveal_frame[0, ~masked] == 0).all() and (s.reveal_frame[0, masked] > 0).all()
+    # The model's top token at the revealing call is the fake's answer, with p ~ 1.
+    np.testing.assert_array_equal(s.top_ids[0, masked, 0], target[masked])
+    np.testing.assert_allclose(s.top_probs[0, masked, 0], 1.0, atol=1e-3)
+    np.testing.assert_allclose(s.prob[0, masked], 1.0, atol=1e-3)
+    assert s.texts == [tok.decode(want)]
+    assert s.reports == [floor.check_stories([tok.decode(want)])]
+    st = render.call_statistics(s)
+    np.testing.assert_array_equal(st["calls"], np.arange(1, 9))
+    assert st["revealed"].sum() == masked.sum() and not st["remasked"].any()
+    np.testing.assert_allclose(st["confidence"][st["revealed"] > 0], 1.0, atol=1e-3)
+    # Entropy of the masked positions under a near one-hot model: ~0 while any are masked.
+    v = tok.vocab_size - 1  # the mask token is never predicted
+    p = 1 / (1 + (v - 1) * np.exp(-30.0))
+    expected = -(p * np.log(p) + (1 - p) * np.log((1 - p) / (v - 1)))
+    np.testing.assert_allclose(st["entropy"][: int(masked.sum())], expected, rtol=1e-3, atol=1e-9)
+    assert "whole stories" in render.summary_markdown([s], "stories")
 
 
-def test_bad_inputs_are_errors_and_server_keeps_serving(fake_server, capfd):
+def test_frames_are_the_sampler_states_at_each_call(fake_server):
+    """Frame c is what the sampler's trajectory says the tokens were after c steps (one call
+    a step for these methods); each frame's placeholders and marked tokens follow it."""
+    _, _, _, _, loaded = fake_server
+    tok = loaded.tokenizer
+    for method, steps in (("ddpm", 6), ("confidence", 12)):  # ancestral and expected plans
+        run, s = live_run(loaded, "Tom [MASK:5] ball.", method=method, steps=steps)
+        traj = run.result.trajectory
+        assert s.n_calls == traj.n_steps == len(s.frames) - 1
+        for c in range(s.last + 1):
+            want = sampling.replay(traj, run.result.tokens, c, tok.mask_id)
+            np.testing.assert_array_equal(s.frames[c], want, err_msg=f"{method} call {c}")
+            boxes = render.render_frame(s, c).split(f'class="{render.SAMPLE_CLASS}"')[1:]
+            assert len(boxes) == 2
+            masks = [box.count(render.PLACEHOLDER_CLASS) for box in boxes]
+            assert masks == (want == tok.mask_id).sum(axis=1).tolist(), (method, c)
+            new = [box.count(render.NEW_CLASS) for box in boxes]
+            counts = np.asarray(traj.counts)
+            assert new == (counts[:, c - 1].tolist() if c else [0, 0]), (method, c)
+
+
+def test_bad_inputs_are_errors_that_stay_on_the_page(fake_server, capfd):
     _, url, good, bad, _ = fake_server
     client = gradio_client.Client(url, verbose=False)
     capfd.readouterr()
@@ -203,21 +268,27 @@ def test_bad_inputs_are_errors_and_server_keeps_serving(fake_server, capfd):
         "many steps": (generate_args(good, steps=5000), "at most 2000"),
         "seed": (generate_args(good, seed=-5), "seed"),
         "method": (generate_args(good, method="nope"), "nope"),
+        "method B": (generate_args(good, compare=True, method_b="nope"), "nope"),
         "temperature": (generate_args(good, temperature=-1), "temperature=-1"),
         "top-p 0": (generate_args(good, top_p=0), "top-p=0"),  # below the slider: no gradio check
+        "top-k": (generate_args(good, top_k=-2), "top_k=-2"),
+        "blocks": (generate_args(good, block_length=5), "multiple of the number of blocks"),
         "slow animation": (generate_args(good, fps=1), "from 5 to 60 frames/s"),
         "marker case": (generate_args(good, template="Tom [mask:3]"), "write [MASK] for one"),
+        "marker space": (generate_args(good, template="Tom [MASK: 3]"), "no spaces"),
+        "marker word": (generate_args(good, template="Tom [MASK:abc]"), "is not a mask marker"),
         "marker 0": (generate_args(good, template="Tom [MASK:0]"), "must be from 1"),
         "huge marker": (generate_args(good, template="[MASK:100000000]"), "sequence length 24"),
         "corrupt": (generate_args(bad), "Could not load checkpoint"),
         "outside root": (generate_args("/etc"), "not a checkpoint under"),
     }
     for name, (args, needle) in cases.items():
-        with pytest.raises(AppError) as err:
-            client.predict(*args, api_name="/generate")
-        assert needle.lower() in str(err.value).lower(), (name, str(err.value))
+        outputs, final = run_job(client, args)
+        message = error_of(final[0])
+        assert message and needle.lower() in message.lower(), (name, final[0])
+        assert final[3] is None and final[5] == "", "nothing stale stays beside the error"
     _, final = run_job(client, generate_args(good))
-    assert render.PLACEHOLDER_CLASS not in final[0]
+    assert render.PLACEHOLDER_CLASS not in final[0] and error_of(final[0]) is None
     # A visitor's mistake is one line in the terminal, never a traceback.
     err = capfd.readouterr().err
     assert "Traceback" not in err
@@ -225,28 +296,61 @@ def test_bad_inputs_are_errors_and_server_keeps_serving(fake_server, capfd):
     assert len(refused) == len(cases), err
 
 
-def test_two_users_each_get_their_own_animation(fake_server):
+def test_compare_runs_two_methods_on_the_same_seed(fake_server):
     _, url, good, _, _ = fake_server
-    a, b = gradio_client.Client(url, verbose=False), gradio_client.Client(url, verbose=False)
-    ja = a.submit(*generate_args(good, fps=30, seed=1), api_name="/generate")
-    jb = b.submit(*generate_args(good, fps=30, seed=2, n_samples=1), api_name="/generate")
-    fa, fb = ja.result(timeout=120), jb.result(timeout=120)
-    assert fa[0].count(render.SAMPLE_CLASS) == 2 and fb[0].count(render.SAMPLE_CLASS) == 1
-    assert len(ja.outputs()) >= 4 and len(jb.outputs()) >= 4
+    client = gradio_client.Client(url, verbose=False)
+    args = generate_args(good, compare=True, method="random", method_b="ddpm_cache", steps=8)
+    outputs, final = run_job(client, args)
+    a, b = final[0], final[1]
+    assert a.count(render.SAMPLE_CLASS) == 2 and b.count(render.SAMPLE_CLASS) == 2
+    assert "A: random" in a and "B: ddpm_cache" in b
+    assert render.PLACEHOLDER_CLASS not in a + b
+    assert any(render.PLACEHOLDER_CLASS in o[1] for o in outputs), "B streams in its column"
+    summary = final[5]
+    assert "| A: random | 8 |" in summary and "| B: ddpm_cache |" in summary, summary
+    # The fake's answer does not depend on the method: both columns end with the same text.
+    strip = lambda h: h.split("</div>", 1)[1]  # past the legend
+    left, right = client.predict(100, "confidence", api_name="/replay")
+    assert strip(left).count("jif-token") == strip(right).count("jif-token")
+
+
+def test_stop_ends_the_run_at_its_next_call(fake_server, monkeypatch):
+    _, url, good, _, _ = fake_server
+    push = live.LiveRun._push
+    monkeypatch.setattr(
+        live.LiveRun, "_push", lambda run, call: (time.sleep(0.01), push(run, call))
+    )
+    client = gradio_client.Client(url, verbose=False)
+    job = client.submit(
+        *generate_args(good, method="ddpm", steps=2000, length=64, fps=app.MIN_FPS),
+        api_name="/generate",
+    )
+    for _ in range(600):  # until the first frame is on the page (at most a minute)
+        if any(render.SAMPLE_CLASS in o[0] for o in job.outputs()):
+            break
+        time.sleep(0.1)
+    client.predict(api_name="/stop")
+    final = job.result(timeout=120)
+    assert "stopped" in final[0] and render.SAMPLE_CLASS in final[0]
+    calls = int(final[5].split("| A: ddpm | ")[1].split(" |")[0])
+    assert 0 < calls < 2000, final[5]
 
 
 def test_second_generate_reuses_model_and_compiled_sampler(fake_server, monkeypatch):
-    demo, _, good, _, _ = fake_server
+    demo, _, good, _, loaded = fake_server
     handler = demo.jif_app
-    handler.run_sampler(good, "random", 5, 16, 1.0, 1.0, 0, 1, "Tom [MASK:3]")
+    prepare = lambda steps, seed, template: handler.prepare(
+        handler.load(good), "random", steps, 16, 1.0, 1.0, 0, 0, seed, 1, template, label="t"
+    )(lambda call: None)
+    prepare(5, 0, "Tom [MASK:3]")
     n_models, compiled = len(handler.models), dict(sampling._compiled)
-    handler.run_sampler(good, "random", 5, 16, 1.0, 1.0, 1, 1, "Tom [MASK:3] ball")
+    prepare(5, 1, "Tom [MASK:3] ball")
     assert len(handler.models) == n_models
     assert dict(sampling._compiled) == compiled, "a second generate recompiled"
     # Every new step count compiles a program; the page keeps only the newest few.
     monkeypatch.setattr(sampling, "MAX_COMPILED", 2)
     for steps in (6, 7, 8):
-        handler.run_sampler(good, "random", steps, 16, 1.0, 1.0, 0, 1, "Tom [MASK:3]")
+        prepare(steps, 0, "Tom [MASK:3]")
     assert sampling.compiled_samplers() == 2
     assert sorted(dict(k[1])["steps"] for k in sampling._compiled) == [7, 8]
 
@@ -255,54 +359,35 @@ class Visitor:
     """What gr.Request tells the handler about who asks."""
 
     def __init__(self, host):
-        self.client, self.session_hash = types.SimpleNamespace(host=host), "s"
+        self.client, self.session_hash = types.SimpleNamespace(host=host), host
 
 
-def test_one_visitor_cannot_hold_every_worker(fake_server, monkeypatch):
+def test_one_visitor_cannot_hold_every_worker(fake_server):
     demo, _, good, _, _ = fake_server
     handler = demo.jif_app
-    slept = []
-    monkeypatch.setattr(app.time, "sleep", slept.append)
     start = lambda host, **kw: handler.generate(*generate_args(good, **kw), request=Visitor(host))
     # Running jobs: generators that have drawn their first frame.
-    held = [start("10.0.0.1") for _ in range(app.MAX_JOBS_PER_VISITOR)]
+    held = [start("10.0.0.1") for _ in range(studio.MAX_JOBS_PER_VISITOR)]
     for job in held:
         next(job)
-    with pytest.raises(app.gr.Error, match="still running"):
-        next(start("10.0.0.1"))
+    assert "still running" in error_of(next(start("10.0.0.1"))[0])
     other = list(start("10.0.0.2"))  # another visitor is served meanwhile
     assert render.PLACEHOLDER_CLASS not in other[-1][0]
     held.pop().close()  # a finished (or abandoned) job frees its slot
     assert render.PLACEHOLDER_CLASS not in list(start("10.0.0.1"))[-1][0]
-    # The slowest animation allowed, over the most frames the fake gives, is capped in time.
-    slept.clear()
-    frames = list(start("10.0.0.3", method="ddpm", steps=2000, length=64, fps=app.MIN_FPS))
-    assert len(frames) - 1 == len(slept) > app.MAX_ANIMATION_SECONDS * app.MIN_FPS
-    assert sum(slept) == pytest.approx(app.MAX_ANIMATION_SECONDS)
-    with pytest.raises(app.gr.Error, match="frames/s"):
-        next(start("10.0.0.3", fps=app.MIN_FPS - 1))
+    assert "frames/s" in error_of(next(start("10.0.0.3", fps=app.MIN_FPS - 1))[0])
+    # The speed slider reaches a running generation of the same session.
+    handler.set_fps(7, request=Visitor("10.0.0.4"))
+    assert handler.fps["10.0.0.4"] == 7.0
 
 
-def test_frames_to_play_at_most_max_frames(fake_server):
-    _, _, _, _, loaded = fake_server
-    tok = loaded.tokenizer
-    tokens = np.tile(encode_template(tok, "Tom", length=64), (2, 1))
-    result = sampling.sample(
-        loaded.denoise_fn,
-        jax.random.key(0),
-        tokens,
-        mask_id=tok.mask_id,
-        steps=64,
-        method="random",
-        return_trajectory=True,
-    )
-    samples = render.Samples.from_result(result, tok, data="stories")
-    every = render.frames_to_play(samples)
-    assert len(every) >= 60  # frame 0 and one frame per revealing step (62 masks, 64 steps)
-    for most in (2, 5, 10):
-        some = render.frames_to_play(samples, max_frames=most)
-        assert len(some) == most and some[0] == 0 and some[-1] == samples.n_steps
-        assert set(some) <= set(every) and some == sorted(some)
+def test_animation_after_a_fast_run_is_capped_in_time():
+    for n_frames, shown, fps in ((2001, 40, app.MIN_FPS), (2001, -1, app.MAX_FPS), (30, 10, 15)):
+        frames = studio.leftover_frames(n_frames, shown, fps)
+        assert frames[-1] == n_frames - 1 and frames == sorted(set(frames))
+        assert frames[0] > shown
+        assert len(frames) <= min(app.MAX_FRAMES, app.MAX_ANIMATION_SECONDS * fps)
+        assert len(frames) == min(n_frames - 1 - shown, app.MAX_FRAMES, int(10.0 * fps))
 
 
 def test_picker_lists_only_checkpoints_with_weights(tmp_path):
@@ -342,9 +427,13 @@ def test_rescan_lists_new_checkpoints_and_only_inside_root(tmp_path):
         fake_weights(run)
         infos.append(FakeInfo(str(run), str(root / "r1"), 5, "stories", 2.5, {"seq_len": 32}))
         infos.append(FakeInfo("/elsewhere/x/checkpoints/9", "/elsewhere/x", 9, "s", None, {}))
-        update, status = client.predict(None, api_name="/rescan")
-        assert update["value"] == str(run) and str(run) in status
-        assert [path for _, path in update["choices"]] == [str(run)]
+        update, update_b = client.predict(None, api_name="/rescan")
+        assert update["value"] == str(run)
+        assert (
+            [path for _, path in update["choices"]]
+            == [str(run)]
+            == [path for _, path in update_b["choices"]]
+        )
         assert [label for label, _ in demo.jif_app.choices()] == [
             "r1 · step 5 · data stories · val NELBO 2.500"
         ]
@@ -357,47 +446,13 @@ def test_no_checkpoint_names_the_command(tmp_path):
     demo = app.build_demo(str(root))
     with served(demo) as url:
         client = gradio_client.Client(url, verbose=False)
-        with pytest.raises(AppError) as err:
-            client.predict(*generate_args(None), api_name="/generate")
-        assert "python -m jif.train" in str(err.value)
+        _, final = run_job(client, generate_args(None))
+        assert "python -m jif.train --out" in error_of(final[0])
         with urllib.request.urlopen(f"{url}config") as response:
             page = response.read().decode()
         assert app.train_command(str(root)) in page
-
-
-def test_frames_show_what_the_sampler_revealed(fake_server):
-    """Each drawn frame has a placeholder wherever jif.sampling.replay still has a mask, and
-    highlights exactly the tokens the sampler counted as revealed at the step before it;
-    the animation skips only frames that reveal nothing."""
-    _, _, _, _, loaded = fake_server
-    tok = loaded.tokenizer
-    tokens = np.tile(encode_template(tok, "Tom [MASK:5] ball.", length=24), (2, 1))
-    for method, steps in (("ddpm", 6), ("confidence", 12)):  # ancestral and expected plans
-        result = sampling.sample(
-            loaded.denoise_fn,
-            jax.random.key(3),
-            tokens,
-            mask_id=tok.mask_id,
-            steps=steps,
-            method=method,
-            return_trajectory=True,
-        )
-        samples = render.Samples.from_result(result, tok, data="tinystories")
-        assert samples.scores is None
-        counts = np.asarray(result.trajectory.counts)
-        for step in range(samples.n_steps + 1):
-            frame = sampling.replay(result.trajectory, result.tokens, step, tok.mask_id)
-            boxes = render.render_step(samples, step).split(f'class="{render.SAMPLE_CLASS}"')[1:]
-            assert len(boxes) == 2
-            masks = [box.count(render.PLACEHOLDER_CLASS) for box in boxes]
-            assert masks == (frame == tok.mask_id).sum(axis=1).tolist(), (method, step)
-            new = [box.count(render.NEW_CLASS) for box in boxes]
-            assert new == (counts[:, step - 1].tolist() if step else [0, 0]), (method, step)
-        played = render.frames_to_play(samples)
-        assert played[0] == 0 and played[-1] == samples.n_steps
-        revealing = counts.sum(axis=0) > 0  # step s shows in frame s + 1
-        assert all(revealing[f - 1] for f in played[1:-1])
-        assert all(f in played for f in range(1, samples.n_steps + 1) if revealing[f - 1])
+    status, _, button = demo.jif_app.open(None)
+    assert app.train_command(str(root)) in status and button["interactive"] is False
 
 
 def test_validate_settings_and_cli_defaults():
@@ -416,12 +471,31 @@ def test_validate_settings_and_cli_defaults():
             app.validate_settings(*args)
         assert message in str(err.value.message), (args, err.value.message)
         assert not err.value.print_exception, "a visitor's mistake prints no traceback"
-    got = app.validate_settings("confidence", 4.0, 16, 1, 0.5, 3, 2)
-    assert got[1:] == (4, 16, 1.0, 0.5, 3, 2)
-    assert app.validate_settings("ddpm", 8, 16, 0, 1, 0, 1)[3] == 0.0  # argmax, as in the CLI
+    got = app.validate_settings("confidence", 4.0, 16, 1, 0.5, 3, 2, top_k=5, block_length=8)
+    want = dict(steps=4, length=16, temperature=1.0, top_p=0.5, seed=3, batch=2, top_k=5)
+    assert {k: got[k] for k in want} == want and got["block_length"] == 8
+    assert "block_length" not in app.validate_settings("ddpm", 8, 16, 0, 1, 0, 1)
+    assert app.validate_settings("ddpm", 8, 16, 0, 1, 0, 1)["temperature"] == 0.0  # argmax
     cfg = app.AppConfig()
     assert (cfg.host, cfg.share, cfg.root) == ("127.0.0.1", False, "runs")
-    assert app._is_inside("/a/b/c", "/a/b") and not app._is_inside("/a/bc", "/a/b")
+    assert studio._is_inside("/a/b/c", "/a/b") and not studio._is_inside("/a/bc", "/a/b")
+    assert app.DEFAULT_METHOD == "confidence"
+
+
+def test_colours_read_on_their_background():
+    """Every token colour has at least WCAG AA contrast (4.5) with its text colour."""
+
+    def luminance(hex_colour):
+        c = np.array([int(hex_colour.lstrip("#")[i : i + 2], 16) / 255 for i in (0, 2, 4)])
+        c = np.array([x / 12.92 if x <= 0.04045 else ((x + 0.055) / 1.055) ** 2.4 for x in c])
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    for cmap in ("viridis", "cividis"):
+        for v in np.linspace(0, 1, 41):
+            bg, fg = render.colour(v, cmap)
+            fg = {"#000": "#000000", "#fff": "#ffffff"}[fg]
+            hi, lo = sorted((luminance(bg), luminance(fg)), reverse=True)
+            assert (hi + 0.05) / (lo + 0.05) >= 4.5, (cmap, v, bg, fg)
 
 
 # ---- the real thing: a tiny checkpoint written by training --------------------------------
@@ -468,15 +542,15 @@ def test_real_tiny_checkpoint_streams_to_the_end(tiny_run):
         args = generate_args(listed[0][1], method="ddpm_cache", steps=8, length=32)
         outputs, final = run_job(client, args)
         assert len(outputs) >= 3
-        assert render.PLACEHOLDER_CLASS in outputs[0][0]
+        assert render.PLACEHOLDER_CLASS in outputs[1][0]  # after the "starting" line
         assert render.PLACEHOLDER_CLASS not in final[0]
-        with pytest.raises(AppError, match="context"):
-            client.predict(*generate_args(listed[0][1], length=64), api_name="/generate")
+        _, bad = run_job(client, generate_args(listed[0][1], length=64))
+        assert "context" in error_of(bad[0])
         for how in ("incompatible", "corrupt"):
             dest = os.path.join(tiny_run, how, "checkpoints", "2")
-            with pytest.raises(AppError, match="Could not load checkpoint"):
-                path = break_copy(listed[0][1], dest, how)
-                client.predict(*generate_args(path, length=32), api_name="/generate")
+            path = break_copy(listed[0][1], dest, how)
+            _, bad = run_job(client, generate_args(path, length=32))
+            assert "Could not load checkpoint" in error_of(bad[0])
         listed_now = [path for _, path in demo.jif_app.choices()]
         assert os.path.join(tiny_run, "incompatible", "checkpoints", "2") in listed_now
         assert dest not in listed_now, "a checkpoint without its EMA weights is not offered"

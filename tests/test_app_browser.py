@@ -1,7 +1,9 @@
 """app.py in a real browser: Debian's chromium driven by playwright.
 
-Clicks Generate, watches the text change over several frames until no placeholder is left,
-replays step 0 with the slider, and saves a screenshot to artifacts/app.png.
+Waits for the checkpoint to open (Generate is disabled until then), clicks Generate, watches
+the text stream until no placeholder is left, checks that the final frame keeps its
+colours and tooltips, replays call 0 with the slider, compares two methods side by side,
+stops a long run, shows an error in the output area, and saves screenshots to artifacts/.
 """
 
 from __future__ import annotations
@@ -48,43 +50,101 @@ def browser():
             b.close()
 
 
-def test_generate_animates_until_no_placeholder(fake_server, browser):
-    _, url, _, _, _ = fake_server
-    page = browser.new_page(viewport={"width": 1200, "height": 1400})
-    page.goto(url)
-    page.wait_for_selector("#jif-generate")
-    text = page.locator("#jif-text")
-    page.click("#jif-generate")
+def set_number(page, selector: str, value) -> None:
+    box = page.locator(f"{selector} input").first
+    box.fill(str(value))
+    box.press("Tab")
 
-    seen, deadline = [], time.monotonic() + 90
+
+def watch(page, selector: str, done, seconds: float = 90) -> list[str]:
+    """Every distinct innerHTML of `selector` until done(html) (or the time is up)."""
+    seen, deadline = [], time.monotonic() + seconds
     while time.monotonic() < deadline:
-        html = text.inner_html()
+        html = page.locator(selector).inner_html()
         if not seen or html != seen[-1]:
             seen.append(html)
-            if sum(render.PLACEHOLDER_CLASS in h for h in seen) == 6:  # mid-animation
-                ARTIFACTS.mkdir(exist_ok=True)
-                page.screenshot(path=str(ARTIFACTS / "app_animating.png"), full_page=True)
-        if render.SAMPLE_CLASS in html and render.PLACEHOLDER_CLASS not in html:
+        if done(html):
             break
         time.sleep(0.02)
-    with_placeholders = [h for h in seen if render.PLACEHOLDER_CLASS in h]
-    assert len(with_placeholders) >= 3, f"only {len(with_placeholders)} animation frames seen"
-    assert render.PLACEHOLDER_CLASS not in seen[-1], "the animation ended with masks left"
-    counts = [
-        h.count(render.PLACEHOLDER_CLASS) for h in with_placeholders if render.SAMPLE_CLASS in h
-    ]
-    assert counts == sorted(counts, reverse=True), "placeholders only ever disappear"
-    page.wait_for_selector("#jif-scores table", timeout=30_000)  # grammar scores drawn last
+    return seen
 
+
+def test_page_streams_keeps_colours_compares_stops(fake_server, browser, monkeypatch):
+    _, url, _, _, loaded = fake_server
+    tok = loaded.tokenizer
+    row = test_app.encode_template(tok, test_app.app.DEFAULT_TEMPLATE, length=64)
     ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1300, "height": 1500})
+    page.goto(url)
+    page.wait_for_selector("#jif-generate:not([disabled])", timeout=120_000)  # opened
+    set_number(page, "#jif-replay", 0)  # nothing to replay yet: the page stays usable
+    page.click("#jif-generate")
+    final = lambda h: render.SAMPLE_CLASS in h and render.PLACEHOLDER_CLASS not in h
+    seen = watch(page, "#jif-text", final)
+    streamed = [h for h in seen if render.PLACEHOLDER_CLASS in h and render.SAMPLE_CLASS in h]
+    assert len(streamed) >= 3, f"only {len(streamed)} animation frames seen"
+    counts = [h.count(render.PLACEHOLDER_CLASS) for h in streamed]
+    assert counts == sorted(counts, reverse=True), "placeholders only ever disappear"
+    last = seen[-1]
+    assert render.PLACEHOLDER_CLASS not in last, "the animation ended with masks left"
+    assert last.count(render.TOKEN_CLASS) > 0 and "background:#" in last, "final frame coloured"
+    assert render.FIXED_CLASS in last, "the template's text is marked"
+    title = page.locator(f"#jif-text .{render.TOKEN_CLASS}").first.get_attribute("title")
+    assert "revealed by network call" in title and "top tokens" in title
+    page.wait_for_selector("#jif-scores table", timeout=30_000)  # the summary comes last
     page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
 
-    # Replay: move the step slider back to 0; the template comes back without sampling again.
-    box = page.locator("#jif-replay input[type=number]")
-    box.fill("0")
-    box.press("Enter")
+    # Colour by confidence, then replay call 0: the template comes back, no sampling again.
+    page.get_by_label("confidence", exact=True).check()
     page.wait_for_function(
-        "document.querySelector('#jif-text').innerHTML.includes('step 0 /')", timeout=30_000
+        "document.querySelector('#jif-text').innerHTML.includes('sampled with p:')",
+        timeout=30_000,
     )
-    assert text.inner_html().count(render.PLACEHOLDER_CLASS) == counts[0]
+    set_number(page, "#jif-replay", 0)
+    page.wait_for_function(
+        "document.querySelector('#jif-text').innerHTML.includes('after network call 0 ')",
+        timeout=30_000,
+    )
+    at0 = page.locator("#jif-text").inner_html().count(render.PLACEHOLDER_CLASS)
+    assert at0 == 2 * int((row == tok.mask_id).sum()) >= counts[0]
+
+    # Compare: a second method in the column beside, each with its own summary row.
+    page.get_by_text("Compare", exact=True).click()
+    page.locator("#jif-compare input").check()
+    page.click("#jif-generate")
+    both = lambda h: "B: ddpm_cache" in h and "· done" in h
+    watch(page, "#jif-text-b", both)
+    page.wait_for_function(
+        "document.querySelector('#jif-scores').innerText.includes('B: ddpm_cache')",
+        timeout=60_000,
+    )
+    page.screenshot(path=str(ARTIFACTS / "app_compare.png"), full_page=True)
+    page.locator("#jif-compare input").uncheck()
+
+    # Stop: a 2000-step run (slowed to 20 ms a call) ends where it is, its last frame kept.
+    push = test_app.live.LiveRun._push
+    slow = lambda run, call: (time.sleep(0.02), push(run, call))
+    monkeypatch.setattr(test_app.live.LiveRun, "_push", slow)
+    set_number(page, "#jif-steps", 2000)
+    method = page.locator("#jif-method input")
+    method.fill("ddpm")
+    method.press("Enter")
+    page.click("#jif-generate")
+    page.wait_for_selector("#jif-stop:not([disabled])", timeout=60_000)
+    watch(page, "#jif-text", lambda h: "· running" in h, 60)
+    page.click("#jif-stop")
+    seen = watch(page, "#jif-text", lambda h: "· stopped" in h, 60)
+    assert "· stopped" in seen[-1] and render.SAMPLE_CLASS in seen[-1]
+    monkeypatch.undo()
+    page.screenshot(path=str(ARTIFACTS / "app_stopped.png"), full_page=True)
+
+    # A mistake stays in the output area, with its message, until the next Generate.
+    template = page.locator("#jif-template textarea")
+    template.fill("Tom [mask:3]")
+    page.click("#jif-generate")
+    page.wait_for_selector(f"#jif-text .{render.ERROR_CLASS}", timeout=30_000)
+    assert "write [MASK]" in page.locator("#jif-text").inner_text()
+    time.sleep(6)  # longer than a toast lives
+    assert "write [MASK]" in page.locator("#jif-text").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "app_error.png"), full_page=True)
     page.close()
