@@ -193,10 +193,10 @@ def test_train_sample_eval_and_app_with_a_folder_tokenizer_offline(tmp_path, mon
 
     handler = app.DiffusionApp(str(tmp_path / "runs"))  # what the page does on Generate
     step_dir = handler.initial_choice(handler.choices())
-    _, samples = handler.run_sampler(
-        step_dir, "confidence", 4, 16, 1.0, 1.0, 0, 1, "Once upon a time, [MASK:3] said."
-    )
-    prompt, rest = samples.texts[0].split("Once upon a time,", 1)
+    template = "Once upon a time, [MASK:3] said."
+    settings = ("confidence", 4, 16, 1.0, 1.0, 0, 0, 0, 1, 60, template)
+    final = list(handler.generate(step_dir, *settings, False, "ddpm_cache", None, "confidence"))
+    prompt, rest = final[-1][6][0].texts[0].split("Once upon a time,", 1)
     assert prompt == "</s>" and " said." in rest and "[MASK]" not in rest
 
 
