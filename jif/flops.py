@@ -58,10 +58,14 @@ def processor() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def flops_per_token(config, seq_len: int, readout_fraction: float = 1.0) -> float:
+def flops_per_token(
+    config, seq_len: int, readout_fraction: float = 1.0, self_condition: float = 1.0
+) -> float:
     """Forward matmul FLOPs per token (2 per multiply-add) incl. attention scores and logits;
     per-sequence adaLN conditioning work is divided by seq_len. readout_fraction: the share
-    of positions whose logits are computed (the training loss needs only masked ones)."""
+    of positions whose logits are computed (the training loss needs only masked ones).
+    self_condition: the share of calls that take the self-conditioning first pass (all of
+    them at inference, half in training), if the model has one (`first_pass_flops`)."""
     d, L = config.d_model, seq_len
     per_block = 2 * (4 * d * d + 2 * config.mlp_ratio * d * d) + 2 * 2 * L * d  # qkvo, mlp, attn
     total = config.n_layers * per_block + readout_fraction * 2 * d * config.vocab_size
@@ -69,15 +73,31 @@ def flops_per_token(config, seq_len: int, readout_fraction: float = 1.0) -> floa
         c, n_freq = config.cond_dim, model_lib.N_FREQUENCIES
         per_seq = 2 * (n_freq * c + c * c) + 2 * c * d * (6 * config.n_layers + 2)
         total += per_seq / L
+    if self_condition:
+        total += self_condition * first_pass_flops(config, seq_len)
     return float(total)
+
+
+def first_pass_flops(config, seq_len: int) -> float:
+    """Forward FLOPs per token of self-conditioning's first pass (logits everywhere) and of
+    its input (the predicted distribution through the token table and the projection);
+    0 for a model without it."""
+    if not getattr(config, "self_condition", False):
+        return 0.0
+    d = config.d_model
+    plain = flops_per_token(config, seq_len, 1.0, self_condition=0.0)
+    return plain + 2 * d * config.vocab_size + 2 * d * d
 
 
 def train_step_flops(config, batch_size: int, seq_len: int) -> float:
     """Matmul FLOPs of one training step: forward + backward (3x forward), with logits read
-    out at the loss's capacity of masked rows (`jif.diffusion.readout_capacity`)."""
+    out at the loss's capacity of masked rows (`jif.diffusion.readout_capacity`); with
+    self-conditioning, its first pass (forward only: its output is gradient-stopped) on
+    half of the steps."""
     tokens = batch_size * seq_len
     read = diffusion.readout_capacity(batch_size, seq_len) / tokens
-    return 3 * flops_per_token(config, seq_len, read) * tokens
+    second = 3 * flops_per_token(config, seq_len, read, self_condition=0.0)
+    return (second + 0.5 * first_pass_flops(config, seq_len)) * tokens
 
 
 def stated_peak(dtype: str = "bfloat16") -> float | None:

@@ -29,6 +29,7 @@ Parameters (label = path; "blocks" is a leading stacked axis; fan-in axes listed
   dit/blocks/mlp/down          blocks, neurons | embedding             N(0, 1/fan_in)
   dit/out/{shift,scale}        cond | embedding                        0               [adaln]
   dit/out/unembed              embedding | vocabulary                  0
+  dit/self_cond                prediction | embedding                  0               [self_condition]
 The embedding table is a lookup: its "vocabulary" axis is the (one-hot) input axis.
 
 arch="modula" (all of it in ``ARCHS["modula"]``): GELU / GELU_MAX_SLOPE (1-Lipschitz),
@@ -89,6 +90,7 @@ class ModelConfig:
     rope_wavelength: float = 10_000.0  # maximum wavelength of the rotary embedding
     norm_eps: float = 1e-6  # epsilon of the RMS normalisation
     vocab_multiple: int = 128  # tables padded to a multiple of this ("vocabulary" shards)
+    self_condition: bool = False  # a second pass fed the first pass's prediction (see DiT)
 
     @property
     def d_head(self) -> int:
@@ -107,6 +109,12 @@ class ModelConfig:
         for field, allowed in (("arch", ARCHS), ("dtype", DTYPES), ("attention", ATTENTION_NAMES)):
             if (value := getattr(self, field)) not in allowed:
                 raise ValueError(f"{field}={value!r} is not one of {sorted(allowed)}.")
+        if self.self_condition and (self.arch != "standard" or self.causal):
+            raise ValueError(
+                "self_condition=True needs the standard, non-causal DiT (the well-normed "
+                "description and the autoregressive model have no self-conditioning input); "
+                "drop --self-condition or use --arch standard."
+            )
         if min(self.vocab_size, self.d_model, self.n_layers, self.vocab_multiple) < 1:
             raise ValueError(f"sizes must be positive, got {self}.")
         return self
@@ -177,6 +185,7 @@ FAN_IN_AXES: dict[str, tuple[str, ...]] = {
     **{"embed": ("vocabulary",), "cond/in": ("frequencies",), "cond/out": ("cond_hidden",)},
     **{"attn/output": ("heads", "projection"), "down": ("neurons",)},
     **dict.fromkeys(("norm", "in_bias", "out_bias"), ()),  # gains and biases: vectors
+    "self_cond": ("prediction",),
 }
 
 
@@ -346,12 +355,22 @@ def build_cond(name: str, key, config: ModelConfig) -> pz.nn.Sequential:
 
 @pz.pytree_dataclass
 class DiT(pz.nn.Layer):
-    """tokens {"batch","seq"} (+ side input mask_rate {"batch"}) -> logits {..., "vocabulary"}."""
+    """tokens {"batch","seq"} (+ side input mask_rate {"batch"}) -> logits {..., "vocabulary"}.
+
+    With config.self_condition (Bit Diffusion's self-conditioning, for masked tokens) the
+    network runs twice: the first pass's predicted distribution (gradient stopped), embedded
+    through the token table, goes through `self_cond` (zero at init, so both passes start
+    equal) and is added to the token embeddings of the second pass. The second pass's input
+    is a function of the tokens alone, so a sampler that reuses logits while the tokens do
+    not change stays exact. Side input self_condition=False (a bool, may be traced) skips it:
+    training does so for half of its batches.
+    """
 
     embed: Embed
     cond: pz.nn.Layer | None
     blocks: pz.nn.LayerStack
     head: pz.nn.Sequential
+    self_cond: pz.nn.Layer | None
     config: ModelConfig = dataclasses.field(metadata={"pytree_node": False})
 
     def __call__(self, tokens: pz.nx.NamedArray, /, **side_inputs) -> pz.nx.NamedArray:
@@ -366,10 +385,28 @@ class DiT(pz.nn.Layer):
             cond = self.cond(noise_features(side_inputs["mask_rate"]))
             side["cond"] = cond.astype(DTYPES[self.config.dtype])
         x = self.embed(tokens)
+        if self.self_cond is not None:
+            use = side_inputs.get("self_condition", True)
+            second = lambda x: x + self._prediction_input(self.readout(self._trunk(x, side)))
+            if isinstance(use, bool):
+                x = second(x) if use else x
+            else:
+                x = jax.lax.cond(use, second, lambda x: x, x)
+        return self._trunk(x, side)
+
+    def _trunk(self, x: pz.nx.NamedArray, side: dict) -> pz.nx.NamedArray:
         x = self.blocks(x, **side)
         for layer in self.head.sublayers[: self._readout_start()]:  # final norm (+ adaLN)
             x = layer(x, **side)
         return x
+
+    def _prediction_input(self, logits: pz.nx.NamedArray) -> pz.nx.NamedArray:
+        """self_cond(softmax(logits) @ token table), gradient stopped: {..., "embedding"}."""
+        names = tuple(n for n in logits.named_shape if n != "vocabulary")
+        p = jax.nn.softmax(logits.unwrap(*names, "vocabulary").astype(jnp.float32), axis=-1)
+        table = self.embed.table.value.unwrap("vocabulary", "embedding")[: p.shape[-1]]
+        soft = jax.lax.stop_gradient(p.astype(table.dtype) @ table)
+        return self.self_cond(pz.nx.wrap(soft).tag(*names, "prediction"))
 
     def readout(self, x: pz.nx.NamedArray) -> pz.nx.NamedArray:
         """{..., "embedding"} -> {..., "vocabulary"}: the unembedding (and muP's rescale),
@@ -400,6 +437,11 @@ def build_model(config: ModelConfig, key: jax.Array) -> DiT:
             build_block, "blocks", config.n_layers, key, dict(name="dit/blocks", config=config)
         ),
         head=pz.nn.Sequential(head),
+        self_cond=_linear(
+            "dit/self_cond", key, config, {"prediction": config.d_model}, emb, init="zeros"
+        )
+        if config.self_condition
+        else None,
         config=config,
     )
 
@@ -408,15 +450,18 @@ def build_model(config: ModelConfig, key: jax.Array) -> DiT:
 
 
 def apply_logits(model: DiT, tokens: jax.Array, mask_rate: jax.Array) -> jax.Array:
-    """int32 [B, L], float32 [B] -> float32 logits [B, L, V]."""
+    """int32 [B, L], float32 [B] -> float32 logits [B, L, V] (self-conditioned, if the
+    model is)."""
     x, r = pz.nx.wrap(tokens).tag("batch", "seq"), pz.nx.wrap(mask_rate).tag("batch")
     return model(x, mask_rate=r).unwrap("batch", "seq", "vocabulary").astype(jnp.float32)
 
 
-def apply_features(model: DiT, tokens: jax.Array, mask_rate: jax.Array) -> jax.Array:
-    """int32 [B, L], float32 [B] -> [B, L, d_model]: the network up to its readout."""
+def apply_features(model: DiT, tokens: jax.Array, mask_rate: jax.Array, self_condition=True):
+    """int32 [B, L], float32 [B] -> [B, L, d_model]: the network up to its readout.
+    self_condition (bool, may be traced): take the second pass, if the model has one."""
     x, r = pz.nx.wrap(tokens).tag("batch", "seq"), pz.nx.wrap(mask_rate).tag("batch")
-    return model.features(x, mask_rate=r).unwrap("batch", "seq", "embedding")
+    out = model.features(x, mask_rate=r, self_condition=self_condition)
+    return out.unwrap("batch", "seq", "embedding")
 
 
 def apply_readout(model: DiT, features: jax.Array) -> jax.Array:

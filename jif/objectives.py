@@ -25,13 +25,18 @@ import jax
 from jif import ar, diffusion, sampling
 from jif import model as model_lib
 
+SELF_CONDITION_STREAM = 0x5C  # fold_in of the step key: the other draws keep their keys
+
 
 def mdlm(model, batch: jax.Array, key: jax.Array, *, mask_id: int):
     """The MDLM objective (Sahoo et al. 2024): the continuous-time NELBO at a sampled time,
     with logits read out only at masked positions."""
     k_t, k_mask = jax.random.split(key)
     t = diffusion.sample_t(k_t, batch.shape[0])
-    features_fn = lambda xt, mask_rate: model_lib.apply_features(model, xt, mask_rate)
+    use = True  # self-conditioning, if the model has it: half of the batches (Bit Diffusion)
+    if model.config.self_condition:
+        use = jax.random.bernoulli(jax.random.fold_in(key, SELF_CONDITION_STREAM), 0.5)
+    features_fn = lambda xt, mask_rate: model_lib.apply_features(model, xt, mask_rate, use)
     readout_fn = lambda h: model_lib.apply_readout(model, h)  # at masked positions only
     return diffusion.mdlm_loss(
         features_fn, batch, t, k_mask, mask_id=mask_id, readout_fn=readout_fn

@@ -378,9 +378,10 @@ def command_line(cfg, *, resume: bool) -> str:
 def config_summary(cfg, model_config) -> str:
     """Two lines on what this run trains (the whole config is in <run>/config.json)."""
     m, o = model_config, cfg.optim
+    kind = f"{m.arch} DiT" + (", self-conditioned" if getattr(m, "self_condition", False) else "")
     where = f"{cfg.out}/config.json" if cfg.out else "not saved: no --out"
     return (
-        f"{cfg.objective} on {cfg.data}: {cfg.preset} preset ({m.arch} DiT, d_model {m.d_model}, "
+        f"{cfg.objective} on {cfg.data}: {cfg.preset} preset ({kind}, d_model {m.d_model}, "
         f"{m.n_layers} layers, {m.n_heads} heads), {o.optimizer} at lr {o.lr:g} ({o.schedule}), "
         f"{cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, seed {cfg.seed}\n"
         f"full config: {where}"

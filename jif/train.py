@@ -51,6 +51,9 @@ class TrainConfig:
     """Override adaLN conditioning on the noise level (off by default, as in MDLM)."""
     mup_base_width: int | None = None
     """muP base width (None: no muP)."""
+    self_condition: bool = False
+    """Self-conditioning: a second pass fed the first pass's prediction, trained on half of
+    the batches (standard DiT only; docs/training.md)."""
     dtype: str = "auto"
     """Parameter and activation dtype: float32, bfloat16, or auto (bfloat16 on accelerators)."""
     attention: str = "auto"
@@ -146,6 +149,7 @@ def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.ModelCo
         mup_base_width=cfg.mup_base_width,
         dtype=cfg.dtype,
         attention=cfg.attention,
+        self_condition=cfg.self_condition or None,
     )
 
 
