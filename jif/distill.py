@@ -331,8 +331,10 @@ def train_round(cfg, r: Round, unbound, teacher_params, bar, interrupts, say) ->
     step_fn = compile_step(cfg, r, unbound)
     feed = ({"tokens": b, "teacher": teacher_params} for b in r.batches)
     smoothed = None
+    # Committed to the device, as the step's outputs are: else the second step compiles again.
+    state = jax.device_put(r.state, jax.local_devices()[0])
     for s in loop.steps(
-        step_fn, r.state, feed, start=r.start, stop=cfg.steps, on_nonfinite=cfg.on_nonfinite
+        step_fn, state, feed, start=r.start, stop=cfg.steps, on_nonfinite=cfg.on_nonfinite
     ):
         r.state, smoothed, at_end = s.state, s.smoothed, s.done == cfg.steps
         if not math.isfinite(s.loss):
