@@ -285,7 +285,7 @@ def test_configuration_errors_exit_2_with_a_message(tmp_path, capsys):
     out = ["--out", str(tmp_path / "s")]
     cases = [
         (["--optimizers", "sgd"], "unknown optimizer 'sgd'"),
-        (["--widths", "66"], "multiple of n_heads"),
+        (["--widths", "66"], "multiple of --head-dim 32"),
         (["--lrs", "-1"], "--lrs -1.0: a learning rate must be a finite number > 0"),
         (["--lrs", "nan"], "--lrs nan"),
         (["--lrs", "0.01", "0"], "--lrs 0.0"),
@@ -301,7 +301,7 @@ def test_configuration_errors_exit_2_with_a_message(tmp_path, capsys):
         (["--engine", "train_run"], "pass --embed-lr-mult 1"),  # muP: no multiplier there
         (["--embed-lr-mult", "-1"], "--embed-lr-mult -1.0"),
         (["--metric", "loss"], "metric 'loss'"),
-        (["--widths", "64", "--n-heads", "64"], "even head size"),  # the model config
+        (["--widths", "64", "--head-dim", "1"], "even head size"),  # the model config
         (["--data", str(tmp_path / "none.txt")], "not found"),
         (["--plot-only"], "run the sweep first"),
     ]

@@ -35,7 +35,7 @@ RUN_SETTINGS = (
     "steps",
     "batch_size",
     "seq_len",
-    "n_heads",
+    "head_dim",
     "mup_base_width",
     "data",
     "eval_sequences",
@@ -88,7 +88,7 @@ def train_config_for(spec: RunSpec, config: SweepConfig) -> train.TrainConfig:
     return train.TrainConfig(
         d_model=spec.width,
         n_layers=spec.depth,
-        n_heads=config.n_heads,
+        n_heads=spec.width // config.head_dim,
         arch=p.arch,
         mup_base_width=config.mup_base_width if p.mup else None,
         data=config.data,

@@ -61,8 +61,8 @@ class SweepConfig:
     are the committed ones (docs/transfer.md)."""
     optimizers: tuple[str, ...] = ("adamw", "mup_adamw", "modula")
     """Parameterisations to sweep (keys of PARAMETERISATIONS)."""
-    widths: tuple[int, ...] = (32, 64, 128, 256)
-    """Model widths d_model (a factor 8; 512 costs as much again as all four together)."""
+    widths: tuple[int, ...] = (32, 64, 128)
+    """Model widths d_model (a factor 4; 256 would cost as much again as all three together)."""
     depths: tuple[int, ...] = (2,)
     """Numbers of transformer blocks; several values give a depth sweep as well."""
     n_lrs: int = 5
@@ -79,8 +79,10 @@ class SweepConfig:
     """Sequences per batch."""
     seq_len: int = 64
     """Tokens per sequence."""
-    n_heads: int = 4
-    """Attention heads at every width (head size = width / n_heads)."""
+    head_dim: int = 32
+    """Size of every attention head; a model of width w has w / head_dim heads. A fixed head
+    size keeps each head's logit scale the same at every width, so the sweep varies the
+    matrices' widths only (at width 32, 4 heads of 8 learn 0.85 nats worse than 1 of 32)."""
     mup_base_width: int = 0
     """Base width for muP (0: the smallest width of the sweep)."""
     embed_lr_mult: float = 100.0
@@ -115,7 +117,7 @@ QUICK_OVERRIDES = dict(
     steps=12,
     batch_size=4,
     seq_len=16,
-    n_heads=2,
+    head_dim=16,
     eval_sequences=8,
     eval_times=2,
 )
@@ -167,7 +169,7 @@ def resolve(config: SweepConfig) -> SweepConfig:
         config = apply_quick(config, QUICK_OVERRIDES)
     check_fields(
         config,
-        dict(widths=1, depths=1, seeds=0, steps=1, batch_size=1, seq_len=2, n_heads=1),
+        dict(widths=1, depths=1, seeds=0, steps=1, batch_size=1, seq_len=2, head_dim=1),
         nonempty=("optimizers", "widths", "depths", "seeds"),
     )
     check_fields(
@@ -189,9 +191,9 @@ def resolve(config: SweepConfig) -> SweepConfig:
                 "--embed-lr-mult 1, or --engine compiled or batched"
             )
     for width in config.widths:
-        if width % config.n_heads:
+        if width % config.head_dim:
             raise ValueError(
-                f"width {width} must be a positive multiple of n_heads={config.n_heads}"
+                f"width {width} must be a positive multiple of --head-dim {config.head_dim}"
             )
     if not config.lrs and config.n_lrs < 1:
         raise ValueError(f"n_lrs={config.n_lrs} must be >= 1 (or pass --lrs)")
