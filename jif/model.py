@@ -83,7 +83,7 @@ class ModelConfig:
     cond_dim: int = 128  # width of the adaLN conditioning vector ("cond")
     adaln: bool = False  # condition blocks on the mask rate (SEDD adaLN shift/scale/gate)
     causal: bool = False  # attention sees only earlier positions (jif.ar's next-token model)
-    arch: str = "standard"  # a key of ARCHS: "standard" or "modula" (well-normed)
+    arch: str = "standard"  # a key of ARCHS: "standard", "modula" (well-normed), "modula_ref"
     dtype: str = "float32"  # "float32" | "bfloat16": parameters and activations
     attention: str = "auto"  # jif.layers.ATTENTION_NAMES; auto: the platform's (pick_attention)
     mup_base_width: int | None = None  # muP: logits * base/d_model, scores 1/d_head
@@ -129,6 +129,7 @@ class Arch:
     matrix_init: str  # INITS entry of the weight matrices that are not zero-initialised
     embed_init: str  # INITS entry of the embedding table
     score_scale: Callable[[ModelConfig], float]  # q . k is multiplied by this
+    attn_gain: float = 1.0  # attention's output (before its output matrix) is multiplied by this
 
 
 _gelu = lambda x: jax.nn.gelu(x, approximate=True)  # tanh approximation, as SEDD
@@ -148,6 +149,9 @@ ARCHS: dict[str, Arch] = {
         score_scale=lambda config: 1.0 / config.d_head,  # O(1) scores when q and k align
     ),
 }
+# The reference Modula library's GPT multiplies attention's output by 1/3 (a bound for the
+# three inputs q, k, v), so its query, key and value matrices get larger shares of a step.
+ARCHS["modula_ref"] = dataclasses.replace(ARCHS["modula"], attn_gain=1 / 3)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(d_model=32, n_layers=2, n_heads=2, cond_dim=16),
@@ -300,11 +304,14 @@ def build_attention(name: str, key, config: ModelConfig) -> DotProductAttention:
     rope = TableRoPE("projection", config.rope_wavelength, "token_positions")
     mup = config.mup_base_width is not None  # muP: 1/d_head scores, whatever the architecture
     linear = lambda part, ins, outs: _linear(f"{name}/{part}", key, config, ins, outs)
+    output, gain = linear("output", hp, emb), ARCHS[config.arch].attn_gain
+    if gain != 1.0:
+        output = pz.nn.Sequential([pz.nn.ConstantRescale(by=gain), output])
     return DotProductAttention(
         query=pz.nn.Sequential([linear("query", emb, hp), rope]),
         key=pz.nn.Sequential([linear("key", emb, hp), rope]),
         value=linear("value", emb, hp),
-        output=linear("output", hp, emb),
+        output=output,
         scale=1.0 / config.d_head if mup else ARCHS[config.arch].score_scale(config),
         causal=config.causal,
         implementation=config.attention,

@@ -46,7 +46,8 @@ class TrainConfig:
     n_heads: int | None = None
     """Override the preset's number of attention heads."""
     arch: str | None = None
-    """Override the architecture: standard or modula."""
+    """Override the architecture: standard, modula, or modula_ref (modula with the reference
+    library's 1/3 on attention's output)."""
     adaln: bool | None = None
     """Override adaLN conditioning on the noise level (off by default, as in MDLM)."""
     mup_base_width: int | None = None

@@ -3,7 +3,7 @@
 The well-normed counterpart of `jif.mup`: where muP rescales Adam's learning rates by a
 parameter's role, `modula.optimizer(lr, module=dit_module(model_config, params))` dualises
 the gradient in the modular norm that this tree defines. It mirrors the forward pass of
-``jif.model`` (arch="modula"):
+``jif.model`` (arch="modula", or "modula_ref" with attention's output times 1/3):
 
     model  = head @ Repeat(block, n_layers) @ embed
     block  = residual(mlp, R) @ residual(attn, R),            R = 2 n_layers
@@ -20,7 +20,7 @@ simplification: their effect on the output is not covered by the measured bounds
 
 from __future__ import annotations
 
-from jif.model import ModelConfig, fan_in_axes
+from jif.model import ARCHS, ModelConfig, fan_in_axes
 from modula.atoms import Bias, Embedding, Gain, Linear
 from modula.bonds import GELU, Attention, RMSNorm
 from modula.core import STACK_AXIS, Module, Parallel, Repeat, Tuple, Weights, residual
@@ -66,7 +66,9 @@ def dit_module(
     p = "dit/blocks"
     norm = lambda label: gain(params, label) @ RMSNorm("embedding")
     qkv = Tuple(*(linear(params, f"{p}/attn/{n}") for n in ("query", "key", "value")))
-    attn = linear(params, f"{p}/attn/output") @ Attention() @ qkv @ norm(f"{p}/attn/norm")
+    attn_gain = ARCHS[model_config.arch].attn_gain  # 1/3 for "modula_ref", as Modula's GPT
+    attend = Attention() if attn_gain == 1.0 else attn_gain * Attention()
+    attn = linear(params, f"{p}/attn/output") @ attend @ qkv @ norm(f"{p}/attn/norm")
     mlp = linear(params, f"{p}/mlp/down") @ GELU() @ linear(params, f"{p}/mlp/up")
     mlp = mlp @ norm(f"{p}/mlp/norm")
     depth = 2 * model_config.n_layers

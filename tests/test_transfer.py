@@ -401,7 +401,7 @@ def test_embedding_multiplier_scales_only_the_embedding_step():
     scaled = sweep.resolve(sweep.SweepConfig(quick=True, widths=(16,), embed_lr_mult=30.0))
     for name in sweep.PARAMETERISATIONS:
         spec = sweep.RunSpec(optimizer=name, width=16, depth=1, lr=1.0, seed=0)
-        mult = 1.0 if name == "modula" else 30.0
+        mult = 1.0 if sweep.PARAMETERISATIONS[name].optimizer == "modula" else 30.0
         for engine in (sweep.CompiledRuns(), batched.BatchedRuns()):
             updates = []
             for config in (base, scaled):

@@ -34,9 +34,12 @@ def dit():
     model = M.build_model(CFG, jax.random.key(0))
     params = M.params_dict(model)
     module = well_normed.dit_module(CFG, params)
-    # the output layer is zero at init (logits 0); give it its orthogonal modula init so that
-    # every weight moves the output to first order
-    params["dit/out/unembed"] = module.project(params)["dit/out/unembed"]
+    # the output layer is zero at init (logits 0); give it an orthogonal matrix (a random one
+    # projected: projecting the zero matrix leaves it zero) so that every weight moves the
+    # output to first order
+    projected = module.project(_random_like(jax.random.key(5), params))
+    params["dit/out/unembed"] = projected["dit/out/unembed"]
+    assert float(jnp.abs(params["dit/out/unembed"].data_array).min()) > 0
     return model, params, module
 
 
@@ -178,3 +181,32 @@ def test_learning_rate_is_the_modular_norm_of_the_dualised_step(weight_decay):
     assert float(module.norm(dual).data_array) == pytest.approx(lr, rel=1e-4)
     if weight_decay:  # the decay is a separate shrink: the whole step is larger
         assert float(module.norm(update).data_array) > 2 * lr
+
+
+def test_reference_attention_gain_scales_the_output_and_the_qkv_share(dit):
+    """arch="modula_ref" is modula with attention's output times 1/3, as the reference
+    library's GPT: its logits equal modula's with the attention output matrix divided by 3,
+    and the same gradient gives query, key and value 3 times the step of the output matrix
+    that they get under modula (their downstream sensitivity is 1/3 of it)."""
+    model, params, module = dit
+    ref_cfg = M.make_config("tiny", arch="modula_ref", vocab_size=256)
+    ref_model = M.build_model(ref_cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(3), (2, 32), 0, CFG.vocab_size)
+    out = "dit/blocks/attn/output"
+    divided = {**params, out: params[out] / 3.0}
+    np.testing.assert_allclose(
+        _logits(ref_model, params, tokens), _logits(model, divided, tokens), rtol=1e-5, atol=1e-6
+    )
+    assert not np.allclose(_logits(ref_model, params, tokens), _logits(model, params, tokens))
+
+    ref_module = well_normed.dit_module(ref_cfg, params)
+    g = _random_like(jax.random.key(4), params)
+    size = lambda d, label: float(jnp.sqrt(jnp.sum(d[label].data_array ** 2)))
+    ratio = {}
+    for name, m in (("modula", module), ("modula_ref", ref_module)):
+        d = jax.jit(lambda g, m=m: m.dualize(g, 1.0))(g)
+        ratio[name] = {
+            n: size(d, f"dit/blocks/attn/{n}") / size(d, out) for n in ("query", "key", "value")
+        }
+    for n in ("query", "key", "value"):
+        assert ratio["modula_ref"][n] == pytest.approx(3 * ratio["modula"][n], rel=1e-3), n

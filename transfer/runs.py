@@ -65,6 +65,10 @@ PARAMETERISATIONS: dict[str, Parameterisation] = {
         arch="standard", optimizer="mup_adamw", mup=True, lr_range=(3e-4, 3e-2)
     ),
     "modula": Parameterisation(arch="modula", optimizer="modula", mup=False, lr_range=(3e-2, 3.0)),
+    # Modula with the reference library's 1/3 on attention's output (not in the default grid).
+    "modula_ref": Parameterisation(
+        arch="modula_ref", optimizer="modula", mup=False, lr_range=(3e-2, 3.0)
+    ),
 }
 
 
