@@ -174,7 +174,7 @@ def _number(p: float) -> str:
     return f"{p:.2f}" if p >= 0.01 or p == 0 else f"{p:.1e}"
 
 
-def _tooltip(s: Samples, b: int, pos: int, token: int) -> str:
+def _tooltip(s: Samples, b: int, pos: int) -> str:
     when = int(s.reveal_frame[b, pos])
     n = max(s.n_calls, 1)
     text = f"revealed by network call {when} of {n}"
@@ -189,7 +189,6 @@ def _tooltip(s: Samples, b: int, pos: int, token: int) -> str:
     ]
     if top:
         text += "; model's top tokens: " + ", ".join(top)
-    del token
     return html.escape(text, quote=True)
 
 
@@ -241,7 +240,7 @@ def render_frame(s: Samples, frame: int, colouring: str = "reveal order") -> str
             if when == frame and frame > 0:
                 cls += f" {NEW_CLASS}"
                 style += ";outline:2px solid #ff7f0e"
-            spans.append(_span(cls, style, text, _tooltip(s, b, pos, token)))
+            spans.append(_span(cls, style, text, _tooltip(s, b, pos)))
         blocks.append(
             f'<div class="{SAMPLE_CLASS}" style="white-space:pre-wrap;overflow-wrap:anywhere;'
             "font-family:ui-monospace,monospace;font-size:15px;line-height:1.7;padding:8px;margin-bottom:8px;"

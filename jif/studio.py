@@ -302,10 +302,12 @@ class DiffusionApp:
                "", gr.update(value=0), None, None, "", [], *busy)  # fmt: skip
         done: list[render.Samples] = []
         for loaded, job, label in prepared:
-            s = yield from self._play(session, stop, loaded, job, label, done, colouring)
+            s = yield from self._play(session, stop, loaded, job, label, len(done), colouring)
             done.append(s)
             if stop.is_set():
                 break
+            # the column keeps its last frame, drawn once, while the next one plays
+            yield self._frame(len(done) - 1, render.render_frame(s, s.last, colouring), s.last)
         texts = [render.render_frame(s, s.last, colouring) for s in done] + ["", ""]
         data = getattr(prepared[0][0], "data", "?")
         last = max(s.last for s in done)
@@ -315,12 +317,11 @@ class DiffusionApp:
                render.summary_markdown(done, data), done,
                gr.update(interactive=True), gr.update(interactive=False))  # fmt: skip
 
-    def _play(self, session, stop, loaded, job, label, done, colouring):
-        """Stream one run into its column; returns its render.Samples."""
+    def _play(self, session, stop, loaded, job, label, column, colouring):
+        """Stream one run into output column `column`; returns its render.Samples."""
         run = live.LiveRun(job, mask_id=loaded.tokenizer.mask_id)
         data = getattr(loaded, "data", "")
-        column = len(done)
-        out = lambda s, f: self._frame(done, column, render.render_frame(s, f, colouring), f)
+        out = lambda s, f: self._frame(column, render.render_frame(s, f, colouring), f)
         shown = -1
         try:
             while not run.done:  # live: the newest frame, at most fps frames a second
@@ -352,9 +353,10 @@ class DiffusionApp:
             time.sleep(1.0 / self.fps.get(session, fps))
         return s
 
-    def _frame(self, done, column, html, frame):
-        texts = [render.render_frame(s, s.last) for s in done] + [html]
-        texts += [""] * (2 - len(texts))
+    def _frame(self, column, html, frame):
+        """One animation frame: `html` into its column; the other column is left as it is."""
+        texts = [gr.skip(), gr.skip()]
+        texts[column] = html
         slider = gr.update(value=frame, minimum=0, maximum=max(frame, 1), step=1)
         return (texts[0], texts[1], slider, gr.skip(), gr.skip(), gr.skip(),
                 gr.skip(), gr.skip(), gr.skip())  # fmt: skip
