@@ -339,6 +339,15 @@ def test_default_sweep_has_three_seeds():
     assert sweep.SweepConfig().seeds == (0, 1, 2)
 
 
+def test_head_size_is_fixed_and_heads_grow_with_width():
+    """Every width gets heads of --head-dim (32 by default): 1, 2, 4 heads at 32, 64, 128."""
+    config = sweep.resolve(sweep.SweepConfig())
+    for width, heads in ((32, 1), (64, 2), (128, 4)):
+        spec = sweep.RunSpec(optimizer="modula", width=width, depth=2, lr=0.1, seed=0)
+        cfg = sweep.train_config_for(spec, config)
+        assert (cfg.d_model, cfg.n_heads) == (width, heads)
+
+
 def test_sweep_quick_end_to_end(tmp_path):
     """The real engine end to end, every parameterisation; one width (each width compiles
     every optimizer's program again; several widths are the fake sweeps' business above)."""
