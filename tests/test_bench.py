@@ -61,7 +61,7 @@ def test_bench_cli_runs_end_to_end(tmp_path):
         "--rounds", "2", "--peak-n", "128", "--sample-preset", "tiny",
         "--sample-methods", "ddpm_cache", "--sample-steps", "4", "--sample-length", "16",
         "--sample-batch", "2", "--sample-repeats", "1", "--out", str(out),
-        "--sweep-widths", "16", "--sweep-n-lrs", "2", "--sweep-seeds", "1", "--sweep-steps", "2",
+        "--sweep-widths", "32", "--sweep-n-lrs", "2", "--sweep-seeds", "1", "--sweep-steps", "2",
     ]  # fmt: skip
     result = bench_cli.main(argv)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
@@ -78,7 +78,7 @@ def test_bench_cli_runs_end_to_end(tmp_path):
     assert 0.9 < r["xla_over_model"] < 3.0
     assert all(0 < x < 5 for x in r["mfu_rounds"]) and np.isfinite(r["final_loss"])
     assert 1 <= result["sampling"]["methods"]["ddpm_cache"]["n_calls"] <= 4
-    sweep = result["sweep"]["16"]
+    sweep = result["sweep"]["32"]
     assert sweep["runs"] == 2 and sweep["speedup"] > 0  # one seed: each compiles a program
     assert "tiny" in bench_cli.format_table(result)
 

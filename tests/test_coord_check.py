@@ -21,7 +21,8 @@ def test_coord_check_configuration_errors_exit_2(tmp_path, capsys):
     out = ["--quick", "--out", str(tmp_path / "c")]
     cases = [
         (["--optimizers", "sgd"], "unknown optimizer 'sgd'"),
-        (["--widths", "66"], "even head size"),
+        (["--widths", "66"], "multiple of --head-dim 8"),
+        (["--widths", "16", "--head-dim", "1"], "even head size"),  # the model config
         (["--lrs", "-1", "1", "1"], "--lrs -1.0"),
         (["--lrs", "0.1"], "--lrs has 1 values for 3 optimizers"),
         (["--mask-rates", "1.5"], "must lie in [0, 1]"),

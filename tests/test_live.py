@@ -3,6 +3,8 @@ samples; a stream can stop the run, and its errors come out as themselves."""
 
 from __future__ import annotations
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,8 +95,15 @@ def test_a_stream_stops_the_run_or_fails_it_with_its_own_error():
 
     with pytest.raises(KeyError, match="a bug in the page"):
         run(broken)
-    job = live.LiveRun(run, mask_id=MASK)
+    go = threading.Event()  # the run starts only once stop() was called: no race with it
+
+    def after_stop(stream):
+        go.wait()
+        return run(stream)
+
+    job = live.LiveRun(after_stop, mask_id=MASK)
     job.stop()
+    go.set()
     job.join()
     assert job.stopped and job.error is None and job.result is None
 

@@ -72,8 +72,8 @@ class CoordConfig:
     parameterisation's sweep range."""
     mask_rates: tuple[float, ...] = (0.15, 0.85)
     """Mask rates of the probe inputs (low / high)."""
-    n_heads: int = 4
-    """Attention heads at every width."""
+    head_dim: int = 32
+    """Size of every attention head (heads = width / head_dim), as in the sweep."""
     mup_base_width: int = 0
     """muP base width (0: the smallest width)."""
     batch_size: int = 8
@@ -99,7 +99,7 @@ QUICK_OVERRIDES = dict(
     batch_size=4,
     seq_len=16,
     n_probe=4,
-    n_heads=2,
+    head_dim=8,
 )
 
 
@@ -110,10 +110,11 @@ def resolve(config: CoordConfig) -> CoordConfig:
         config = sweep.apply_quick(config, QUICK_OVERRIDES)
     sweep.check_fields(
         config,
-        dict(widths=1, depth=1, steps=1, batch_size=1, seq_len=2, n_heads=1, n_probe=1, seed=0),
+        dict(widths=1, depth=1, steps=1, batch_size=1, seq_len=2, head_dim=1, n_probe=1, seed=0),
         nonempty=("optimizers", "widths", "mask_rates"),
     )
     sweep.check_fields(config, dict(mup_base_width=0))
+    sweep.check_head_dim(config.widths, config.head_dim)
     sweep.check_lrs(config.lrs)
     for name in config.optimizers:
         if name not in sweep.PARAMETERISATIONS:
@@ -140,7 +141,7 @@ def sweep_config(config: CoordConfig) -> sweep.SweepConfig:
         steps=config.steps,
         batch_size=config.batch_size,
         seq_len=config.seq_len,
-        n_heads=config.n_heads,
+        head_dim=config.head_dim,
         mup_base_width=config.mup_base_width,
         eval_sequences=config.n_probe,
     )

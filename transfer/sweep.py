@@ -156,6 +156,13 @@ def check_fields(config, at_least: dict[str, float], nonempty: tuple[str, ...] =
                 raise ValueError(f"{flag(name)} {v}: must be a finite number >= {lo}")
 
 
+def check_head_dim(widths: Sequence[int], head_dim: int) -> None:
+    """ValueError for a width that is not a multiple of the head size."""
+    for width in widths:
+        if width % head_dim:
+            raise ValueError(f"width {width} must be a positive multiple of --head-dim {head_dim}")
+
+
 def check_lrs(lrs: Sequence[float]) -> None:
     """ValueError for a learning rate that is not a finite positive number."""
     for lr in lrs:
@@ -190,11 +197,7 @@ def resolve(config: SweepConfig) -> SweepConfig:
                 "--engine train_run trains mup_adamw without an embedding multiplier; pass "
                 "--embed-lr-mult 1, or --engine compiled or batched"
             )
-    for width in config.widths:
-        if width % config.head_dim:
-            raise ValueError(
-                f"width {width} must be a positive multiple of --head-dim {config.head_dim}"
-            )
+    check_head_dim(config.widths, config.head_dim)
     if not config.lrs and config.n_lrs < 1:
         raise ValueError(f"n_lrs={config.n_lrs} must be >= 1 (or pass --lrs)")
     if config.mup_base_width <= 0:
