@@ -169,7 +169,8 @@ def steps(
 
 class Throughput:
     """Tokens/s and MFU over the steps since the last reading. The first step (compilation)
-    is left out; `pause()` after an evaluation or a save leaves its time out too."""
+    is left out; `pause()` after an evaluation or a save starts a new interval, so neither the
+    pause nor the steps before it (whose time it discards) count."""
 
     def __init__(self, tokens_per_step: int, flops_per_step: float, peak: float):
         self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
@@ -183,7 +184,7 @@ class Throughput:
         self.tokens += self.tokens_per_step
 
     def pause(self) -> None:
-        self.t_last = time.perf_counter()
+        self.t_last, self.tokens = time.perf_counter(), 0
 
     def read(self) -> tuple[float, float]:
         """(tokens/s, MFU) since the last reading; starts the next interval."""

@@ -315,3 +315,26 @@ def test_each_optimizer_alone_gets_its_own_learning_rate_and_architecture():
     # The modula default trains the tiny model: its loss falls on a fixed batch.
     losses = _fixed_batch_losses("modula", optim.DEFAULT_LR["modula"], {"arch": "modula"})
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_throughput_counts_only_the_steps_after_a_pause(monkeypatch):
+    """An evaluation between two log lines must not make the steps before it look free: each
+    step takes 1 s of a fake clock, the pause 50 s, and tokens/s stays 100 throughout."""
+    clock = [0.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+    meter = loop.Throughput(tokens_per_step=100, flops_per_step=1e3, peak=1e3)
+
+    def run(n):
+        for _ in range(n):
+            clock[0] += 1.0
+            meter.step()
+
+    clock[0] += 30.0  # compilation
+    run(11)  # the first step (compilation) is left out: 10 timed steps
+    assert meter.read() == (100.0, 1.0)
+    run(5)
+    clock[0] += 50.0
+    meter.pause()  # an evaluation at step 16, between log lines
+    run(5)
+    tok_s, mfu = meter.read()
+    assert tok_s == pytest.approx(100.0) and mfu == pytest.approx(1.0)
