@@ -68,7 +68,9 @@ JITTER = {0: 1.0, 1: 1.15, 2: 0.87}  # each seed's optimum a little off the othe
 
 def test_synthetic_sweeps_get_the_right_verdicts():
     rows = (
-        _rows("drifting", lambda w, s: 1e-2 * JITTER[s] * 32 / w)  # slope -1
+        # slope -1; widths 3.16x apart keep each optimum on a grid point (a drifting optimum
+        # midway between two points leaves the seeds split between them: no basin there)
+        _rows("drifting", lambda w, s: 1e-2 * JITTER[s] * 32 / w, widths=(32, 101, 320, 1012))
         + _rows("flat", lambda w, s: 1e-2 * JITTER[s])  # slope 0
         + _rows("slow", lambda w, s: 1e-2 * JITTER[s] * (w / 32) ** 0.1)  # 1.07x per doubling
         + _rows("plateau", lambda w, s: 1e-2, floor=4.9)  # never 1.5 nats below 5.0
@@ -109,14 +111,31 @@ def test_one_seed_that_disagrees_makes_the_verdict_inconclusive():
     assert analysis.width_verdict([good(w) for w in widths], per_seed)["verdict"] == "transfers"
 
 
-def test_no_basin_when_neighbours_are_within_the_seed_spread():
+def test_basin_is_judged_seed_by_seed():
     lrs = [1e-3, 1e-2, 1e-1]
-    losses = np.array([[3.00, 2.90, 3.00], [3.30, 3.20, 3.30]])  # seeds 0.3 apart
+    # Seeds 0.3 apart at every lr, each 0.1 worse at both neighbours: the offset is the seed's,
+    # not the curve's, so the paired rule finds a basin where the unpaired one cannot.
+    losses = np.array([[3.00, 2.90, 3.00], [3.30, 3.20, 3.30]])
     o = analysis.optimum(lrs, losses, plateau=6.0)
     assert o["seed_loss_spread"] == pytest.approx(0.3)
-    assert not o["basin"] and o["learns"] and not o["at_edge"]
+    assert o["basin"] and not o["basin_unpaired"] and o["learns"] and not o["at_edge"]
+    assert o["neighbour_excess"]["lower"] == pytest.approx([0.1, 0.1])
+    # The seeds disagree about the lower neighbour (one finds it better): no basin.
+    o = analysis.optimum(lrs, np.array([[2.85, 2.90, 3.00], [3.45, 3.20, 3.30]]), plateau=6.0)
+    assert not o["basin"] and not o["basin_unpaired"]
+    # Worse on every seed, by 0.05 on one and 0.4 on the other: a basin (the unpaired rule,
+    # against the 0.3 spread at the best point, says no).
+    o = analysis.optimum(lrs, np.array([[2.95, 2.90, 3.5], [3.60, 3.20, 3.7]]), plateau=6.0)
+    assert o["basin"] and not o["basin_unpaired"]
+    assert o["neighbour_excess"]["lower"] == pytest.approx([0.05, 0.4])
     o = analysis.optimum(lrs, np.array([[3.5, 2.9, 3.5], [3.7, 3.0, 3.7]]), plateau=6.0)
-    assert o["basin"]
+    assert o["basin"] and o["basin_unpaired"]
+    # A neighbour that diverged on one seed is worse there; the other seed must agree.
+    inf = math.inf
+    o = analysis.optimum(lrs, np.array([[3.5, 2.9, inf], [3.7, 3.0, 3.2]]), plateau=6.0)
+    assert o["basin"] and o["neighbour_excess"]["upper"][0] is None
+    o = analysis.optimum(lrs, np.array([[3.5, 2.9, inf], [3.7, 3.0, 2.9]]), plateau=6.0)
+    assert not o["basin"]
 
 
 def test_reported_loss_is_measured_and_never_below_the_best_run():

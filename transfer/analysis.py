@@ -106,8 +106,9 @@ SLOPE_TOLERANCE = 0.25
 """|d log(optimum) / d log(width)| below this (under 1.19x per doubling) counts as flat."""
 VERDICT_RULE = (
     f"inconclusive unless every width learns (best mean loss >= {LEARNS_MARGIN} nats below the "
-    "unigram plateau), has a basin (both grid neighbours of the best point worse by more than "
-    "the seed-to-seed spread there) and has its optimum inside the grid; then 'transfers' if "
+    "unigram plateau), has a basin (both grid neighbours of the best point worse than it on "
+    "every seed, each seed compared with itself) and has its optimum inside the grid; then "
+    "'transfers' if "
     f"every seed's slope of log(optimum) against log(width) lies within +-{SLOPE_TOLERANCE}, "
     "'drifts' if every seed's lies outside it, else inconclusive"
 )
@@ -170,13 +171,24 @@ def _finite_or_none(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
+def _worse_on_every_seed(excess: np.ndarray) -> bool:
+    """Whether a neighbour is worse than the best point on every seed, from each seed's excess
+    loss there (the same seed at both points: same data order and initialisation, so a seed's
+    offset common to every learning rate cancels). A diverged neighbour (inf) is worse; a best
+    point that diverged on a seed (nan) is not a basin. On a flat, noisy curve each seed finds
+    the middle of three points lowest with chance 1/3, so all of 3 seeds with chance 1/27."""
+    return bool((excess > 0).all())
+
+
 def optimum(lrs: list[float], losses: np.ndarray, plateau: float | None) -> dict:
     """The optimum of one (parameterisation, width, depth) from its runs.
 
     losses: [n_seeds, n_lrs] (inf: diverged or missing). Returns best_lr (location),
     best_loss (measured mean at the best grid point), method, at_edge, the seeds' own best
     learning rates and their range, the seed-to-seed spread of the loss at the best point
-    (max - min), basin, learns, and the mean curve."""
+    (max - min), basin (both neighbours worse on every seed, `_worse_on_every_seed`), basin_unpaired (both neighbours'
+    mean loss above the best point's by more than the spread there), learns, and the mean
+    curve."""
     losses = np.where(np.isnan(losses), np.inf, losses)
     mean = losses.mean(axis=0)
     lr, loss, method = fit_optimum(lrs, mean)
@@ -187,7 +199,14 @@ def optimum(lrs: list[float], losses: np.ndarray, plateau: float | None) -> dict
     at_best = losses[:, i]
     spread = float(at_best.max() - at_best.min()) if np.isfinite(at_best).all() else math.inf
     interior = 0 < i < len(lrs) - 1
-    basin = bool(finite.any() and interior and min(mean[i - 1], mean[i + 1]) > mean[i] + spread)
+    basin_unpaired = bool(
+        finite.any() and interior and min(mean[i - 1], mean[i + 1]) > mean[i] + spread
+    )
+    excess = {}  # per side: each seed's loss at the neighbour minus its loss at the best point
+    if finite.any() and interior:
+        with np.errstate(invalid="ignore"):  # inf - inf: the best point diverged on that seed
+            excess = {side: losses[:, i + d] - at_best for side, d in (("lower", -1), ("upper", 1))}
+    basin = bool(excess) and all(_worse_on_every_seed(e) for e in excess.values())
     return dict(
         best_lr=lr,
         best_loss=_finite_or_none(loss),
@@ -198,6 +217,8 @@ def optimum(lrs: list[float], losses: np.ndarray, plateau: float | None) -> dict
         seed_lr_range=[min(seed_lrs), max(seed_lrs)] if seed_lrs else None,
         seed_loss_spread=_finite_or_none(spread),
         basin=basin,
+        basin_unpaired=basin_unpaired,
+        neighbour_excess={side: [_finite_or_none(v) for v in e] for side, e in excess.items()},
         learns=bool(
             plateau is not None and math.isfinite(loss) and loss <= plateau - LEARNS_MARGIN
         ),

@@ -59,12 +59,16 @@ class Parameterisation:
     """Default (smallest, largest) learning rate of the log grid."""
 
 
+# Each range is centred on its parameterisation's optimum in the 800-step sweep
+# (docs/transfer.md): AdamW's drifts across 3e-3, muP's sits at 1e-2, Modula's at 0.17.
 PARAMETERISATIONS: dict[str, Parameterisation] = {
     "adamw": Parameterisation(arch="standard", optimizer="adamw", mup=False, lr_range=(3e-4, 3e-2)),
     "mup_adamw": Parameterisation(
-        arch="standard", optimizer="mup_adamw", mup=True, lr_range=(3e-4, 3e-2)
+        arch="standard", optimizer="mup_adamw", mup=True, lr_range=(1e-3, 1e-1)
     ),
-    "modula": Parameterisation(arch="modula", optimizer="modula", mup=False, lr_range=(3e-2, 3.0)),
+    "modula": Parameterisation(
+        arch="modula", optimizer="modula", mup=False, lr_range=(1.7e-2, 1.7)
+    ),
     # Modula with the reference library's 1/3 on attention's output (not in the default grid).
     "modula_ref": Parameterisation(
         arch="modula_ref", optimizer="modula", mup=False, lr_range=(3e-2, 3.0)

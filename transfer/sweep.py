@@ -73,7 +73,7 @@ class SweepConfig:
     """Explicit learning rates for every parameterisation (overrides n_lrs / ranges)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Seeds; each grid point is trained once per seed (same seed -> same data order/init)."""
-    steps: int = 800
+    steps: int = 1600
     """Training steps per run (warmup: a tenth of them)."""
     batch_size: int = 8
     """Sequences per batch."""
