@@ -214,7 +214,8 @@ def test_sweep_csv_summary_figures_and_resume(tmp_path, capsys, monkeypatch):
     # Optima of the exact parabolas are recovered; adamw drifts 4x over widths 64..256.
     assert ops["adamw"]["spread"] == pytest.approx(4.0, rel=1e-6)
     assert ops["mup_adamw"]["spread"] == pytest.approx(1.0, rel=1e-6)
-    assert [o["best_lr"] for o in ops["modula"]["optima"]] == pytest.approx([0.4] * 3)
+    # (rel 1e-5: runs.csv stores losses to 6 decimals, which moves the fitted vertex slightly)
+    assert [o["best_lr"] for o in ops["modula"]["optima"]] == pytest.approx([0.4] * 3, rel=1e-5)
     # The fake losses (3.0 at the optimum) lie far below the stories' plateau (about 5).
     assert 4.0 < summary["unigram_plateau"] < 6.0
     d2 = {name: e["depths"]["2"] for name, e in ops.items()}
@@ -294,7 +295,7 @@ def test_depth_sweep_and_seeds(tmp_path):
     assert len(calls) == 2 * 2 * 5 * 2
     entry = summary["optimizers"]["mup_adamw"]
     assert entry["spread_across_widths"]["1"] == pytest.approx(1.0)
-    assert entry["spread_across_depths"]["64"] == pytest.approx(2.0, rel=1e-6)
+    assert entry["spread_across_depths"]["64"] == pytest.approx(2.0, rel=1e-5)
     assert (out / "optimum_vs_depth.png").exists() and (out / "loss_vs_lr_depth.svg").exists()
 
 
