@@ -108,8 +108,8 @@ VERDICT_RULE = (
     f"inconclusive unless every width learns (best mean loss >= {LEARNS_MARGIN} nats below the "
     "unigram plateau), has a basin (both grid neighbours of the best point worse than it on "
     "every seed, each seed compared with itself) and has its optimum inside the grid; then "
-    "'transfers' if "
-    f"every seed's slope of log(optimum) against log(width) lies within +-{SLOPE_TOLERANCE}, "
+    "'transfers' if every seed's slope of log(optimum) against log(width) lies within "
+    f"+-{SLOPE_TOLERANCE}, "
     "'drifts' if every seed's lies outside it, else inconclusive"
 )
 
@@ -186,9 +186,9 @@ def optimum(lrs: list[float], losses: np.ndarray, plateau: float | None) -> dict
     losses: [n_seeds, n_lrs] (inf: diverged or missing). Returns best_lr (location),
     best_loss (measured mean at the best grid point), method, at_edge, the seeds' own best
     learning rates and their range, the seed-to-seed spread of the loss at the best point
-    (max - min), basin (both neighbours worse on every seed, `_worse_on_every_seed`), basin_unpaired (both neighbours'
-    mean loss above the best point's by more than the spread there), learns, and the mean
-    curve."""
+    (max - min), basin (both neighbours worse on every seed: `_worse_on_every_seed`),
+    basin_unpaired (both neighbours' mean loss above the best point's by more than that
+    spread), neighbour_excess, learns, and the mean curve."""
     losses = np.where(np.isnan(losses), np.inf, losses)
     mean = losses.mean(axis=0)
     lr, loss, method = fit_optimum(lrs, mean)
