@@ -197,9 +197,10 @@ def test_streams_frames_and_ends_without_placeholders(fake_server):
     assert "model&#x27;s top tokens" in final[0] and "sampled with p" in final[0]
     assert "#jif-text-b" not in final[1] and render.SAMPLE_CLASS not in final[1]
     assert "| A: confidence | 12 |" in final[5], final[5]  # the summary: 12 network calls
-    # Replay over the network calls (same session): call 0 shows the template again.
+    # Replay over the network calls (same session): call 0 shows the template again, every
+    # masked position of both panels a placeholder (the stream may drop its first frames).
     at0, _ = client.predict(0, "reveal order", api_name="/replay")
-    assert at0.count(render.PLACEHOLDER_CLASS) == counts[0]
+    assert at0.count(render.PLACEHOLDER_CLASS) == 2 * n_masked >= counts[0]
     last, _ = client.predict(12, "confidence", api_name="/replay")
     assert render.PLACEHOLDER_CLASS not in last and "sampled with p:" in last
 
