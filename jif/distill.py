@@ -178,19 +178,20 @@ def open_out(cfg: DistillConfig, say) -> str:
     return teacher_dir
 
 
-def optim_config(cfg: DistillConfig, teacher_config: dict) -> optim.OptimConfig:
-    """The teacher's optimizer settings with the distillation's optimizer, rate and schedule."""
+def optim_config(cfg: DistillConfig, teacher_config: dict, d_model: int) -> optim.OptimConfig:
+    """The teacher's optimizer settings with the distillation's optimizer, rate and schedule
+    (d_model: the teacher's width)."""
     fields = {f.name for f in dataclasses.fields(optim.OptimConfig)}
     base = optim.OptimConfig(
         **{k: v for k, v in (teacher_config.get("optim") or {}).items() if k in fields}
-    ).resolved()
+    ).resolved(d_model)
     name = cfg.optimizer or base.optimizer
     if cfg.lr is not None:
         lr = cfg.lr
     elif name == base.optimizer:
         lr = base.lr / 10
     else:
-        lr = optim.DEFAULT_LR[optim.canonical_name(name)] / 10
+        lr = optim.default_lr(name, d_model) / 10
     out = dataclasses.replace(base, optimizer=name, lr=lr, schedule=cfg.schedule)
     return dataclasses.replace(out, warmup=cfg.warmup).validate()
 
@@ -246,7 +247,7 @@ class Round:
             packing=base.get("packing", "pack"),
         )
         self.data, self.data_identity = data, data_lib.data_identity(data)
-        ocfg = optim_config(cfg, base)
+        ocfg = optim_config(cfg, base, self.model_config.d_model)
         self.tx, self.schedule = optim.make_optimizer(
             ocfg, cfg.steps, self.model_config, teacher_params
         )

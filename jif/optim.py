@@ -87,11 +87,12 @@ class OptimConfig:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
         return self
 
-    def resolved(self) -> OptimConfig:
-        """This config with the optimizer's default learning rate where lr is None."""
+    def resolved(self, d_model: int | None = None) -> OptimConfig:
+        """This config with the optimizer's default learning rate for a model of width
+        d_model (default_lr; None: the reference width LR_WIDTH) where lr is None."""
         if self.lr is not None:
             return self
-        return dataclasses.replace(self, lr=DEFAULT_LR[canonical_name(self.optimizer)])
+        return dataclasses.replace(self, lr=default_lr(self.optimizer, d_model or LR_WIDTH))
 
 
 Builder = Callable[[OptimConfig, optax.Schedule, Any, Params], optax.GradientTransformation]
@@ -344,6 +345,20 @@ OPTIMIZERS: dict[str, Builder] = {
 DEFAULT_LR = {"adamw": 3e-3, "schedule_free": 3e-3, "muon": 0.02, "modula": 0.2, "mup_adamw": 3e-3}
 PREFERRED_ARCH = {"modula": "modula"}
 
+# DEFAULT_LR holds at LR_WIDTH, the cpu preset's width, where it was tuned. Other widths (the
+# accelerator presets, --d-model) carry it over by the transfer sweep's result rather than a
+# re-tuning: standard AdamW's optimum drifts as width ** slope (docs/transfer/summary.json,
+# every seed's slope -0.83..-0.81; a test keeps the two equal); Modula and muP (base width
+# LR_WIDTH) keep it, as their parameterisations claim. The others have no transfer result.
+LR_WIDTH = 128
+LR_WIDTH_SLOPE = {"adamw": -0.83}
+
+
+def default_lr(optimizer: str, d_model: int) -> float:
+    """The optimizer's default peak learning rate for a model of width d_model."""
+    name = canonical_name(optimizer)
+    return DEFAULT_LR[name] * (d_model / LR_WIDTH) ** LR_WIDTH_SLOPE.get(name, 0.0)
+
 
 def canonical_name(name: str) -> str:
     """'schedule-free' and 'schedule_free' name the same optimizer."""
@@ -354,8 +369,8 @@ def make_optimizer(
     cfg: OptimConfig, steps: int, model_config, params: Params
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer named by cfg.optimizer for a run of `steps` steps, and its schedule."""
+    cfg = cfg.resolved(getattr(model_config, "d_model", None))
     schedule = make_schedule(cfg, steps)  # validates cfg
-    cfg = cfg.resolved()
     return OPTIMIZERS[canonical_name(cfg.optimizer)](cfg, schedule, model_config, params), schedule
 
 

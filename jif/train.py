@@ -156,18 +156,20 @@ def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.ModelCo
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """The config as it runs (validated): the run folder named, the optimizer's default
-    learning rate filled in, its preferred architecture where --arch is not given, and for
-    mup_adamw without --mup-base-width this model's width as the base."""
+    learning rate for this width filled in (jif.optim.default_lr), its preferred architecture
+    where --arch is not given, and for mup_adamw without --mup-base-width the width its
+    default learning rate holds at (jif.optim.LR_WIDTH) as the base."""
     validate(cfg)
     optimizer = optim.canonical_name(cfg.optim.optimizer)
     arch = cfg.arch or optim.PREFERRED_ARCH.get(optimizer)
     base = cfg.mup_base_width
     if optimizer == "mup_adamw" and base is None:
-        base = cfg.d_model or model_lib.PRESETS[cfg.preset].d_model
+        base = optim.LR_WIDTH
     out = runs.resolve_out(cfg.out, preset=cfg.preset, data=cfg.data, resume=cfg.resume)
     dtype = model_lib.default_dtype() if cfg.dtype == "auto" else cfg.dtype  # stored resolved
+    width = cfg.d_model or model_lib.PRESETS[cfg.preset].d_model
     return dataclasses.replace(
-        cfg, out=out, optim=cfg.optim.resolved(), arch=arch, mup_base_width=base, dtype=dtype
+        cfg, out=out, optim=cfg.optim.resolved(width), arch=arch, mup_base_width=base, dtype=dtype
     )
 
 

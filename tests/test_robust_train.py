@@ -72,7 +72,7 @@ def test_finite_loss_with_nan_gradient_stops_and_keeps_nothing_non_finite(
     result = train.run(dataclasses.replace(cfg, out=out))
     assert result["diverged"] and result["steps"] == 0
     err = capsys.readouterr().err
-    lower = f"--lr {cfg.optim.resolved().lr / 3:g}"  # a third of the optimizer's default
+    lower = f"--lr {train.resolve(cfg).optim.lr / 3:g}"  # a third of the optimizer's default
     assert "non-finite gradient norm at step 1" in err and lower in err
     assert checkpoint.list_checkpoints(out) == []  # nothing was saved
     rows = run_folder.read_metrics(os.path.join(out, "metrics.jsonl"))

@@ -301,15 +301,28 @@ def test_muon_dimensions_by_axis_name():
 
 
 def test_each_optimizer_alone_gets_its_own_learning_rate_and_architecture():
-    tiny = dict(preset="tiny", out=None)
+    names = ("adamw", "muon", "modula", "mup_adamw", "schedule_free")
     resolved = {
-        name: train.resolve(train.configure(**tiny, optimizer=name))
-        for name in ("adamw", "muon", "modula", "mup_adamw", "schedule_free")
+        (preset, name): train.resolve(train.configure(preset=preset, out=None, optimizer=name))
+        for preset in ("tiny", "cpu", "big")
+        for name in names
     }
-    assert {n: c.optim.lr for n, c in resolved.items()} == optim.DEFAULT_LR
-    assert resolved["modula"].arch == "modula" and resolved["adamw"].arch is None
-    assert resolved["mup_adamw"].mup_base_width == model_lib.PRESETS["tiny"].d_model
+    # At the cpu preset's width each optimizer gets its own default as it stands.
+    assert optim.LR_WIDTH == model_lib.PRESETS["cpu"].d_model
+    assert {n: resolved["cpu", n].optim.lr for n in names} == optim.DEFAULT_LR
+    # Other widths: AdamW moves by its measured drift (width 32 and 512 are 4x either side),
+    # the others keep theirs; muP's base stays at the width its learning rate holds at.
+    drift = 4.0**0.83
+    for preset, factor in (("tiny", drift), ("big", 1 / drift)):
+        lr = {n: resolved[preset, n].optim.lr for n in names}
+        assert lr["adamw"] == pytest.approx(3e-3 * factor, rel=1e-12)
+        assert {n: v for n, v in lr.items() if n != "adamw"} == {
+            n: v for n, v in optim.DEFAULT_LR.items() if n != "adamw"
+        }
+        assert resolved[preset, "mup_adamw"].mup_base_width == 128
+    assert resolved["tiny", "modula"].arch == "modula" and resolved["tiny", "adamw"].arch is None
     # What the user gives wins.
+    tiny = dict(preset="tiny", out=None)
     given = train.resolve(train.configure(**tiny, optimizer="modula", lr=0.1, arch="standard"))
     assert (given.optim.lr, given.arch) == (0.1, "standard")
     # The modula default trains the tiny model: its loss falls on a fixed batch.

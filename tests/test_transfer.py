@@ -3,11 +3,13 @@
 
 import json
 import math
+import os
 
 import jax
 import numpy as np
 import pytest
 
+from jif import optim
 from transfer import analysis, runs, sweep
 
 FIGURES = ("loss_vs_lr", "optimum_vs_width")
@@ -390,7 +392,7 @@ def test_lr_as_data_matches_optimizer_built_with_that_lr():
     import optax
 
     from jif import model as model_lib
-    from jif import optim, train
+    from jif import train
 
     spec = sweep.RunSpec(optimizer="adamw", width=32, depth=1, lr=1.0, seed=0)
     config = sweep.resolve(sweep.SweepConfig(quick=True, widths=(32,)))
@@ -453,3 +455,14 @@ def test_embedding_multiplier_scales_only_the_embedding_step():
                     err_msg=f"{name} {type(engine).__name__} {k}",
                 )
             assert np.abs(np.asarray(updates[0]["dit/embed"].data_array)).max() > 0
+
+
+def test_adamw_default_lr_drift_is_the_committed_sweeps():
+    """jif.optim carries AdamW's default learning rate to other widths by the slope the
+    committed default sweep measured; the two must not part."""
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "transfer", "summary.json")
+    with open(path) as f:
+        adamw = json.load(f)["optimizers"]["adamw"]["depths"]["2"]
+    assert adamw["verdict"] == "drifts"
+    assert optim.LR_WIDTH_SLOPE["adamw"] == pytest.approx(adamw["drift_slope"], abs=0.005)
+    assert set(optim.LR_WIDTH_SLOPE) == {"adamw"}  # only what a sweep found to drift
