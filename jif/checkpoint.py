@@ -320,7 +320,8 @@ class LoadedModel:
     config: dict
     """The resolved training config."""
     denoise_fn: Callable
-    """tokens int32 [B, L] -> logits float32 [B, L, V] (jitted)."""
+    """tokens int32 [B, L] (, prediction) -> logits float32 [B, L, V] (jitted; see
+    jif.model.make_denoise_fn)."""
     params: dict = dataclasses.field(default_factory=dict)
     """The loaded weights {label: NamedArray} (EMA or raw, as bound in `model`)."""
     path: str = ""
@@ -411,7 +412,9 @@ def load_for_inference(path: str, *, ema: bool = True) -> LoadedModel:
     verify(restored, (meta.get("checksums") or {}).get(item), step_dir)
     model = bind_params(unbound, dict(restored))
     jitted = jax.jit(
-        lambda m, tokens: model_lib.make_denoise_fn(m, mask_id=tokenizer.mask_id)(tokens)
+        lambda m, tokens, prediction=None: model_lib.make_denoise_fn(m, mask_id=tokenizer.mask_id)(
+            tokens, prediction
+        )
     )
     denoise = functools.partial(jitted, model)
     return LoadedModel(

@@ -274,6 +274,8 @@ class MeasureConfig:
     """Their nucleus mass in (0, 1]."""
     block_length: int | None = None
     """Their block length (semi-autoregressive; default one block)."""
+    self_condition: str = "fresh"
+    """A self-conditioned generator's input at each call: fresh or previous (jif.sample)."""
     json: bool = False
     """Print one JSON object instead of text."""
 
@@ -288,8 +290,13 @@ class MeasureConfig:
                 )
         if self.split not in (*data_lib.SPLITS, "all"):
             raise ValueError(f"--split {self.split!r}: choose validation, train or all")
-        if self.judge and self.method not in sampling.METHODS:
-            raise ValueError(f"--method {self.method!r}: choose one of {sorted(sampling.METHODS)}")
+        if self.judge:
+            sampling.check_settings(
+                method=self.method,
+                steps=self.steps,
+                self_condition=self.self_condition,
+                names={"method": "--method", "self_condition": "--self-condition"},
+            )
         if self.judge and self.samples < 1:
             raise ValueError("--judge needs --samples >= 1")
         return self
@@ -339,6 +346,9 @@ def measure(cfg: MeasureConfig) -> dict:
     judge = genppl.open_judge(cfg.judge, ema=cfg.ema) if cfg.judge else None  # fails first
     loaded = ckpt.load_for_inference(cfg.checkpoint, ema=cfg.ema)
     objective, tok = objectives.objective_of(loaded.config), loaded.tokenizer
+    sampling.check_self_condition(
+        cfg.self_condition, loaded.model_config, {"self_condition": "--self-condition"}
+    )
     context = int(loaded.config.get("seq_len", 128))
     seq_len = context if cfg.seq_len is None else cfg.seq_len
     if not 2 <= seq_len <= context:
@@ -375,6 +385,7 @@ def measure(cfg: MeasureConfig) -> dict:
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             block_length=cfg.block_length,
+            **({"self_condition": cfg.self_condition} if objective == "mdlm" else {}),
         )
         if cfg.sequences and seq_len == context and len(rows) >= cfg.samples:
             reference = rows[: cfg.samples]  # real windows as long as the samples

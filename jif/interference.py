@@ -86,11 +86,11 @@ def load_probe(folder: str, *, d_model: int | None = None, step: int | None = No
     return Probe(weights.astype(np.float32), meta)
 
 
-def features_and_logits(model, tokens, mask_id: int):
+def features_and_logits(model, tokens, mask_id: int, prediction=None):
     """(final-layer activations [B, L, d_model], logits [B, L, V]) of one network call,
     the mask rate each row's mask fraction (as `jif.model.make_denoise_fn`)."""
     rate = jnp.mean((tokens == mask_id).astype(jnp.float32), axis=-1)
-    h = model_lib.apply_features(model, tokens, rate)
+    h = model_lib.apply_features(model, tokens, rate, prediction=prediction)
     logits = model_lib.apply_readout(model, h.reshape(-1, h.shape[-1]))
     return h, logits.reshape(h.shape[:2] + (-1,))
 
@@ -99,12 +99,12 @@ def probe_denoise_fn(model, weights, mask_id: int):
     """tokens int32 [B, L] -> (logits [B, L, V], embeddings [B, L, k]): one network call."""
 
     @jax.jit
-    def fn(model, w, tokens):
-        h, logits = features_and_logits(model, tokens, mask_id)
+    def fn(model, w, tokens, prediction):
+        h, logits = features_and_logits(model, tokens, mask_id, prediction)
         return logits, h.astype(jnp.float32) @ w
 
     w = jnp.asarray(weights)
-    return lambda tokens: fn(model, w, tokens)
+    return lambda tokens, prediction=None: fn(model, w, tokens, prediction)
 
 
 _denoisers: dict = {}  # (step dir, probe dir) -> the denoiser: one compiled sampler each

@@ -111,8 +111,8 @@ def report(stream_id, tokens, logits, mask_id: int, entropy_where=None) -> None:
 def streaming(denoise_fn, stream_id, mask_id: int):
     """denoise_fn that also reports each call (its output may be (logits, extra))."""
 
-    def fn(tokens, *rest):
-        out = denoise_fn(tokens, *rest)
+    def fn(tokens, *rest, **kw):
+        out = denoise_fn(tokens, *rest, **kw)
         report(stream_id, tokens, out[0] if isinstance(out, tuple) else out, mask_id)
         return out
 

@@ -370,7 +370,10 @@ class DiT(pz.nn.Layer):
     equal) and is added to the token embeddings of the second pass. The second pass's input
     is a function of the tokens alone, so a sampler that reuses logits while the tokens do
     not change stays exact. Side input self_condition=False (a bool, may be traced) skips it:
-    training does so for half of its batches.
+    training does so for half of its batches. Side input prediction (float32 [B, L, V]
+    probabilities, an array) replaces the first pass by that prediction: one pass, fed an
+    earlier call's output (sampling's "previous" mode); all zeros is exactly the pass
+    without self-conditioning (`self_cond` is linear, with no bias).
     """
 
     embed: Embed
@@ -392,9 +395,11 @@ class DiT(pz.nn.Layer):
             cond = self.cond(noise_features(side_inputs["mask_rate"]))
             side["cond"] = cond.astype(DTYPES[self.config.dtype])
         x = self.embed(tokens)
-        if self.self_cond is not None:
+        if self.self_cond is not None and side_inputs.get("prediction") is not None:
+            x = x + self._prediction_input(side_inputs["prediction"], names=("batch", "seq"))
+        elif self.self_cond is not None:
             use = side_inputs.get("self_condition", True)
-            second = lambda x: x + self._prediction_input(self.readout(self._trunk(x, side)))
+            second = lambda x: x + self._first_pass_input(self.readout(self._trunk(x, side)))
             if isinstance(use, bool):
                 x = second(x) if use else x
             else:
@@ -407,10 +412,14 @@ class DiT(pz.nn.Layer):
             x = layer(x, **side)
         return x
 
-    def _prediction_input(self, logits: pz.nx.NamedArray) -> pz.nx.NamedArray:
+    def _first_pass_input(self, logits: pz.nx.NamedArray) -> pz.nx.NamedArray:
         """self_cond(softmax(logits) @ token table), gradient stopped: {..., "embedding"}."""
         names = tuple(n for n in logits.named_shape if n != "vocabulary")
         p = jax.nn.softmax(logits.unwrap(*names, "vocabulary").astype(jnp.float32), axis=-1)
+        return self._prediction_input(p, names=names)
+
+    def _prediction_input(self, p: jax.Array, *, names: tuple) -> pz.nx.NamedArray:
+        """self_cond(p @ token table), gradient stopped; p float32 [*names, V]."""
         table = self.embed.table.value.unwrap("vocabulary", "embedding")[: p.shape[-1]]
         soft = jax.lax.stop_gradient(p.astype(table.dtype) @ table)
         return self.self_cond(pz.nx.wrap(soft).tag(*names, "prediction"))
@@ -456,18 +465,24 @@ def build_model(config: ModelConfig, key: jax.Array) -> DiT:
 # ----------------------------------------------------------------------------- helpers
 
 
-def apply_logits(model: DiT, tokens: jax.Array, mask_rate: jax.Array) -> jax.Array:
+def apply_logits(
+    model: DiT, tokens: jax.Array, mask_rate: jax.Array, prediction: jax.Array | None = None
+) -> jax.Array:
     """int32 [B, L], float32 [B] -> float32 logits [B, L, V] (self-conditioned, if the
-    model is)."""
+    model is: on its own first pass, or on `prediction`, float32 [B, L, V] probabilities)."""
     x, r = pz.nx.wrap(tokens).tag("batch", "seq"), pz.nx.wrap(mask_rate).tag("batch")
-    return model(x, mask_rate=r).unwrap("batch", "seq", "vocabulary").astype(jnp.float32)
+    out = model(x, mask_rate=r, prediction=prediction)
+    return out.unwrap("batch", "seq", "vocabulary").astype(jnp.float32)
 
 
-def apply_features(model: DiT, tokens: jax.Array, mask_rate: jax.Array, self_condition=True):
+def apply_features(
+    model: DiT, tokens: jax.Array, mask_rate: jax.Array, self_condition=True, prediction=None
+):
     """int32 [B, L], float32 [B] -> [B, L, d_model]: the network up to its readout.
-    self_condition (bool, may be traced): take the second pass, if the model has one."""
+    self_condition (bool, may be traced): take the second pass, if the model has one;
+    prediction: as in apply_logits."""
     x, r = pz.nx.wrap(tokens).tag("batch", "seq"), pz.nx.wrap(mask_rate).tag("batch")
-    out = model.features(x, mask_rate=r, self_condition=self_condition)
+    out = model.features(x, mask_rate=r, self_condition=self_condition, prediction=prediction)
     return out.unwrap("batch", "seq", "embedding")
 
 
@@ -477,10 +492,13 @@ def apply_readout(model: DiT, features: jax.Array) -> jax.Array:
     return out.unwrap("rows", "vocabulary").astype(jnp.float32)
 
 
-def make_denoise_fn(model: DiT, *, mask_id: int) -> Callable[[jax.Array], jax.Array]:
-    """tokens int32 [B, L] -> logits [B, L, V]; the mask rate is each row's mask fraction."""
+def make_denoise_fn(model: DiT, *, mask_id: int) -> Callable[..., jax.Array]:
+    """tokens int32 [B, L] (, prediction) -> logits [B, L, V]; the mask rate is each row's
+    mask fraction; prediction: as in apply_logits (sampling's "previous" self-conditioning)."""
     mask_rate = lambda tokens: jnp.mean((tokens == mask_id).astype(jnp.float32), axis=-1)
-    return lambda tokens: apply_logits(model, tokens, mask_rate(tokens))
+    return lambda tokens, prediction=None: apply_logits(
+        model, tokens, mask_rate(tokens), prediction
+    )
 
 
 def params_dict(model: pz.nn.Layer) -> dict[str, pz.nx.NamedArray]:

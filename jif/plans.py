@@ -151,3 +151,22 @@ PLANNERS: dict[str, Planner] = {
     "ancestral": Planner(plan_ancestral, next_step_ancestral, choose_ancestral, time_ancestral),
     "expected": Planner(plan_expected, next_step_expected, choose_expected, time_expected),
 }
+
+
+# ----------------------------------------------------------------------------- network calls
+
+
+def conditioned_call(denoise_fn, *, time_conditioned: bool, mask_rate, previous: bool):
+    """call(tokens, pred) -> the denoiser's output: with the noise level where the denoiser
+    takes one (`mask_rate(tokens)`), with `pred` as its prediction input where previous."""
+
+    def call(tokens, pred):
+        args = (tokens, mask_rate(tokens)) if time_conditioned else (tokens,)
+        return denoise_fn(*args, prediction=pred) if previous else denoise_fn(*args)
+
+    return call
+
+
+def next_prediction(raw: jax.Array) -> jax.Array:
+    """The prediction a "previous" call passes on: the network's distribution, float32."""
+    return jax.nn.softmax(raw.astype(jnp.float32), axis=-1)

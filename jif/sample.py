@@ -61,6 +61,10 @@ class SampleConfig:
     """remdm_cap: the most a revealed token is remasked per step, in [0, 1]."""
     probe: str | None = None
     """interference: the probe folder (default <run>/probe, from python -m jif.probe)."""
+    self_condition: str = "fresh"
+    """A self-conditioned model's input at each call: fresh (its own first pass over the same
+    tokens, two passes a call) or previous (the previous call's prediction, one pass a call;
+    not with ddpm_cache, remdm_cap, remdm_conf)."""
     prompt: str = ""
     """Text to continue."""
     template: str = ""
@@ -76,6 +80,7 @@ FLAGS = {
     **{k: "--" + k.replace("_", "-") for k in ("method", "steps", "temperature", "top_p")},
     **{k: "--" + k.replace("_", "-") for k in ("top_k", "block_length", "length", "seed")},
     **{k: "--" + k for k in ("threshold", "eta")},
+    "self_condition": "--self-condition",
 }  # how check_settings' messages name the options
 
 
@@ -92,6 +97,7 @@ def settings(cfg: SampleConfig, **known) -> dict:
         seed=cfg.seed,
         threshold=cfg.threshold,
         eta=cfg.eta,
+        self_condition=cfg.self_condition,
         names=FLAGS,
         **known,
     )
@@ -107,13 +113,14 @@ def run(cfg: SampleConfig) -> dict:
     context = int(loaded.config.get("seq_len", 128))
     length = context if cfg.length is None else cfg.length
     settings(cfg, length=length, context=context, vocab=tok.vocab_size)  # before any [B, L]
+    sampling.check_self_condition(cfg.self_condition, loaded.model_config, FLAGS)
     row = encode_template(tok, cfg.template or cfg.prompt, length=length)
     tokens = np.tile(row[None], (cfg.num, 1))
     start = time.perf_counter()
     objective = objectives.objective_of(loaded.config)  # "ar": left to right
     denoise_fn, extra, note = loaded.denoise_fn, {}, None
     if objective != "ar":
-        extra = {"threshold": cfg.threshold, "eta": cfg.eta}
+        extra = {"threshold": cfg.threshold, "eta": cfg.eta, "self_condition": cfg.self_condition}
         if cfg.method == "interference":
             denoise_fn, note = interference.denoise_fn_for(loaded, cfg.probe)
             print(note, file=sys.stderr)

@@ -26,6 +26,13 @@ something, each row at its own next such step (rows are independent), so "ddpm_c
 at most min(steps + 1, L) calls and gives exactly the samples "ddpm" gives for the same key.
 The whole loop is one `jax.lax.while_loop` inside one jitted program.
 
+A self-conditioned model (`--self-condition`) is conditioned, at each call, either on its own
+first pass over the same tokens (self_condition="fresh": two passes a call, and the default)
+or on the previous call's prediction ("previous", as Bit Diffusion samples: one pass a call;
+the first call sees none). "previous" is refused for the methods that reuse logits across
+steps (`cached`): there the conditioning input changes at every call, so a reused logit is
+not the one the network would give.
+
 Token values come from Gumbel-max on the filtered, temperature-scaled logits. The mask logit
 is never sampled. For the methods whose choice of positions does not depend on the sampled
 value, each position gets one Gumbel draw for the whole run (it is revealed once, and its
@@ -51,7 +58,16 @@ import numpy as np
 from jif import draw, live
 from jif.draw import score_confidence, score_entropy, score_margin, score_random
 from jif.interference import loop as interference_loop
-from jif.plans import PLANNERS, T_MIN, Outcome, Plan, Planner, ancestral_grid  # noqa: F401
+from jif.plans import (  # noqa: F401
+    PLANNERS,
+    T_MIN,
+    Outcome,
+    Plan,
+    Planner,
+    ancestral_grid,
+    conditioned_call,
+    next_prediction,
+)
 from jif.remask import ETA, loop_cap, loop_conf
 from jif.threshold import THRESHOLD
 from jif.threshold import loop as threshold_loop
@@ -132,12 +148,16 @@ METHODS: dict[str, Method] = {
 GATHER = 8  # positions per row drawn at once when the positions are known before the draw
 
 
+SELF_CONDITION = ("fresh", "previous")
+
+
 class _State(NamedTuple):
     tokens: jax.Array  # int32 [B, L]
     step: jax.Array  # int32 [B], each row's current step (n_steps when done)
     reveal_step: jax.Array  # int32 [B, L]
     prob: jax.Array  # float32 [B, L]
     n_calls: jax.Array  # int32 []
+    pred: jax.Array | None = None  # float32 [B, L, V]: the last call's prediction ("previous")
 
 
 def _sample(
@@ -157,6 +177,7 @@ def _sample(
     time_conditioned,
     threshold=None,
     eta=None,
+    self_condition="fresh",
 ) -> Outcome:
     spec = METHODS[method]
     planner = PLANNERS[spec.planner]
@@ -176,12 +197,16 @@ def _sample(
         use_top_p=use_top_p,
     )
 
-    def call(tokens, step):
-        if time_conditioned:
-            return denoise_fn(tokens, planner.mask_rate(plan, tokens, step, mask_id))
-        return denoise_fn(tokens)
+    previous = self_condition == "previous"
 
-    vocab = jax.eval_shape(call, tokens, jnp.zeros((batch,), jnp.int32)).shape[-1]
+    def call(tokens, step, pred):
+        rate = lambda tokens: planner.mask_rate(plan, tokens, step, mask_id)
+        fn = conditioned_call(
+            denoise_fn, time_conditioned=time_conditioned, mask_rate=rate, previous=previous
+        )
+        return fn(tokens, pred)
+
+    vocab = jax.eval_shape(call, tokens, jnp.zeros((batch,), jnp.int32), None).shape[-1]
     seeds = jax.random.bits(k_noise, (batch, length), jnp.uint32)  # one noise stream a position
 
     def fill(raw, todo, tokens, prob):
@@ -208,7 +233,7 @@ def _sample(
 
     def body(state: _State) -> _State:
         masked = state.tokens == mask_id
-        raw = call(state.tokens, state.step)
+        raw = call(state.tokens, state.step, state.pred)
         if spec.score_uses_sample:  # draw everywhere, then choose where to keep the draw
             noise = draw.gumbel_from_bits(draw.noise_bits(seeds, vocab, state.n_calls + 1))
             chosen, chosen_logp = draw.gumbel_max(filt(raw), noise, temperature)
@@ -231,6 +256,7 @@ def _sample(
             reveal_step=jnp.where(reveal, state.step[:, None], state.reveal_step),
             prob=prob,
             n_calls=state.n_calls + 1,
+            pred=next_prediction(raw) if previous else None,
         )
 
     if spec.every_step:
@@ -243,6 +269,7 @@ def _sample(
         reveal_step=jnp.full((batch, length), -1, jnp.int32),
         prob=jnp.ones((batch, length), jnp.float32),
         n_calls=jnp.zeros((), jnp.int32),
+        pred=jnp.zeros((batch, length, vocab), jnp.float32) if previous else None,
     )
     state = jax.lax.while_loop(lambda s: jnp.any(s.step < plan.n_steps), body, state)
     return Outcome(state.tokens, state.n_calls, state.reveal_step, state.prob, plan.n_steps)
@@ -309,6 +336,7 @@ def check_settings(
     seed: int | None = None,
     threshold: float | None = None,
     eta: float | None = None,
+    self_condition: str | None = None,
     names: dict[str, str] | None = None,
 ) -> dict:
     """Range-checks sampling settings; the one check behind `sample`, jif.sample, the app and
@@ -317,6 +345,7 @@ def check_settings(
 
     temperature: finite, >= 0. top_p: in (0, 1]. top_k, steps, seed: whole numbers >= 0, >= 1,
     in [0, MAX_SEED]. threshold ("threshold"): in (0, 1]. eta (ReMDM's cap): in [0, 1].
+    self_condition: one of SELF_CONDITION; "previous" not with a method that reuses logits.
     length: tokens per row, at most `context` (the model's) when given.
     block_length: needs length; steps must be a multiple of the number of blocks. Sizes are
     checked before anything of that size exists: with batch, length and vocab, the
@@ -360,6 +389,19 @@ def check_settings(
         out["threshold"] = _real(name("threshold"), threshold, "(0, 1]", lambda x: 0 < x <= 1)
     if eta is not None:
         out["eta"] = _real(name("eta"), eta, "[0, 1]", lambda x: 0 <= x <= 1, " (0: no remasking)")
+    if self_condition is not None:
+        if self_condition not in SELF_CONDITION:
+            raise ValueError(
+                f"{name('self_condition')}={self_condition!r}: must be one of {SELF_CONDITION}."
+            )
+        if self_condition == "previous" and METHODS[method].cached:
+            raise ValueError(
+                f"{name('self_condition')}='previous' with {name('method')}={method!r}: "
+                f"{method} reuses logits across steps, which is exact only while the network's "
+                "input is unchanged, and a previous prediction changes at every call; use "
+                f"{name('self_condition')}='fresh', or another method (e.g. ddpm, confidence)."
+            )
+        out["self_condition"] = self_condition
     if batch and length and vocab:
         need = LOGIT_COPIES * 4 * batch * length * int(vocab)
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -370,6 +412,17 @@ def check_settings(
                 f"{have / 2**30:.1f} GiB; use fewer samples or a shorter length."
             )
     return out
+
+
+def check_self_condition(self_condition: str, model_config, names: dict | None = None) -> None:
+    """ValueError if self_condition="previous" is asked of a model without self-conditioning
+    (it would be ignored, and the samples would not be what was asked for)."""
+    if self_condition == "previous" and not getattr(model_config, "self_condition", False):
+        flag = (names or {}).get("self_condition", "self_condition")
+        raise ValueError(
+            f"{flag}=previous: this model was trained without --self-condition, so it has no "
+            f"prediction input; drop {flag} (or train with python -m jif.train --self-condition)."
+        )
 
 
 # ----------------------------------------------------------------------------- compiled samplers
@@ -416,6 +469,7 @@ def sample(
     time_conditioned: bool = False,
     threshold: float = THRESHOLD,
     eta: float = ETA,
+    self_condition: str = "fresh",
     stream: Callable | None = None,
 ) -> SampleResult:
     """Generate every `mask_id` position of `tokens` (int32 [B, L]); other tokens stay fixed.
@@ -428,7 +482,10 @@ def sample(
         (0, 1]. top_k: keep the k most likely tokens (0 keeps all). block_length: generate
         blocks of this many positions left to right (semi-autoregressive), None for one block.
         threshold: confidence above which "threshold" reveals a token at once. eta: the
-        remasking cap of "remdm_cap". Every setting is checked by `check_settings`.
+        remasking cap of "remdm_cap". self_condition: what a self-conditioned model is
+        conditioned on (SELF_CONDITION; the module's docstring): "previous" calls
+        denoise_fn(tokens, prediction=p) with the previous call's probabilities p (zeros at
+        the first). Every setting is checked by `check_settings`.
         stream: called with a `jif.live.Call` at every network call, as the program runs;
         an exception it raises (`jif.live.Stopped` to stop) ends the run and is raised here.
     Returns SampleResult(tokens [B, L], n_calls, trajectory or None). Compiled once per
@@ -451,6 +508,7 @@ def sample(
         batch=batch,
         threshold=threshold,
         eta=eta,
+        self_condition=self_condition,
     )
     if time_conditioned and METHODS[method].cached:
         raise ValueError(
@@ -468,6 +526,7 @@ def sample(
         block_length=s["block_length"],
         return_trajectory=bool(return_trajectory),
         time_conditioned=bool(time_conditioned),
+        self_condition=s["self_condition"],
         stream=stream is not None,
     )
     knobs = {k: jnp.float32(s[k]) for k in ("temperature", "top_p", "threshold", "eta")}

@@ -26,7 +26,14 @@ import jax
 import jax.numpy as jnp
 
 from jif import draw
-from jif.plans import Outcome, Plan, choose_expected, plan_expected
+from jif.plans import (
+    Outcome,
+    Plan,
+    choose_expected,
+    conditioned_call,
+    next_prediction,
+    plan_expected,
+)
 
 THRESHOLD = 0.9  # Fast-dLLM's default confidence threshold
 
@@ -51,6 +58,7 @@ def expected_loop(
     block_length,
     return_trajectory,
     time_conditioned,
+    self_condition="fresh",
     **unused,
 ) -> Outcome:
     """The loop of the "expected"-plan samplers with their own choice of positions.
@@ -79,12 +87,14 @@ def expected_loop(
     step_block = jnp.arange(plan.n_steps) // spb  # [S]
     in_block = jax.nn.one_hot(block_id, n_blocks, dtype=jnp.int32)  # [L, n_blocks]
 
-    def call(tokens):
-        if time_conditioned:
-            return denoise_fn(tokens, jnp.mean(tokens == mask_id, axis=1, dtype=jnp.float32))
-        return denoise_fn(tokens)
-
-    vocab = jax.eval_shape(lambda t: _split(call(t))[0], tokens).shape[-1]
+    previous = self_condition == "previous"
+    call = conditioned_call(
+        denoise_fn,
+        time_conditioned=time_conditioned,
+        mask_rate=lambda t: jnp.mean(t == mask_id, axis=1, dtype=jnp.float32),
+        previous=previous,
+    )
+    vocab = jax.eval_shape(lambda t: _split(call(t, None))[0], tokens).shape[-1]
     seeds = jax.random.bits(k_noise, (batch, length), jnp.uint32)
 
     def next_step(masked, cursor):
@@ -96,9 +106,9 @@ def expected_loop(
         return jnp.where(ok.any(axis=1), jnp.argmax(ok, axis=1), plan.n_steps).astype(jnp.int32)
 
     def body(state):
-        tokens, step, reveal_step, prob, n_calls = state
+        tokens, step, reveal_step, prob, n_calls, pred = state
         masked = tokens == mask_id
-        raw, extra = _split(call(tokens))
+        raw, extra = _split(call(tokens, pred))
         noise = draw.gumbel_from_bits(draw.noise_bits(seeds, vocab, n_calls + 1))
         chosen, logp = draw.gumbel_max(filt(raw), noise, temperature)
         reveal = choose(plan, masked, step, block_id, logp, extra) & masked
@@ -109,6 +119,7 @@ def expected_loop(
             jnp.where(reveal, step[:, None], reveal_step),
             jnp.where(reveal, jnp.exp(logp), prob),
             n_calls + 1,
+            next_prediction(raw) if previous else None,
         )
 
     state = (
@@ -117,8 +128,9 @@ def expected_loop(
         jnp.full((batch, length), -1, jnp.int32),
         jnp.ones((batch, length), jnp.float32),
         jnp.zeros((), jnp.int32),
+        jnp.zeros((batch, length, vocab), jnp.float32) if previous else None,
     )
-    tokens, _, reveal_step, prob, n_calls = jax.lax.while_loop(
+    tokens, _, reveal_step, prob, n_calls, _ = jax.lax.while_loop(
         lambda s: jnp.any(s[1] < plan.n_steps), body, state
     )
     return Outcome(tokens, n_calls, reveal_step, prob, plan.n_steps)

@@ -14,7 +14,9 @@ from test_bench import _dot_flops  # same folder: pytest puts it on sys.path
 from test_train import TINY
 
 from jif import checkpoint, data, flops, loop, optim, sampling, tokenizer, train
+from jif import eval as eval_lib
 from jif import model as model_lib
+from jif import sample as sample_cli
 
 V, L, B = 300, 16, 2
 
@@ -141,7 +143,86 @@ def test_cli_trains_samples_and_evaluates_a_self_conditioned_run(tmp_path, capsy
         steps=4, method="confidence",
     )  # fmt: skip
     assert not (np.asarray(got.tokens) == loaded.tokenizer.mask_id).any()
+    # jif.sample and jif.eval take the mode; a model without self-conditioning refuses it.
+    flags = ["--checkpoint", str(out), "--num", "2", "--steps", "8", "--method", "ddpm"]
+    got = sample_cli.main(flags + ["--self-condition", "previous", "--json"])
+    assert len(got["texts"]) == 2
+    capsys.readouterr()
+    plain = tmp_path / "plain"
+    train.main(["--preset", "tiny", "--steps", "1", "--batch-size", "2", "--seq-len", "32"]
+               + ["--out", str(plain), "--eval-every", "0", "--no-progress"])  # fmt: skip
+    with pytest.raises(SystemExit):
+        sample_cli.main(["--checkpoint", str(plain), "--self-condition", "previous"])
+    assert "trained without --self-condition" in capsys.readouterr().err
+    cfg = eval_lib.MeasureConfig(checkpoint=str(plain), self_condition="previous")
+    with pytest.raises(ValueError, match="trained without --self-condition"):
+        eval_lib.measure(cfg)
+    with pytest.raises(ValueError, match="'previous' with --method='ddpm_cache'"):
+        dataclasses.replace(cfg, judge="x", method="ddpm_cache").validate()
     with pytest.raises(SystemExit) as e:
         train.main(["--preset", "tiny", "--steps", "1", "--self-condition", "--arch", "modula"])
     assert e.value.code == 2
     assert "self_condition=True needs the standard" in capsys.readouterr().err
+
+
+def test_prediction_input_replaces_the_first_pass():
+    """prediction=p is one pass fed p: the first pass's own probabilities give the two-pass
+    output, all zeros the pass without self-conditioning."""
+    model = with_projection(build())
+    tokens, rate = tokens_and_rate()
+    two = model_lib.apply_logits(model, tokens, rate)
+    one = model_lib.apply_features(model, tokens, rate, self_condition=False)
+    first = model_lib.apply_readout(model, one.reshape(-1, one.shape[-1])).reshape(two.shape)
+    fed = model_lib.apply_logits(model, tokens, rate, jax.nn.softmax(first, axis=-1))
+    np.testing.assert_allclose(fed, two, rtol=1e-5, atol=1e-6)
+    zeros = model_lib.apply_logits(model, tokens, rate, jnp.zeros(two.shape))
+    np.testing.assert_allclose(zeros, first, rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(two - first))) > 1e-3  # the two are told apart
+
+
+def counting_denoiser(vocab: int):
+    """A denoiser whose answer is known: with no prediction (all zeros) it favours token 1;
+    given a prediction favouring token k it favours k + 1 (never above threshold's 0.9, so
+    every sampler keeps its plan). Under "previous" the n-th call favours token n."""
+
+    def fn(tokens, prediction=None):
+        b, n = tokens.shape
+        if prediction is None:
+            return jnp.broadcast_to(2.0 * jax.nn.one_hot(1, vocab), (b, n, vocab))
+        k = jnp.where(prediction.sum(-1) > 0, jnp.argmax(prediction, -1) + 1, 1)
+        return 2.0 * jax.nn.one_hot(k, vocab)
+
+    return fn
+
+
+@pytest.mark.parametrize("method", ["ddpm", "confidence", "threshold", "interference"])
+def test_previous_mode_feeds_each_call_the_last_calls_prediction(method):
+    vocab, length = 40, 12
+    tokens = np.full((2, length), vocab - 1, np.int32)
+    tokens[:, 0] = 7  # a fixed token stays
+    run = lambda mode: sampling.sample(
+        counting_denoiser(vocab), jax.random.key(3), tokens, mask_id=vocab - 1, steps=6,
+        method=method, temperature=0.0, return_trajectory=True, self_condition=mode,
+    )  # fmt: skip
+    out = run("previous")
+    got, step = np.asarray(out.tokens), np.asarray(out.trajectory.reveal_step)
+    assert (got[:, 0] == 7).all() and (step[:, 1:] >= 0).all()
+    # ddpm calls at every step (call n at step n - 1); the others only at steps that reveal,
+    # so a token revealed at the j-th distinct reveal step of its row came from call j.
+    for row_tokens, row_steps in zip(got, step, strict=True):
+        calls = {s: i + 1 for i, s in enumerate(sorted(set(row_steps[1:])))}
+        want = [s + 1 if method == "ddpm" else calls[s] for s in row_steps[1:]]
+        np.testing.assert_array_equal(row_tokens[1:], want)
+    assert (np.asarray(run("fresh").tokens)[:, 1:] == 1).all()  # never given a prediction
+
+
+@pytest.mark.parametrize("method", ["ddpm_cache", "remdm_cap", "remdm_conf"])
+def test_previous_mode_is_refused_where_logits_are_reused(method):
+    tokens = np.full((1, 8), 39, np.int32)
+    with pytest.raises(ValueError, match=f"'previous' with method='{method}'.*reuses logits"):
+        sampling.sample(
+            counting_denoiser(40), jax.random.key(0), tokens, mask_id=39, steps=4,
+            method=method, self_condition="previous",
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="must be one of \\('fresh', 'previous'\\)"):
+        sampling.check_settings(method="ddpm", steps=4, self_condition="last")

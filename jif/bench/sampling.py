@@ -40,6 +40,8 @@ from jif import floor, genppl, hostmem, interference, sampling, threshold
 from jif import model as model_lib
 from jif.checkpoint import load_for_inference
 
+FLAG = "--self-condition"
+
 
 def _denoiser(checkpoint: str | None, preset: str, seed: int):
     """(denoise_fn of a method, mask_id, description) for a checkpoint or a random-init
@@ -172,10 +174,13 @@ def quality(
     seed: int = 0,
     threshold_value: float = threshold.THRESHOLD,
     eta: float = sampling.ETA,
+    self_condition: str = "fresh",
     progress=print,
 ) -> dict:
-    """Sample quality of every method at every step count (see the module's docstring)."""
+    """Sample quality of every method at every step count (see the module's docstring);
+    self_condition: as in jif.sampling.sample."""
     loaded, judged = load_for_inference(checkpoint), genppl.open_judge(judge)
+    sampling.check_self_condition(self_condition, loaded.model_config, {"self_condition": FLAG})
     tok, length = loaded.tokenizer, int(loaded.config.get("seq_len", 128))
     notes, rows_out = {}, []
     for n_steps in steps:
@@ -197,6 +202,7 @@ def quality(
                     return_trajectory=True,
                     threshold=threshold_value,
                     eta=eta,
+                    self_condition=self_condition,
                 )
                 toks.append(np.asarray(out.tokens))
                 per_row.append(calls_per_sample(method, out) * len(rows))
@@ -222,6 +228,7 @@ def quality(
         "seed": seed,
         "threshold": threshold_value,
         "eta": eta,
+        "self_condition": self_condition,
         "notes": notes,
         "rows": rows_out,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -279,6 +286,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=64, help="samples per point (--judge)")
     parser.add_argument("--threshold", type=float, default=threshold.THRESHOLD)
     parser.add_argument("--eta", type=float, default=sampling.ETA, help="remdm_cap's cap")
+    parser.add_argument(
+        FLAG,
+        default="fresh",
+        choices=sampling.SELF_CONDITION,
+        help="a self-conditioned model's input (--judge; jif.sampling.sample)",
+    )
     parser.add_argument("--figure", default=None, help="PNG of the quality plot (--judge)")
     parser.add_argument("--out", default="runs/bench/sampling.json", help="JSON output")
     args = parser.parse_args(argv)
@@ -290,9 +303,15 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error("--judge needs --checkpoint and --samples >= 1")
         try:
             for n in args.steps:
-                sampling.check_settings(
-                    method="ddpm", steps=n, threshold=args.threshold, eta=args.eta
-                )
+                for m in args.methods:
+                    sampling.check_settings(
+                        method=m,
+                        steps=n,
+                        threshold=args.threshold,
+                        eta=args.eta,
+                        self_condition=args.self_condition,
+                        names={"self_condition": FLAG},
+                    )
             print(QUALITY_HEADER)
             result = quality(
                 checkpoint=args.checkpoint,
@@ -303,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
                 seed=args.seed,
                 threshold_value=args.threshold,
                 eta=args.eta,
+                self_condition=args.self_condition,
             )
         except ValueError as e:  # bad settings, checkpoint or judge
             parser.exit(2, f"error: {e}\n")
