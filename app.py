@@ -143,6 +143,13 @@ def build_demo(
                 fps = gr.Slider(
                     MIN_FPS, MAX_FPS, value=15, step=1, label="Animation speed (frames/s)"
                 )
+                self_condition = gr.Radio(
+                    list(sampling.SELF_CONDITION),
+                    value="fresh",
+                    label="Self-conditioned models: condition each call on (fresh: its own "
+                    "first pass; previous: the previous call)",
+                    elem_id="jif-self-condition",
+                )
         with gr.Accordion("Compare", open=False):
             with gr.Row():
                 compare = gr.Checkbox(
@@ -201,7 +208,7 @@ def build_demo(
         )
         compare.change(lambda on: gr.update(visible=bool(on)), compare, text_b, api_name=False)
         inputs = [picker, method, steps, length, temperature, top_p, top_k, block_length, seed]
-        inputs += [n_samples, fps, template, compare, method_b, picker_b, colouring]
+        inputs += [n_samples, fps, template, compare, method_b, picker_b, colouring, self_condition]
         outputs = [text, text_b, replay, plot, order, scores, state, generate, stop]
         generate.click(
             app.generate,

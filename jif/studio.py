@@ -36,7 +36,11 @@ WORKERS = 4  # generations running at once, all visitors together
 MAX_JOBS_PER_VISITOR = 2  # of those, per visitor (client address)
 QUEUE_SIZE = 32  # generations waiting for a worker, all visitors together
 MAX_CACHED_MODELS = 4
-LABELS = {"top_p": "top-p", "batch": "number of samples"}  # check_settings' names on the page
+LABELS = {  # check_settings' names on the page
+    "top_p": "top-p",
+    "batch": "number of samples",
+    "self_condition": "self-conditioning input",
+}
 DEFAULT_TEMPLATE = "Once upon a time, [MASK:12] happy."
 DEFAULT_METHOD = "confidence"  # writes the most whole stories on the default run (README)
 DEFAULT_STEPS = 64
@@ -215,6 +219,7 @@ class DiffusionApp:
         template,
         *,
         label,
+        self_condition="fresh",
     ):
         """Validate everything and return run(stream) -> SampleResult; gr.Error on bad input."""
         if not isinstance(template, str) or not template.strip():
@@ -231,8 +236,12 @@ class DiffusionApp:
         s = validate_settings(
             method, steps, length, temperature, top_p, seed, n_samples,
             top_k=top_k, block_length=block_length, context=self.context_length(loaded),
-            vocab=tok.vocab_size,
+            vocab=tok.vocab_size, self_condition=self_condition,
         )  # fmt: skip
+        try:
+            sampling.check_self_condition(self_condition, loaded.model_config, LABELS)
+        except ValueError as e:
+            raise serve.user_error(str(e)) from None
         try:
             row = encode_template(tok, template, length=s["length"])  # int32 [length]
         except ValueError as e:  # a misspelt marker, or too long: the message says the fix
@@ -248,6 +257,8 @@ class DiffusionApp:
             print(f"[app] {label}: {note}", file=sys.stderr, flush=True)
         options = dict(steps=s["steps"], method=method, temperature=s["temperature"])
         options.update(top_p=s["top_p"], top_k=s["top_k"], block_length=s.get("block_length"))
+        if objective != "ar":
+            options["self_condition"] = s["self_condition"]
         generate = objectives.OBJECTIVES[objective].generate  # "ar": left to right
 
         def run(stream):
@@ -260,7 +271,7 @@ class DiffusionApp:
 
     def generate(self, path, method, steps, length, temperature, top_p, top_k, block_length,
                  seed, n_samples, fps, template, compare, method_b, path_b, colouring,
-                 request: gr.Request = None):  # fmt: skip
+                 self_condition="fresh", request: gr.Request = None):  # fmt: skip
         """Generator handler: yields (text A, text B, replay slider, statistics, reveal
         order, summary, state, Generate, Stop) as the samplers run, then at the end.
 
@@ -275,7 +286,7 @@ class DiffusionApp:
                 yield from self._generate(
                     session, stop, path, method, steps, length, temperature, top_p, top_k,
                     block_length, seed, n_samples, fps, template, compare, method_b, path_b,
-                    colouring,
+                    colouring, self_condition,
                 )  # fmt: skip
         except gr.Error as e:  # a visitor's mistake: shown where the samples go, and kept
             yield (render.error_html(e.message), "", gr.skip(), None, None, "", [],
@@ -286,7 +297,7 @@ class DiffusionApp:
 
     def _generate(self, session, stop, path, method, steps, length, temperature, top_p, top_k,
                   block_length, seed, n_samples, fps, template, compare, method_b, path_b,
-                  colouring):  # fmt: skip
+                  colouring, self_condition="fresh"):  # fmt: skip
         self.fps[session] = frame_rate(fps)
         settings = (steps, length, temperature, top_p, top_k, block_length, seed, n_samples)
         jobs = [(path, method, "A: " + str(method))]
@@ -295,7 +306,9 @@ class DiffusionApp:
         prepared = []
         for where, how, label in jobs:  # every mistake is found before anything runs
             loaded = self.load(where)
-            job = self.prepare(loaded, how, *settings, template, label=label)
+            job = self.prepare(
+                loaded, how, *settings, template, label=label, self_condition=self_condition
+            )
             prepared.append((loaded, job, label))
         busy = gr.update(interactive=False), gr.update(interactive=True)
         yield ("<i>starting: the first network call comes after compiling, for new settings</i>",
@@ -423,7 +436,7 @@ def frame_rate(fps) -> float:
 
 def validate_settings(
     method, steps, length, temperature, top_p, seed, n_samples, *, top_k=0, block_length=0,
-    context=None, vocab=None,
+    context=None, vocab=None, self_condition="fresh",
 ) -> dict:  # fmt: skip
     """Checks every control: the ranges with jif.sampling.check_settings (shared with the
     CLI), then this page's limits per request. Raises gr.Error naming the bad value and what
@@ -445,6 +458,7 @@ def validate_settings(
             batch=n_samples,
             vocab=vocab,
             seed=seed,
+            self_condition=self_condition,
             names=LABELS,
         )
     except ValueError as e:

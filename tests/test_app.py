@@ -17,6 +17,7 @@ import time
 import types
 import urllib.request
 
+import gradio as gr
 import gradio_client
 import jax
 import jax.numpy as jnp
@@ -140,6 +141,7 @@ def generate_args(path, **kw):
         method_b="ddpm_cache",
         path_b=None,
         colouring="reveal order",
+        self_condition="fresh",
     )
     args.update(kw)
     return list(args.values())
@@ -354,6 +356,14 @@ def test_second_generate_reuses_model_and_compiled_sampler(fake_server, monkeypa
         prepare(steps, 0, "Tom [MASK:3]")
     assert sampling.compiled_samplers() == 2
     assert sorted(dict(k[1])["steps"] for k in sampling._compiled) == [7, 8]
+    # The self-conditioning control: "previous" needs a model trained with it.
+    with pytest.raises(gr.Error, match="self-conditioning input=previous: this model was trained"):
+        handler.prepare(
+            handler.load(good), "random", 5, 16, 1.0, 1.0, 0, 0, 0, 1, "Tom [MASK:3]",
+            label="t", self_condition="previous",
+        )  # fmt: skip
+    with pytest.raises(gr.Error, match="self-conditioning input='later': must be one of"):
+        app.validate_settings("ddpm", 8, 16, 1, 1, 0, 1, self_condition="later")
 
 
 class Visitor:
