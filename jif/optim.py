@@ -337,12 +337,11 @@ OPTIMIZERS: dict[str, Builder] = {
 
 
 # Each optimizer's peak learning rate when --lr is not given: adamw's tuned for the default
-# run; muon's as measured in docs/training.md; modula's is the 800-step transfer sweep's
-# optimum (0.16-0.20 at widths 32-128, depths 2-4), which also beat 0.3 and 0.6 on the cpu
-# preset (docs/training.md; the 1600-step sweep's 0.10-0.14 is untried there);
-# schedule_free and mup_adamw start from adamw's (untuned). With modula the DiT is the
-# well-normed one (PREFERRED_ARCH).
-DEFAULT_LR = {"adamw": 3e-3, "schedule_free": 3e-3, "muon": 0.02, "modula": 0.2, "mup_adamw": 3e-3}
+# run; muon's as measured in docs/training.md; modula's is the 1600-step transfer sweep's
+# optimum (0.10-0.14 at widths 32-128), which beat 0.2 and 0.3 on the cpu preset's run too
+# (docs/training.md); schedule_free and mup_adamw start from adamw's (untuned). With modula
+# the DiT is the well-normed one (PREFERRED_ARCH).
+DEFAULT_LR = {"adamw": 3e-3, "schedule_free": 3e-3, "muon": 0.02, "modula": 0.1, "mup_adamw": 3e-3}
 PREFERRED_ARCH = {"modula": "modula"}
 
 # DEFAULT_LR holds at LR_WIDTH, the cpu preset's width, where it was tuned. Other widths (the
