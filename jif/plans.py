@@ -156,15 +156,12 @@ PLANNERS: dict[str, Planner] = {
 # ----------------------------------------------------------------------------- network calls
 
 
-def conditioned_call(denoise_fn, *, time_conditioned: bool, mask_rate, previous: bool):
-    """call(tokens, pred) -> the denoiser's output: with the noise level where the denoiser
-    takes one (`mask_rate(tokens)`), with `pred` as its prediction input where previous."""
-
-    def call(tokens, pred):
-        args = (tokens, mask_rate(tokens)) if time_conditioned else (tokens,)
-        return denoise_fn(*args, prediction=pred) if previous else denoise_fn(*args)
-
-    return call
+def call_denoiser(denoise_fn, tokens, mask_rate=None, pred=None):
+    """The denoiser's output for `tokens`: given the noise level where one is passed (a
+    noise-conditioned denoiser), and `pred` as its prediction input where one is passed
+    (self_condition="previous"; None: "fresh")."""
+    args = (tokens,) if mask_rate is None else (tokens, mask_rate)
+    return denoise_fn(*args) if pred is None else denoise_fn(*args, prediction=pred)
 
 
 def next_prediction(raw: jax.Array) -> jax.Array:

@@ -65,7 +65,7 @@ from jif.plans import (  # noqa: F401
     Plan,
     Planner,
     ancestral_grid,
-    conditioned_call,
+    call_denoiser,
     next_prediction,
 )
 from jif.remask import ETA, loop_cap, loop_conf
@@ -200,11 +200,8 @@ def _sample(
     previous = self_condition == "previous"
 
     def call(tokens, step, pred):
-        rate = lambda tokens: planner.mask_rate(plan, tokens, step, mask_id)
-        fn = conditioned_call(
-            denoise_fn, time_conditioned=time_conditioned, mask_rate=rate, previous=previous
-        )
-        return fn(tokens, pred)
+        rate = planner.mask_rate(plan, tokens, step, mask_id) if time_conditioned else None
+        return call_denoiser(denoise_fn, tokens, rate, pred)
 
     vocab = jax.eval_shape(call, tokens, jnp.zeros((batch,), jnp.int32), None).shape[-1]
     seeds = jax.random.bits(k_noise, (batch, length), jnp.uint32)  # one noise stream a position

@@ -29,8 +29,8 @@ from jif import draw
 from jif.plans import (
     Outcome,
     Plan,
+    call_denoiser,
     choose_expected,
-    conditioned_call,
     next_prediction,
     plan_expected,
 )
@@ -88,12 +88,11 @@ def expected_loop(
     in_block = jax.nn.one_hot(block_id, n_blocks, dtype=jnp.int32)  # [L, n_blocks]
 
     previous = self_condition == "previous"
-    call = conditioned_call(
-        denoise_fn,
-        time_conditioned=time_conditioned,
-        mask_rate=lambda t: jnp.mean(t == mask_id, axis=1, dtype=jnp.float32),
-        previous=previous,
-    )
+
+    def call(tokens, pred):
+        rate = jnp.mean(tokens == mask_id, axis=1, dtype=jnp.float32) if time_conditioned else None
+        return call_denoiser(denoise_fn, tokens, rate, pred)
+
     vocab = jax.eval_shape(lambda t: _split(call(t, None))[0], tokens).shape[-1]
     seeds = jax.random.bits(k_noise, (batch, length), jnp.uint32)
 
