@@ -181,8 +181,8 @@ def _chunked_attention(q, k, v, *, scale: float, causal: bool) -> jax.Array:
     """`_xla_attention` one (batch, head) pair at a time (lax.map), its scores recomputed in
     the backward pass (jax.checkpoint) instead of stored: on CPU each pair's score matrix
     stays in cache, as in flash attention. At 4 x 1024 tokens (4 heads of 64) forward and
-    backward took 0.66x the CPU time of `_xla_attention`, at 32 x 128 the same (docs/bench.md).
-    Sequential: for CPUs, not accelerators."""
+    backward alone took 0.66x the CPU time of `_xla_attention`, but in the whole train step
+    it was slower (docs/bench.md), so `auto` does not pick it. Sequential: for CPUs."""
     b, t, n, h = q.shape
     pairs = lambda a: jnp.swapaxes(a, 1, 2).reshape(b * n, t, h)
     core = jax.checkpoint(lambda x: _head_major(*x, scale=scale, causal=causal))
@@ -234,14 +234,15 @@ ATTENTION_NAMES = ("auto", *ATTENTION_KERNELS)
 def pick_attention(name: str, *, platform: str, dtype, seq_len: int) -> str:
     """The attention kernel to run: `name` itself when forced (ValueError when its platform
     is not this one), or for "auto" cuDNN on NVIDIA GPUs in (b)float16, the Pallas kernel on
-    TPU when seq_len fits its blocks, the chunked XLA kernel on CPU, XLA otherwise."""
+    TPU when seq_len fits its blocks, XLA otherwise (on CPU too: in the whole train step
+    `xla` took 0.84-0.96x the CPU time of `chunked` at 128-1024 tokens; docs/bench.md)."""
     platform = "gpu" if platform in ("cuda", "rocm", "gpu") else platform
     if name == "auto":
         if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
             return "cudnn"
         if platform == "tpu" and seq_len % PALLAS_BLOCK == 0:
             return "pallas"
-        return "chunked" if platform == "cpu" else "xla"
+        return "xla"
     if name not in ATTENTION_KERNELS:
         raise ValueError(f"attention={name!r} is not one of {list(ATTENTION_NAMES)}.")
     if platform not in ATTENTION_KERNELS[name][1]:

@@ -58,7 +58,7 @@ class TrainConfig:
     dtype: str = "auto"
     """Parameter and activation dtype: float32, bfloat16, or auto (bfloat16 on accelerators)."""
     attention: str = "auto"
-    """Attention kernel: auto (cuDNN on NVIDIA GPUs, Pallas on TPU, chunked on CPU, else xla),
+    """Attention kernel: auto (cuDNN on NVIDIA GPUs, Pallas on TPU, else xla),
     xla, chunked, cudnn, pallas (jif.layers.ATTENTION_KERNELS)."""
     # --- data
     data: str = "stories"

@@ -68,7 +68,7 @@ def test_bench_cli_runs_end_to_end(tmp_path):
     assert result["machine"]["processor"] == flops.processor()  # every record names it
     (r,) = result["train"]
     assert r["processor"] == flops.processor()
-    assert (r["dtype"], r["attention"]) == ("float32", "chunked")  # the CPU's defaults
+    assert (r["dtype"], r["attention"]) == ("float32", "xla")  # the CPU's defaults
     # the peak is the faster of XLA's matmul and numpy's (the BLAS), both measured here
     assert r["peak_flops"] >= max(r["peak_xla_flops"], r["peak_numpy_flops"]) * (1 - 1e-9)
     assert r["flops_per_step_model"] == flops.train_step_flops(
@@ -126,7 +126,7 @@ def test_accel_bench_quick_runs_on_cpu(tmp_path):
         ("tiny", 64, 4),
     ]
     for c in cells:
-        assert c["processor"] == flops.processor() and c["attention"] == "chunked"
+        assert c["processor"] == flops.processor() and c["attention"] == "xla"
         assert c["tokens_per_s"] > 0 and 0 < c["mfu"] < 5 and c["peak_rss_bytes"] > 0
         assert c["flops_per_step_model"] == flops.train_step_flops(
             model_lib.make_config("tiny", vocab_size=train_bench.VOCAB_SIZE),
@@ -156,7 +156,8 @@ def test_attention_bench_runs_end_to_end(tmp_path):
     assert result["machine"]["processor"] == flops.processor()
     share = result["share"]
     assert (
-        list(share) == ["fused", "xla", "penzai", "no_core"] and share["fused"]["over_first"] == 1
+        list(share) == ["fused", "chunked", "penzai", "no_core"]
+        and share["fused"]["over_first"] == 1
     )
     assert all(len(r["rounds"]) == 2 and r["step_s"] > 0 for r in share.values())
     config = model_lib.make_config(
@@ -164,7 +165,7 @@ def test_attention_bench_runs_end_to_end(tmp_path):
     )
     per_token = lambda n: flops.train_step_flops(config, 64 // n, n) / 64
     rows = {(r["variant"], r["seq_len"]): r for r in result["scaling"]}
-    assert set(rows) == {(v, n) for v in ("fused", "xla", "penzai") for n in (16, 32)}
+    assert set(rows) == {(v, n) for v in ("fused", "chunked", "penzai") for n in (16, 32)}
     assert rows["fused", 32]["flop_growth"] == pytest.approx(per_token(32) / per_token(16))
     assert rows["penzai", 16]["time_growth"] == 1.0
     with pytest.raises(SystemExit):

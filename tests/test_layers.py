@@ -215,7 +215,7 @@ def test_pick_attention_per_platform_and_its_messages():
     assert pick("auto", "gpu", jnp.float32) == "xla"  # cuDNN's flash kernel is (b)f16 only
     assert pick("chunked", "gpu") == "chunked"  # runs anywhere (sequential: made for CPUs)
     assert pick("auto", "tpu") == "pallas" and pick("auto", "tpu", seq_len=100) == "xla"
-    assert pick("auto", "cpu") == "chunked" and pick("xla", "tpu") == "xla"
+    assert pick("auto", "cpu") == "xla" and pick("xla", "tpu") == "xla"
     assert pick("cudnn", "gpu") == "cudnn" and pick("pallas", "tpu") == "pallas"
     with pytest.raises(ValueError, match="'cudnn' runs on .*'cpu'.*auto"):
         pick("cudnn", "cpu")

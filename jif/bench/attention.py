@@ -8,7 +8,7 @@ several variants, interleaved round by round in one process so that a shared, no
 slows them alike; reports medians over rounds and ratios, never absolute times across runs:
 
 - "fused": the model as built (jif.layers.DotProductAttention, its kernel for this platform:
-  "chunked" on CPU); "xla": the same layer with the unchunked XLA kernel;
+  "xla" on CPU); "chunked": the same layer with one (batch, head) pair at a time;
 - "penzai": the same attention from penzai's generic layers (`as_penzai()`: nmapped
   NamedEinsums, mask, SoftmaxF32), the DiT's attention before the fused layer;
 - "no_core": scores, softmax and the weighted sum replaced by the values themselves (q and
@@ -52,10 +52,10 @@ class ValuesOnly(pz.nn.Layer):
 
 VARIANTS = {
     "fused": lambda model: model,
-    "xla": lambda model: (
+    "chunked": lambda model: (
         pz.select(model)
         .at_instances_of(DotProductAttention)
-        .apply(lambda layer: dataclasses.replace(layer, implementation="xla"))
+        .apply(lambda layer: dataclasses.replace(layer, implementation="chunked"))
     ),
     "penzai": lambda model: (
         pz.select(model).at_instances_of(DotProductAttention).apply(lambda layer: layer.as_penzai())
@@ -82,11 +82,11 @@ class AttentionBench:
     """Sequences per step of the share measurement."""
     seq_len: int = 128
     """Tokens per sequence of the share measurement."""
-    variants: tuple[str, ...] = ("fused", "xla", "penzai", "no_core")
+    variants: tuple[str, ...] = ("fused", "chunked", "penzai", "no_core")
     """Attention variants timed against each other (see the module docstring)."""
     scaling_lens: tuple[int, ...] = (128, 256, 512, 1024)
     """Sequence lengths of the scaling measurement at batch_size x seq_len tokens (empty: skip)."""
-    scaling_variants: tuple[str, ...] = ("fused", "xla", "penzai")
+    scaling_variants: tuple[str, ...] = ("fused", "chunked", "penzai")
     """Variants timed in the scaling measurement."""
     steps: int = 3
     """Timed steps per variant per round."""
@@ -98,30 +98,47 @@ class AttentionBench:
     """JSON output path ({time} becomes a UTC timestamp; empty: do not write)."""
 
 
-def _time_steps(compiled, state, batch, steps: int):
-    """(state, median wall seconds, median CPU seconds of this process) per step."""
+def time_steps(step, steps: int) -> tuple[float, float]:
+    """(median wall seconds, median CPU seconds of this process) per call of `step`."""
     wall, cpu = [], []
     for _ in range(steps):
         t0, c0 = time.perf_counter(), time.process_time()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics["loss"]))
+        step()
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    return state, statistics.median(wall), statistics.median(cpu)
+    return statistics.median(wall), statistics.median(cpu)
 
 
-def interleaved(cells: dict, steps: int, rounds: int, clock: str) -> dict[str, list[float]]:
-    """{name: (compiled, state, batch)} -> {name: [median step seconds per round]} by `clock`
-    ("wall", or "cpu": this process's CPU time, which other processes on a shared machine
-    disturb less), every round timing each cell once, the order rotated from round to round."""
-    names, out = list(cells), {name: [] for name in cells}
-    states = {}
-    for name, (compiled, state, batch) in cells.items():
-        states[name], _, _ = _time_steps(compiled, state, batch, 1)  # warm-up
+def jax_timer(compiled, state, batch):
+    """A timer (steps -> time_steps' medians) of a compiled (state, batch) -> (state,
+    metrics) function, each call blocked on the new state and the loss, the state carried
+    from call to call."""
+    box = [state]
+
+    def step():
+        box[0], metrics = compiled(box[0], batch)
+        jax.block_until_ready((box[0], metrics["loss"]))
+
+    return lambda steps: time_steps(step, steps)
+
+
+def interleaved(
+    timers: dict, steps: int, rounds: int, clock: str, settle: int = 0
+) -> dict[str, list[float]]:
+    """{name: timer} -> {name: [median step seconds per round]}, a timer being a function
+    steps -> (median wall, median CPU seconds) per step over that many steps. By `clock`
+    ("wall", or "cpu": the CPU time of the process that ran it, which other processes on a
+    shared machine disturb less), after one warm-up step each, every round timing each cell
+    once, the order rotated from round to round; `settle` untimed steps precede each cell's
+    timed ones (for cells in separate processes, whose thread pools hand over the cores)."""
+    names, out = list(timers), {name: [] for name in timers}
+    for timer in timers.values():
+        timer(1)  # warm-up
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            compiled, _, batch = cells[name]
-            states[name], wall, cpu = _time_steps(compiled, states[name], batch, steps)
+            if settle:
+                timers[name](settle)
+            wall, cpu = timers[name](steps)
             out[name].append(cpu if clock == "cpu" else wall)
     return out
 
@@ -138,7 +155,7 @@ def run(cfg: AttentionBench, log=print) -> dict:
     def cell(variant, batch_size, seq_len):
         bench = train_bench.TrainBench(preset=cfg.preset, batch_size=batch_size, seq_len=seq_len)
         compiled, state, batch, _, _ = train_bench.build_step(bench, VARIANTS[variant], **shape)
-        return compiled, state, batch
+        return jax_timer(compiled, state, batch)
 
     result = {
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
