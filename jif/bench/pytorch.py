@@ -62,9 +62,10 @@ class PyTorchBench:
     rounds: int = 5
     """Rounds; each times every implementation once, the order rotated."""
     compile: bool = True
-    """Also time the PyTorch step under torch.compile (first call compiles: about a minute)."""
+    """Also time the PyTorch step under torch.compile (its first call compiles: 35-50 s on a
+    2-core CPU with inductor's cache empty)."""
     clock: str = "wall"
-    """Which clock the ratios use: wall, or cpu (this process's CPU seconds)."""
+    """Which clock the ratios use: wall, or cpu (the CPU seconds of the worker process)."""
     out: str = "runs/bench/pytorch-{time}.json"
     """JSON output path ({time} becomes a UTC timestamp; empty: do not write)."""
 
