@@ -62,6 +62,7 @@ def test_bench_cli_runs_end_to_end(tmp_path):
         "--sample-methods", "ddpm_cache", "--sample-steps", "4", "--sample-length", "16",
         "--sample-batch", "2", "--sample-repeats", "1", "--out", str(out),
         "--sweep-widths", "32", "--sweep-n-lrs", "2", "--sweep-seeds", "1", "--sweep-steps", "2",
+        "--sweep-steady-steps", "2",
     ]  # fmt: skip
     result = bench_cli.main(argv)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
@@ -80,7 +81,14 @@ def test_bench_cli_runs_end_to_end(tmp_path):
     assert 1 <= result["sampling"]["methods"]["ddpm_cache"]["n_calls"] <= 4
     sweep = result["sweep"]["32"]
     assert sweep["runs"] == 2 and sweep["speedup"] > 0  # one seed: each compiles a program
-    assert "tiny" in bench_cli.format_table(result)
+    # the steady state is the extra time of 2 more steps, both engines (may be noise here)
+    assert sweep["steady_steps"] == 2 and {"steady_one_at_a_time_s", "steady_batched_s"} <= set(
+        sweep
+    )
+    assert sweep["steady_speedup"] == sweep["steady_one_at_a_time_s"] / sweep["steady_batched_s"]
+    assert "tiny" in bench_cli.format_table(result) and "steady state" in bench_cli.format_table(
+        result
+    )
 
 
 def test_bench_rejects_unknown_preset():
