@@ -19,9 +19,6 @@ import dataclasses
 import sys
 import time
 
-import tyro
-
-from jif import hostmem
 from jif.bench import train as train_bench
 
 
@@ -114,16 +111,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """The CLI (flags from AccelBench; see --help)."""
-    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU backend
-    cfg = tyro.cli(AccelBench, args=argv, description=__doc__)
-    try:
-        result = run(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(format_table(result))
-    train_bench.write_result(result, cfg.out)
-    return result
+    return train_bench.cli_main(AccelBench, run, argv, __doc__, table=format_table)
 
 
 if __name__ == "__main__":

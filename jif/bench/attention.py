@@ -28,10 +28,9 @@ import sys
 import time
 
 import jax
-import tyro
 from penzai import pz
 
-from jif import flops, hostmem
+from jif import flops
 from jif import model as model_lib
 from jif.bench import train as train_bench
 from jif.layers import DotProductAttention
@@ -213,15 +212,7 @@ def run(cfg: AttentionBench, log=print) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """The CLI (flags from AttentionBench; see --help)."""
-    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU backend
-    cfg = tyro.cli(AttentionBench, args=argv, description=__doc__)
-    try:
-        result = run(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    train_bench.write_result(result, cfg.out)
-    return result
+    return train_bench.cli_main(AttentionBench, run, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ do not. `python -m jif.bench.accel` sweeps presets and sequence lengths on accel
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 
 import tyro
 
-from jif import flops, hostmem
+from jif import flops
 from jif import model as model_lib
 from jif.bench import sampling as sampling_bench
 from jif.bench import sweep as sweep_bench
@@ -126,16 +125,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """The CLI (flags from BenchConfig; see --help)."""
-    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU backend
-    cfg = tyro.cli(BenchConfig, args=argv, description=__doc__)
-    try:
-        result = run(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(format_table(result))
-    train_bench.write_result(result, cfg.out)
-    return result
+    return train_bench.cli_main(BenchConfig, run, argv, __doc__, table=format_table)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""jif's train step against MDLM's PyTorch DiT, side by side in one process.
+"""jif's train step against MDLM's PyTorch DiT, side by side in one run.
 
     pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu   # optional
     python -m jif.bench.pytorch                       # d256 L4, 4 heads, 32 x 128, float32
@@ -34,7 +34,6 @@ import sys
 import time
 
 import jax
-import tyro
 
 from jif import flops, hostmem
 from jif.bench import train as train_bench
@@ -175,8 +174,9 @@ def reference_step(cfg: PyTorchBench, compile: bool, lr: float = 3e-4):
     torch.set_num_threads(os.cpu_count())
     vocab, mask_id = train_bench.VOCAB_SIZE, train_bench.MASK_ID
     model = build_reference(cfg, vocab)
-    ema = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, foreach=True)
+    params = list(model.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
     loss_fn = torch.compile(subs_loss) if compile else subs_loss
     x0 = torch.randint(0, train_bench.N_BPE, (cfg.batch_size, cfg.seq_len))
     x0[:, 0] = train_bench.N_BPE
@@ -188,7 +188,7 @@ def reference_step(cfg: PyTorchBench, compile: bool, lr: float = 3e-4):
         loss.backward()
         opt.step()
         with torch.no_grad():
-            torch._foreach_lerp_(ema, list(model.parameters()), 1 - 0.995)
+            torch._foreach_lerp_(ema, params, 1 - 0.995)
         return loss.item()
 
     return step
@@ -279,15 +279,7 @@ def run(cfg: PyTorchBench, log=print) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """The CLI (flags from PyTorchBench; see --help)."""
-    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU backend
-    cfg = tyro.cli(PyTorchBench, args=argv, description=__doc__)
-    try:
-        result = run(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    train_bench.write_result(result, cfg.out)
-    return result
+    return train_bench.cli_main(PyTorchBench, run, argv, __doc__)
 
 
 if __name__ == "__main__":

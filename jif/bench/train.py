@@ -262,6 +262,23 @@ def run(bench: TrainBench, peak: flops.MatmulPeak | None = None, log=print) -> d
     return result
 
 
+def cli_main(settings_type, run_fn, argv, description: str, table=None) -> dict:
+    """A benchmark's command line: flags from the frozen dataclass `settings_type` (tyro),
+    `run_fn(settings) -> record`, a ValueError printed as `error: ...` with exit status 2,
+    `table(record)` printed when given, and the record written to its `out` path."""
+    hostmem.reuse_freed_memory()  # first: before JAX starts its CPU backend
+    cfg = tyro.cli(settings_type, args=argv, description=description)
+    try:
+        result = run_fn(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if table is not None:
+        print(table(result))
+    write_result(result, cfg.out)
+    return result
+
+
 def write_result(result: dict, out: str) -> None:
     """A benchmark's JSON record to `out` ({time} becomes a UTC timestamp; empty: nothing)."""
     if not out:
