@@ -192,7 +192,7 @@ def optim_config(cfg: DistillConfig, teacher_config: dict, d_model: int) -> opti
         lr = base.lr / 10
     else:
         lr = optim.default_lr(name, d_model) / 10
-    out = dataclasses.replace(base, optimizer=name, lr=lr, schedule=cfg.schedule)
+    out = dataclasses.replace(base.with_optimizer(name), lr=lr, schedule=cfg.schedule)
     return dataclasses.replace(out, warmup=cfg.warmup).validate()
 
 

@@ -28,6 +28,8 @@ from jif import mup, well_normed
 
 Params = dict[str, pz.nx.NamedArray]
 
+MODULA_MOMENTUM = 0.95  # the modula optimizer's gradient EMA (docs/training.md: how it was chosen)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
@@ -54,6 +56,11 @@ class OptimConfig:
     """Decoupled weight decay on matrices."""
     clip: float = 10.0
     """Clip the global gradient norm at this value (0: no clipping)."""
+    momentum: float = MODULA_MOMENTUM
+    """modula: EMA coefficient of the gradient before it is dualised (0: none)."""
+    blocks_mass: float = well_normed.BLOCKS_MASS
+    """modula: mass of all blocks together, against 1 each for the embedding and the output
+    (their shares of the step's modular norm)."""
 
     def validate(self) -> OptimConfig:
         """ValueError naming an unknown optimizer or schedule, or a value out of its range."""
@@ -70,6 +77,8 @@ class OptimConfig:
             "b2": (0.0, 1.0, True, False),
             "weight_decay": (0.0, math.inf, True, False),
             "clip": (0.0, math.inf, True, False),
+            "momentum": (0.0, 1.0, True, False),
+            "blocks_mass": (0.0, math.inf, False, False),
         }
         if self.lr is not None:
             ranges["lr"] = (0.0, math.inf, True, False)
@@ -85,7 +94,21 @@ class OptimConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be in {interval}, got {v}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if canonical_name(self.optimizer) != "modula":
+            for name, default in modula_only_defaults().items():
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"--{name.replace('_', '-')} is the modula optimizer's; with "
+                        f"--optimizer {self.optimizer} drop it (Adam's momentum is --b1)"
+                    )
         return self
+
+    def with_optimizer(self, name: str) -> OptimConfig:
+        """This config for optimizer ``name``; leaving modula drops its own settings."""
+        out = dataclasses.replace(self, optimizer=name)
+        if canonical_name(name) != "modula":
+            out = dataclasses.replace(out, **modula_only_defaults())
+        return out
 
     def resolved(self, d_model: int | None = None) -> OptimConfig:
         """This config with the optimizer's default learning rate for a model of width
@@ -93,6 +116,11 @@ class OptimConfig:
         if self.lr is not None:
             return self
         return dataclasses.replace(self, lr=default_lr(self.optimizer, d_model or LR_WIDTH))
+
+
+def modula_only_defaults() -> dict[str, float]:
+    """The OptimConfig fields only the modula optimizer reads, at their defaults."""
+    return {"momentum": MODULA_MOMENTUM, "blocks_mass": well_normed.BLOCKS_MASS}
 
 
 Builder = Callable[[OptimConfig, optax.Schedule, Any, Params], optax.GradientTransformation]
@@ -300,13 +328,13 @@ def muon(cfg: OptimConfig, schedule: optax.Schedule, model_config, params: Param
 
 def modula_optimizer(cfg: OptimConfig, schedule: optax.Schedule, model_config, params: Params):
     """The modular-norm optimizer (`modula.optimizer`) on the DiT's modular description
-    (`jif.well_normed.dit_module`): dualised, well-normed updates, momentum 0.95."""
+    (`jif.well_normed.dit_module`): dualised, well-normed updates."""
     return optax.chain(
         *_clip(cfg),
         modula.optimizer(
             schedule,
-            module=well_normed.dit_module(model_config, params),
-            momentum=0.95,
+            module=well_normed.dit_module(model_config, params, blocks_mass=cfg.blocks_mass),
+            momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
         ),
     )

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jif import checkpoint as ckpt
-from jif import diffusion, distill, distill_measure, floor, sample, sdtt, train
+from jif import diffusion, distill, distill_measure, floor, optim, sample, sdtt, train
 from jif import model as model_lib
 
 V, MASK, B, L = 48, 47, 4, 24
@@ -265,3 +265,16 @@ def test_measure_samples_once_and_plots(teacher, tmp_path):
     with pytest.raises(SystemExit) as e:
         distill_measure.main(["--models", teacher, "--out", str(out)])
     assert e.value.code == 2
+
+
+def test_optim_config_keeps_or_drops_the_teachers_modula_settings():
+    """A Modula teacher's momentum and blocks mass carry over to a Modula student and are
+    dropped, not refused, when the student trains with another optimizer."""
+    teacher = {"optim": {"optimizer": "modula", "lr": 0.1, "momentum": 0.9, "blocks_mass": 3.0}}
+    same = distill.optim_config(distill.DistillConfig(teacher="t", out="o"), teacher, 128)
+    assert (same.optimizer, same.momentum, same.blocks_mass) == ("modula", 0.9, 3.0)
+    assert same.lr == pytest.approx(0.01)
+    cfg = distill.DistillConfig(teacher="t", out="o", optimizer="adamw")
+    other = distill.optim_config(cfg, teacher, 128)
+    assert other.optimizer == "adamw"
+    assert (other.momentum, other.blocks_mass) == tuple(optim.modula_only_defaults().values())

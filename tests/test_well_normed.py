@@ -210,3 +210,37 @@ def test_reference_attention_gain_scales_the_output_and_the_qkv_share(dit):
         }
     for n in ("query", "key", "value"):
         assert ratio["modula_ref"][n] == pytest.approx(3 * ratio["modula"][n], rel=1e-3), n
+
+
+def test_optimizer_flags_reach_the_momentum_and_the_blocks_mass():
+    """--momentum and --blocks-mass: the second step equals the dual of the momentum-weighted
+    gradients under the module with that blocks mass (dualisation ignores scale), and
+    differs from the default mass's."""
+    from jif import optim
+
+    cfg = M.make_config("tiny", arch="modula", vocab_size=256)
+    params = M.params_dict(M.build_model(cfg, jax.random.key(0)))
+    g1 = jax.tree.map(lambda x: jnp.cos(3.0 * x + 0.5), params)
+    g2 = jax.tree.map(lambda x: jnp.sin(2.0 * x - 0.3), params)
+    lr, beta, mass = 0.05, 0.6, 2.0
+    ocfg = optim.OptimConfig(optimizer="modula", lr=lr, clip=0.0, momentum=beta, blocks_mass=mass)
+    tx = optim.OPTIMIZERS["modula"](ocfg.validate(), optax.constant_schedule(lr), cfg, params)
+    state = tx.init(params)
+    _, state = tx.update(g1, state, params)
+    update, _ = tx.update(g2, state, params)
+    mixed = jax.tree.map(lambda a, b: beta * a + b, g1, g2)
+    for blocks_mass, same in ((mass, True), (well_normed.BLOCKS_MASS, False)):
+        module = well_normed.dit_module(cfg, params, blocks_mass=blocks_mass)
+        want = module.dualize(mixed, lr)
+        label = "dit/blocks/mlp/up"
+        got, ref = (np.asarray(-update[label].data_array), np.asarray(want[label].data_array))
+        assert np.allclose(got, ref, rtol=1e-3, atol=1e-6) == same, blocks_mass
+
+
+def test_modula_only_flags_are_refused_with_other_optimizers():
+    from jif import optim
+
+    with pytest.raises(ValueError, match="--momentum is the modula optimizer's"):
+        optim.OptimConfig(optimizer="adamw", momentum=0.9).validate()
+    with pytest.raises(ValueError, match="--blocks-mass must be in"):
+        optim.OptimConfig(optimizer="modula", blocks_mass=0.0).validate()
