@@ -59,15 +59,17 @@ class Parameterisation:
     """Default (smallest, largest) learning rate of the log grid."""
 
 
-# Each range is centred on its parameterisation's optimum in the 800-step sweep
-# (docs/transfer.md): AdamW's drifts across 3e-3, muP's sits at 1e-2, Modula's at 0.17.
+# Each range is centred on its parameterisation's optimum in an earlier sweep, so that a grid
+# point lands near it and its neighbours, a factor 3.16 away, can show a basin
+# (docs/transfer.md): AdamW's drifts across 3e-3; muP's seeds found 5e-3..1.3e-2 and Modula's
+# 0.095..0.15 at 1600 steps.
 PARAMETERISATIONS: dict[str, Parameterisation] = {
     "adamw": Parameterisation(arch="standard", optimizer="adamw", mup=False, lr_range=(3e-4, 3e-2)),
     "mup_adamw": Parameterisation(
-        arch="standard", optimizer="mup_adamw", mup=True, lr_range=(1e-3, 1e-1)
+        arch="standard", optimizer="mup_adamw", mup=True, lr_range=(7.5e-4, 7.5e-2)
     ),
     "modula": Parameterisation(
-        arch="modula", optimizer="modula", mup=False, lr_range=(1.7e-2, 1.7)
+        arch="modula", optimizer="modula", mup=False, lr_range=(1e-2, 1.0)
     ),
     # Modula with the reference library's 1/3 on attention's output (not in the default grid).
     "modula_ref": Parameterisation(
