@@ -42,6 +42,7 @@ RUN_SETTINGS = (
     "eval_times",
     "engine",
     "embed_lr_mult",
+    "min_lr_ratio",
 )
 
 
@@ -111,6 +112,7 @@ def train_config_for(spec: RunSpec, config: SweepConfig) -> train.TrainConfig:
             # AdamW only (jif.optim.adamw); muP's is applied by `embed_scale` (CompiledRuns).
             embed_lr_mult=config.embed_lr_mult if p.optimizer == "adamw" else 1.0,
             warmup=max(1, config.steps // 10),
+            min_lr_ratio=config.min_lr_ratio,
         ),
         seed=spec.seed,
         out=None,

@@ -88,6 +88,9 @@ class SweepConfig:
     embed_lr_mult: float = 100.0
     """AdamW and muP AdamW: the embedding table's learning rate as a fixed multiple of the swept
     learning rate, the same at every width (jif.train's default; Modula needs none)."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule's end, as a fraction of the peak learning rate (the sweep's own,
+    fixed so that its runs stay comparable whatever jif.train's default is)."""
     data: str = "stories"
     """Training data (see jif.data)."""
     eval_sequences: int = 64
