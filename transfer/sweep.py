@@ -69,6 +69,10 @@ class SweepConfig:
     """Learning rates per parameterisation, log-spaced over its range (5: a factor 3.16 apart)."""
     lr_span: float = 0.0
     """If > 0, override every range to centre x 10^(+-lr_span/2) around its registry centre."""
+    centre_half_steps: bool = True
+    """Also train the two points half a grid step either side of the range's centre (a factor
+    1.78 for 5 points a factor 3.16 apart): each range is centred on an earlier sweep's
+    optimum, and a basin is only seen if a point lands near it (odd n_lrs only)."""
     lrs: tuple[float, ...] = ()
     """Explicit learning rates for every parameterisation (overrides n_lrs / ranges)."""
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -113,6 +117,7 @@ class SweepConfig:
 
 QUICK_OVERRIDES = dict(
     out="transfer/results/sweep-quick",
+    centre_half_steps=False,
     widths=(16, 32),
     depths=(1,),
     n_lrs=3,
@@ -229,7 +234,11 @@ def lr_grid(config: SweepConfig, name: str) -> list[float]:
         lo, hi = centre * 10 ** (-config.lr_span / 2), centre * 10 ** (config.lr_span / 2)
     if config.n_lrs == 1:
         return [float(f"{math.sqrt(lo * hi):.3g}")]
-    return [float(f"{lr:.3g}") for lr in np.geomspace(lo, hi, config.n_lrs)]
+    lrs = list(np.geomspace(lo, hi, config.n_lrs))
+    if config.centre_half_steps and config.n_lrs % 2 == 1:
+        half_step = (hi / lo) ** (0.5 / (config.n_lrs - 1))
+        lrs += [math.sqrt(lo * hi) / half_step, math.sqrt(lo * hi) * half_step]
+    return sorted(float(f"{lr:.3g}") for lr in lrs)
 
 
 def grid(config: SweepConfig) -> list[RunSpec]:
