@@ -466,3 +466,19 @@ def test_adamw_default_lr_drift_is_the_committed_sweeps():
     assert adamw["verdict"] == "drifts"
     assert optim.LR_WIDTH_SLOPE["adamw"] == pytest.approx(adamw["drift_slope"], abs=0.005)
     assert set(optim.LR_WIDTH_SLOPE) == {"adamw"}  # only what a sweep found to drift
+
+
+@pytest.mark.parametrize("name", ["adamw", "mup_adamw", "modula"])
+def test_default_grid_adds_half_steps_beside_the_centre(name):
+    """The default grid is the 5-point log grid over the range plus the two points half a step
+    (a factor 10 ** 0.25 for a range of 100x) either side of its centre; --quick has none."""
+    lo, hi = sweep.PARAMETERISATIONS[name].lr_range
+    lrs = sweep.lr_grid(sweep.SweepConfig(), name)
+    coarse = sweep.lr_grid(sweep.SweepConfig(centre_half_steps=False), name)
+    assert len(coarse) == 5 and set(coarse) < set(lrs) and len(lrs) == 7
+    centre, ratio = math.sqrt(lo * hi), (hi / lo) ** 0.125
+    extra = sorted(set(lrs) - set(coarse))
+    assert extra == pytest.approx([centre / ratio, centre * ratio], rel=5e-3)  # 3 digits
+    assert coarse[1] < extra[0] < coarse[2] < extra[1] < coarse[3]
+    quick = sweep.resolve(sweep.SweepConfig(quick=True))
+    assert len(sweep.lr_grid(quick, name)) == quick.n_lrs

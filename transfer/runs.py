@@ -69,9 +69,7 @@ PARAMETERISATIONS: dict[str, Parameterisation] = {
     "mup_adamw": Parameterisation(
         arch="standard", optimizer="mup_adamw", mup=True, lr_range=(7.5e-4, 7.5e-2)
     ),
-    "modula": Parameterisation(
-        arch="modula", optimizer="modula", mup=False, lr_range=(1e-2, 1.0)
-    ),
+    "modula": Parameterisation(arch="modula", optimizer="modula", mup=False, lr_range=(1e-2, 1.0)),
     # Modula with the reference library's 1/3 on attention's output (not in the default grid).
     "modula_ref": Parameterisation(
         arch="modula_ref", optimizer="modula", mup=False, lr_range=(3e-2, 3.0)
