@@ -367,9 +367,9 @@ OPTIMIZERS: dict[str, Builder] = {
 
 # Each optimizer's peak learning rate when --lr is not given: adamw's tuned for the default
 # run; muon's as measured in docs/training.md; modula's is the 1600-step transfer sweep's
-# optimum (0.10-0.14 at widths 32-128), which beat 0.2 and 0.3 on the cpu preset's run too
-# (docs/training.md); schedule_free and mup_adamw start from adamw's (untuned). With modula
-# the DiT is the well-normed one (PREFERRED_ARCH).
+# optimum (its best grid point at widths 32-128 on every seed), which beat 0.2 and 0.3 on the
+# cpu preset's run too (docs/training.md); schedule_free and mup_adamw start from adamw's
+# (untuned). With modula the DiT is the well-normed one (PREFERRED_ARCH).
 DEFAULT_LR = {"adamw": 3e-3, "schedule_free": 3e-3, "muon": 0.02, "modula": 0.1, "mup_adamw": 3e-3}
 PREFERRED_ARCH = {"modula": "modula"}
 

@@ -469,16 +469,16 @@ def test_adamw_default_lr_drift_is_the_committed_sweeps():
 
 
 @pytest.mark.parametrize("name", ["adamw", "mup_adamw", "modula"])
-def test_default_grid_adds_half_steps_beside_the_centre(name):
-    """The default grid is the 5-point log grid over the range plus the two points half a step
-    (a factor 10 ** 0.25 for a range of 100x) either side of its centre; --quick has none."""
+def test_centre_half_steps_add_two_points_beside_the_centre(name):
+    """--centre-half-steps adds to the 5-point log grid over the range the two points half a
+    step (a factor 10 ** 0.25 for a range of 100x) either side of its centre."""
     lo, hi = sweep.PARAMETERISATIONS[name].lr_range
-    lrs = sweep.lr_grid(sweep.SweepConfig(), name)
-    coarse = sweep.lr_grid(sweep.SweepConfig(centre_half_steps=False), name)
+    lrs = sweep.lr_grid(sweep.SweepConfig(centre_half_steps=True), name)
+    coarse = sweep.lr_grid(sweep.SweepConfig(), name)
     assert len(coarse) == 5 and set(coarse) < set(lrs) and len(lrs) == 7
     centre, ratio = math.sqrt(lo * hi), (hi / lo) ** 0.125
     extra = sorted(set(lrs) - set(coarse))
     assert extra == pytest.approx([centre / ratio, centre * ratio], rel=5e-3)  # 3 digits
     assert coarse[1] < extra[0] < coarse[2] < extra[1] < coarse[3]
-    quick = sweep.resolve(sweep.SweepConfig(quick=True))
-    assert len(sweep.lr_grid(quick, name)) == quick.n_lrs
+    quick = sweep.resolve(sweep.SweepConfig(quick=True, centre_half_steps=True))
+    assert len(sweep.lr_grid(quick, name)) == quick.n_lrs + 2  # 3 points, centre included
