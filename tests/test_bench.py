@@ -14,6 +14,7 @@ from jif.bench import accel as accel_bench
 from jif.bench import attention as attention_bench
 from jif.bench import cli as bench_cli
 from jif.bench import train as train_bench
+from transfer import workers
 
 
 def test_xla_flops_of_a_matmul_is_2mnk():
@@ -80,12 +81,17 @@ def test_bench_cli_runs_end_to_end(tmp_path):
     assert all(0 < x < 5 for x in r["mfu_rounds"]) and np.isfinite(r["final_loss"])
     assert 1 <= result["sampling"]["methods"]["ddpm_cache"]["n_calls"] <= 4
     sweep = result["sweep"]["32"]
-    assert sweep["runs"] == 2 and sweep["speedup"] > 0  # one seed: each compiles a program
-    # the steady state is the extra time of 2 more steps, both engines (may be noise here)
-    assert sweep["steady_steps"] == 2 and {"steady_one_at_a_time_s", "steady_batched_s"} <= set(
-        sweep
-    )
-    assert sweep["steady_speedup"] == sweep["steady_one_at_a_time_s"] / sweep["steady_batched_s"]
+    # two parameterisations x 2 learning rates x 1 seed, the groups in a worker per core
+    assert (sweep["runs"], sweep["groups"]) == (4, 2)
+    assert sweep["workers"] == min(2, len(workers.cores()))
+    assert sweep["speedup"] == sweep["one_at_a_time_s"] / sweep["batched_s"] > 0
+    assert sweep["speedup_workers"] == sweep["one_at_a_time_s"] / sweep["workers_s"] > 0
+    # the steady state is the extra time of 2 more steps, every way (may be noise here)
+    assert sweep["steady_steps"] == 2
+    for way in ("batched", "workers"):
+        assert sweep[f"steady_speedup{'_workers' if way == 'workers' else ''}"] == (
+            sweep["steady_one_at_a_time_s"] / sweep[f"steady_{way}_s"]
+        )
     assert "tiny" in bench_cli.format_table(result) and "steady state" in bench_cli.format_table(
         result
     )

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jif import optim
-from transfer import analysis, runs, sweep
+from transfer import analysis, runs, sweep, workers
 
 FIGURES = ("loss_vs_lr", "optimum_vs_width")
 
@@ -326,6 +326,8 @@ def test_configuration_errors_exit_2_with_a_message(tmp_path, capsys):
         (["--widths", "64", "--head-dim", "1"], "even head size"),  # the model config
         (["--data", str(tmp_path / "none.txt")], "not found"),
         (["--plot-only"], "run the sweep first"),
+        (["--workers", "-1"], "--workers -1"),
+        (["--workers", str(len(workers.cores()) + 1)], "cores; pass --workers"),
     ]
     for argv, needle in cases:
         run, calls = _fake_run(_optimum)
@@ -372,13 +374,69 @@ def test_head_size_is_fixed_and_heads_grow_with_width():
 
 def test_sweep_quick_end_to_end(tmp_path):
     """The real engine end to end, every parameterisation; one width (each width compiles
-    every optimizer's program again; several widths are the fake sweeps' business above)."""
-    out = tmp_path / "quick"
-    summary = sweep.main(["--quick", "--out", str(out), "--widths", "16", "--no-progress"])
-    rows, _ = _check_outputs(out, 3 * 1 * 3 * 2)
-    assert set(summary["optimizers"]) == {"adamw", "mup_adamw", "modula"}
-    finite = [r for r in rows if not r["diverged"]]
+    every optimizer's program again; several widths are the fake sweeps' business above).
+    By default the groups train in worker processes, one per core: the rows equal those of
+    the same sweep trained in this process (--workers 1)."""
+    rows = {}
+    for n in (0, 1):
+        out = tmp_path / f"quick-{n}"
+        argv = ["--quick", "--out", str(out), "--widths", "16", "--no-progress", "--workers"]
+        summary = sweep.main([*argv, str(n)])
+        rows[n], _ = _check_outputs(out, 3 * 1 * 3 * 2)
+        assert set(summary["optimizers"]) == {"adamw", "mup_adamw", "modula"}
+    finite = [r for r in rows[1] if not r["diverged"]]
     assert finite and all(0 < r["val_nelbo"] < 50 for r in finite)
+    key = lambda r: (r["optimizer"], r["lr"], r["seed"])
+    for a, b in zip(sorted(rows[0], key=key), sorted(rows[1], key=key), strict=True):
+        assert key(a) == key(b) and a["diverged"] == b["diverged"]
+        for field in ("val_nelbo", "train_loss_smoothed"):
+            assert a[field] == pytest.approx(b[field], rel=1e-4, nan_ok=True), (a, b)
+
+
+class _FailingRun:
+    """A picklable run function (it trains in a worker process): the run of width 64 at the
+    lower learning rate fails at once; the other takes a second, so it is still training in
+    the other worker when the first fails."""
+
+    def __call__(self, spec, config):
+        import time
+
+        if spec.width == 64 and spec.lr == min(sweep.lr_grid(config, spec.optimizer)):
+            raise ValueError("boom")
+        time.sleep(1.0)
+        return {"val_nelbo": 3.0 + spec.lr, "train_loss_smoothed": 3.0}
+
+
+def test_workers_keep_the_finished_runs_when_one_fails(tmp_path):
+    """With two workers, a run that fails stops the sweep with a RuntimeError naming it; the
+    runs that finished (other workers' included) are in runs.csv, and the next run of the same
+    command trains only the rest."""
+    if len(workers.cores()) < 2:
+        pytest.skip("needs two cores")
+    out = tmp_path / "fail"
+    argv = ["--out", str(out), "--optimizers", "adamw", "--widths", "32", "64", "--n-lrs", "2"]
+    argv += ["--seeds", "0", "--no-progress", "--workers", "2"]
+    with pytest.raises(RuntimeError, match="run RunSpec.*width=64.*failed: boom"):
+        sweep.main(argv, run_fn=_FailingRun())
+    kept = {(r["width"], r["lr"]) for r in analysis.read_rows(out / "runs.csv")}
+    lo, hi = sweep.lr_grid(sweep.resolve(sweep.SweepConfig(n_lrs=2)), "adamw")
+    assert (64, hi) in kept and (64, lo) not in kept  # the other worker's run was kept
+    run, calls = _fake_run(_optimum)
+    sweep.main([*argv[:-2], "--workers", "1"], run_fn=run)  # the rest, here
+    assert (64, lo) in {(s.width, s.lr) for s in calls} and len(calls) + len(kept) == 4
+
+
+def test_workers_split_the_cores():
+    n = len(workers.cores())
+    assert workers.resolve_workers(0, 9, "cpu") == min(n, 9)
+    assert workers.resolve_workers(0, 9, "gpu") == workers.resolve_workers(0, 9, "given") == 1
+    assert workers.resolve_workers(4, 2, "cpu") == 2  # never more than the groups
+    for k in range(1, n + 1):
+        sets = workers.core_sets(k)
+        assert len(sets) == k and sorted(c for s in sets for c in s) == workers.cores()
+        assert max(map(len, sets)) - min(map(len, sets)) <= 1
+    with pytest.raises(ValueError, match="--workers"):
+        workers.core_sets(n + 1)
 
 
 # ---------------------------------------------------------------------------- compiled engine

@@ -22,10 +22,10 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 import tyro
 from tqdm import tqdm
@@ -33,7 +33,7 @@ from tqdm import tqdm
 from jif import data as data_lib
 from jif import hostmem, train
 from jif.tokenizer import load_tokenizer
-from transfer import analysis, batched, runs
+from transfer import analysis, batched, runs, workers
 from transfer.runs import (  # noqa: F401 (re-exported: the sweep's names)
     PARAMETERISATIONS,
     RUN_SETTINGS,
@@ -109,6 +109,9 @@ class SweepConfig:
     """Only redraw figures and summary.json from the existing CSV."""
     progress: bool = True
     """Show a tqdm bar over the whole grid."""
+    workers: int = 0
+    """Processes that train groups side by side on CPU, the cores split between them (0: one
+    per core, at most one per group, and one on an accelerator; transfer/workers.py)."""
     engine: str = "batched"
     """How runs are trained: "batched" (every lr and seed of a shape as one vmapped program,
     transfer/batched.py), "compiled" (one compiled step per shape and seed, lr as data) or
@@ -188,7 +191,14 @@ def resolve(config: SweepConfig) -> SweepConfig:
     )
     check_fields(
         config,
-        dict(eval_sequences=1, eval_times=1, mup_base_width=0, lr_span=0, embed_lr_mult=0),
+        dict(
+            eval_sequences=1,
+            eval_times=1,
+            mup_base_width=0,
+            lr_span=0,
+            embed_lr_mult=0,
+            workers=0,
+        ),
     )
     check_lrs(config.lrs)
     for name in config.optimizers:
@@ -205,6 +215,8 @@ def resolve(config: SweepConfig) -> SweepConfig:
                 "--embed-lr-mult 1, or --engine compiled or batched"
             )
     check_head_dim(config.widths, config.head_dim)
+    if config.workers > 1:
+        workers.core_sets(config.workers)  # ValueError if there are fewer cores
     if not config.lrs and config.n_lrs < 1:
         raise ValueError(f"n_lrs={config.n_lrs} must be >= 1 (or pass --lrs)")
     if config.mup_base_width <= 0:
@@ -289,7 +301,7 @@ def _check_settings(out: Path, config: SweepConfig) -> None:
 ENGINES = {**RUNNERS, "batched": batched.BatchedRuns}  # --engine: how runs are trained
 
 
-def _groups(todo: list[RunSpec], run_fn) -> list[list[RunSpec]]:
+def group_runs(todo: list[RunSpec], run_fn) -> list[list[RunSpec]]:
     """The runs to train together: one group per (optimizer, width, depth) for an engine
     that trains groups (`run_group`), else one run each."""
     if not hasattr(run_fn, "run_group"):
@@ -300,8 +312,10 @@ def _groups(todo: list[RunSpec], run_fn) -> list[list[RunSpec]]:
     return list(groups.values())
 
 
-def run_sweep(config: SweepConfig, run_fn: RunFn) -> list[dict]:
-    """Trains every grid point missing from runs.csv, appending one row per finished run."""
+def run_sweep(config: SweepConfig, run_fn: RunFn, platform: str = "given") -> list[dict]:
+    """Trains every grid point missing from runs.csv, appending one row per finished run.
+    `platform` is where the sweep's own engine trains ("cpu", "gpu", ...), for --workers 0;
+    "given" (a caller's run function) trains in this process unless --workers says more."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, config)
@@ -320,22 +334,18 @@ def run_sweep(config: SweepConfig, run_fn: RunFn) -> list[dict]:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         if new_file:
             writer.writeheader()
-        for group in _groups(todo, run_fn):
-            spec = group[0]
-            if bar is not None:
+        groups = group_runs(todo, run_fn)
+        n_workers = workers.resolve_workers(config.workers, len(groups), platform)
+        if bar is not None and n_workers > 1:
+            bar.set_postfix_str(f"{n_workers} workers")
+        cost = lambda g: g[0].width ** 2 * g[0].depth * len(g)  # big groups first
+        trained = workers.train_groups(groups, config, run_fn, n_workers, cost)
+        for group, results, seconds in trained:
+            seconds /= len(group)  # a group's runs share its time
+            if bar is not None and n_workers == 1:
+                spec = group[0]
                 lrs = f"{len(group)} runs" if len(group) > 1 else f"lr={spec.lr:.3g}"
                 bar.set_postfix_str(f"{spec.optimizer} w={spec.width} d={spec.depth} {lrs}")
-            start = time.perf_counter()
-            try:
-                if len(group) > 1:
-                    results = run_fn.run_group(group, config)
-                else:
-                    results = [run_fn(spec, config)]
-            except data_lib.DataError:
-                raise  # the data, not the run: exit with its message
-            except ValueError as e:  # not a mistake in the flags (those were checked): a bug
-                raise RuntimeError(f"run {spec} failed: {e}") from e
-            seconds = (time.perf_counter() - start) / len(group)  # a group's runs share it
             for spec, result in zip(group, results, strict=True):
                 val, train = float(result["val_nelbo"]), float(result["train_loss_smoothed"])
                 diverged = bool(result.get("diverged", False)) or not (
@@ -388,7 +398,10 @@ def main(argv: Sequence[str] | None = None, run_fn: RunFn | None = None) -> dict
         if not config.plot_only:
             print(json.dumps(dataclasses.asdict(config)), flush=True)
             check_runs(config)
-            run_sweep(config, run_fn or ENGINES[config.engine]())
+            if run_fn is None:
+                run_sweep(config, ENGINES[config.engine](), jax.default_backend())
+            else:
+                run_sweep(config, run_fn)
         summary = analyse(config)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

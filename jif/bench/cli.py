@@ -48,7 +48,7 @@ class BenchConfig:
     sample_repeats: int = 3
     """Timed repeats per sampling method."""
     sweep: bool = True
-    """Also time a sweep group one run at a time against batched (jif.bench.sweep)."""
+    """Also time sweep groups one run at a time, batched and in workers (jif.bench.sweep)."""
     sweep_settings: tyro.conf.OmitArgPrefixes[sweep_bench.SweepBench] = sweep_bench.SweepBench()
     """The sweep benchmark's settings (flags --sweep-widths, --sweep-steps, ...)."""
     out: str = "runs/bench/bench-{time}.json"
@@ -117,7 +117,8 @@ def format_table(result: dict) -> str:
         lines.append(sampling_bench.format_table(result["sampling"]))
     if "sweep" in result:
         lines.append(
-            "sweep groups, one run at a time vs batched (compile and evaluation included):"
+            "sweep groups, one run at a time vs batched vs batched in worker processes "
+            "(start-up, compile and evaluation included):"
         )
         lines.append(sweep_bench.format_table(result["sweep"]))
     return "\n".join(lines)

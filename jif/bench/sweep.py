@@ -1,13 +1,15 @@
-"""Sweep throughput: runs per hour trained one at a time against a whole group batched.
+"""Sweep throughput: runs per hour one run at a time, batched, and batched in worker processes.
 
-For each width, the same grid of runs (learning rates x seeds of one parameterisation) is
-trained twice in one process, first one run at a time (`transfer.sweep.CompiledRuns`, one
-compiled step per seed, the learning rate as data) and then as one vmapped program
-(`transfer.batched.BatchedRuns`). Both times include compilation and the final evaluation,
-as a sweep pays them; the ratio is what batching buys a sweep of that many steps on this
-machine. At a few steps compilation weighs most, so with `sweep_steady_steps` both engines
-also train that many steps more, and the ratio of the extra time (compilation and evaluation
-cancel) is the steady-state speed-up a long sweep approaches.
+For each width the same groups of runs (learning rates x seeds, one group per parameterisation)
+are trained three ways in one process, as `python transfer/sweep.py` would train them: one
+run at a time (`--engine compiled --workers 1`: one compiled step per seed, the learning rate
+as data), each group as one vmapped program (`--engine batched --workers 1`), and the groups
+side by side in worker processes, the cores split between them (`--engine batched --workers
+N`, transfer/workers.py). Every time includes compilation, the final evaluation and, for the
+workers, starting them, as a sweep pays them; the ratios to one at a time are what each buys a
+sweep of that many steps on this machine. At a few steps compilation weighs most, so with
+`sweep_steady_steps` every way also trains that many steps more, and the ratio of the extra
+time (start-up, compilation and evaluation cancel) is the speed-up a long sweep approaches.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from transfer import batched, sweep
+from transfer import batched, runs, sweep, workers
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -23,75 +25,97 @@ class SweepBench:
     """Settings of the sweep-throughput benchmark."""
 
     sweep_widths: tuple[int, ...] = (32, 64, 128)
-    """Model widths (depth 2, 4 heads, as the default sweep)."""
-    sweep_optimizer: str = "adamw"
-    """Parameterisation (transfer.sweep.PARAMETERISATIONS)."""
-    sweep_n_lrs: int = 7
+    """Model widths (depth 2, heads of 32, as the default sweep)."""
+    sweep_optimizers: tuple[str, ...] = ("adamw", "mup_adamw")
+    """Parameterisations (transfer.sweep.PARAMETERISATIONS), one group each; two groups of
+    equal cost let two workers share the cores evenly."""
+    sweep_n_lrs: int = 5
     """Learning rates per group (log-spaced over the parameterisation's range)."""
     sweep_seeds: int = 3
     """Seeds per learning rate."""
     sweep_steps: int = 30
     """Training steps per run."""
     sweep_steady_steps: int = 0
-    """If > 0, also train sweep_steps + this many steps, for the steady-state speed-up."""
+    """If > 0, also train sweep_steps + this many steps, for the steady-state speed-ups."""
+    sweep_workers: int = 0
+    """Worker processes for the third way (0: as the sweep's default, one per core, at most
+    one per group)."""
 
 
-def _time_engines(bench: SweepBench, width: int, steps: int) -> tuple[int, float, float]:
-    """(runs, seconds one at a time, seconds batched) of one width's group at `steps`."""
+WAYS = ("one_at_a_time", "batched", "workers")
+
+
+def _time_ways(bench: SweepBench, width: int, steps: int, n_workers: int) -> dict:
+    """{way: seconds} to train one width's groups at `steps`, and the number of runs."""
     config = sweep.resolve(
         sweep.SweepConfig(
             widths=(width,), n_lrs=bench.sweep_n_lrs, seeds=tuple(range(bench.sweep_seeds)),
-            steps=steps, optimizers=(bench.sweep_optimizer,), progress=False,
+            steps=steps, optimizers=bench.sweep_optimizers, progress=False,
         )
     )  # fmt: skip
     specs = sweep.grid(config)
-    t0 = time.perf_counter()
-    one_at_a_time = sweep.CompiledRuns()
-    for spec in specs:
-        one_at_a_time(spec, config)
-    t1 = time.perf_counter()
-    batched.BatchedRuns().run_group(specs, config)
-    t2 = time.perf_counter()
-    return len(specs), t1 - t0, t2 - t1
+    groups = sweep.group_runs(specs, batched.BatchedRuns())
+    ways = {
+        "one_at_a_time": ([[s] for s in specs], runs.CompiledRuns(), 1),
+        "batched": (groups, batched.BatchedRuns(), 1),
+        "workers": (groups, batched.BatchedRuns(), n_workers),
+    }
+    seconds = {"runs": len(specs)}
+    for way, (units, run_fn, n) in ways.items():
+        start = time.perf_counter()
+        for _ in workers.train_groups(units, config, run_fn, n):
+            pass
+        seconds[way] = time.perf_counter() - start
+    return seconds
 
 
 def run(bench: SweepBench, log=print) -> dict:
-    """{"width": {...}, ...}: seconds and runs per hour both ways, and their ratio (and the
-    steady-state ratio with sweep_steady_steps)."""
+    """{"width": {...}, ...}: seconds and runs per hour each way, and the speed-ups over one
+    at a time (and the steady-state ones with sweep_steady_steps)."""
+    n_groups = len(bench.sweep_optimizers)
+    n_workers = workers.resolve_workers(bench.sweep_workers, n_groups, "cpu")
     out = {}
     for width in bench.sweep_widths:
-        n, one, both = _time_engines(bench, width, bench.sweep_steps)
-        r = out[str(width)] = {
-            "runs": n,
-            "steps": bench.sweep_steps,
-            "one_at_a_time_s": one,
-            "batched_s": both,
-            "runs_per_hour_one_at_a_time": 3600 * n / one,
-            "runs_per_hour_batched": 3600 * n / both,
-            "speedup": one / both,
-        }
-        line = f"sweep width {width}: {n} runs; batched: {r['speedup']:.2f}x the runs per hour"
+        t = _time_ways(bench, width, bench.sweep_steps, n_workers)
+        n = t["runs"]
+        r = out[str(width)] = {"runs": n, "groups": n_groups, "workers": n_workers}
+        r["steps"] = bench.sweep_steps
+        for way in WAYS:
+            r[f"{way}_s"] = t[way]
+            r[f"runs_per_hour_{way}"] = 3600 * n / t[way]
+        r["speedup"] = t["one_at_a_time"] / t["batched"]
+        r["speedup_workers"] = t["one_at_a_time"] / t["workers"]
+        line = (
+            f"sweep width {width}: {n} runs; the runs per hour of one at a time x "
+            f"{r['speedup']:.2f} batched, x {r['speedup_workers']:.2f} batched in "
+            f"{n_workers} workers"
+        )
         if bench.sweep_steady_steps > 0:
-            _, one_long, both_long = _time_engines(
-                bench, width, bench.sweep_steps + bench.sweep_steady_steps
-            )
+            long = _time_ways(bench, width, bench.sweep_steps + bench.sweep_steady_steps, n_workers)
             r["steady_steps"] = bench.sweep_steady_steps
-            r["steady_one_at_a_time_s"] = one_long - one
-            r["steady_batched_s"] = both_long - both
-            r["steady_speedup"] = (one_long - one) / (both_long - both)
-            line += f", {r['steady_speedup']:.2f}x in steady state"
+            for way in WAYS:
+                r[f"steady_{way}_s"] = long[way] - t[way]
+            r["steady_speedup"] = r["steady_one_at_a_time_s"] / r["steady_batched_s"]
+            r["steady_speedup_workers"] = r["steady_one_at_a_time_s"] / r["steady_workers_s"]
+            line += (
+                f"; steady state x {r['steady_speedup']:.2f} and "
+                f"x {r['steady_speedup_workers']:.2f}"
+            )
         log(line)
     return out
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'width':>5} {'runs':>4} {'one by one s':>12} {'batched s':>9} {'speed-up':>8}"]
-    lines[0] += "  steady state" if any("steady_speedup" in r for r in result.values()) else ""
+    steady = any("steady_speedup" in r for r in result.values())
+    lines = [
+        f"{'width':>5} {'runs':>4} {'one by one s':>12} {'batched s':>9} {'workers s':>9} "
+        f"{'batched':>7} {'workers':>7}" + ("  steady state: batched workers" if steady else "")
+    ]
     for width, r in result.items():
         lines.append(
             f"{width:>5} {r['runs']:>4} {r['one_at_a_time_s']:>12.1f} {r['batched_s']:>9.1f} "
-            f"{r['speedup']:>7.2f}x"
+            f"{r['workers_s']:>9.1f} {r['speedup']:>6.2f}x {r['speedup_workers']:>6.2f}x"
         )
         if "steady_speedup" in r:
-            lines[-1] += f"  {r['steady_speedup']:>11.2f}x"
+            lines[-1] += f"  {r['steady_speedup']:>15.2f}x {r['steady_speedup_workers']:>6.2f}x"
     return "\n".join(lines)
