@@ -45,16 +45,23 @@ ACCELERATOR_PEAKS: dict[str, dict[str, float]] = {
 
 def processor() -> str:
     """The chip figures come from: the accelerator's device_kind, or on CPU the OS's model
-    name (/proc/cpuinfo), else platform.processor()."""
+    name with its family and model numbers (/proc/cpuinfo: a virtual machine may call very
+    different chips just "AMD EPYC"), else platform.processor()."""
     if jax.default_backend() != "cpu":
         return jax.devices()[0].device_kind
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if not key.strip():  # the first processor's block ends here
+                    break
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    if "model name" in fields:
+        numbers = [f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields]
+        return fields["model name"] + (f" ({', '.join(numbers)})" if numbers else "")
     return platform.processor() or platform.machine() or "unknown"
 
 

@@ -102,10 +102,12 @@ def test_bench_rejects_unknown_preset():
         bench_cli.run(bench_cli.BenchConfig(presets=("huge",), sampling=False, out=""))
 
 
-def test_processor_is_the_os_model_name():
+def test_processor_is_the_os_model_name_with_its_family_and_model():
     with open("/proc/cpuinfo") as f:
-        names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-    assert flops.processor() == names[0]
+        lines = [ln.split(":", 1) for ln in f if ":" in ln]
+    first = lambda key: next(v.strip() for k, v in lines if k.strip() == key)
+    expected = f"{first('model name')} (cpu family {first('cpu family')}, model {first('model')})"
+    assert flops.processor() == expected
 
 
 def test_cpu_peak_is_the_faster_of_xla_and_numpy():
