@@ -13,8 +13,8 @@ start); the entry points (jif.train, jif.sample, bench, app, transfer) call it f
 Threads started earlier (numpy's BLAS pool starts one on import) may already own arenas that
 JAX's threads then share, so a process that has to be sure starts with the same policy in
 glibc's tunables instead (`child_env`, for the sweep's worker processes): glibc reads them
-before any thread exists. In a process of one XLA thread the difference is large (a width-64
-sweep group: 17.6M against 0.3M page faults, 69 against 44 s).
+before any thread exists. In a process of one XLA thread the difference is large
+(docs/bench.md, "Sweep throughput").
 """
 
 from __future__ import annotations

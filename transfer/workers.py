@@ -65,8 +65,9 @@ def core_sets(n_workers: int) -> list[list[int]]:
 
 
 def _start(sets: list[list[int]], counter, run_fn) -> None:
-    """Worker initializer: take the next core set, pin to it, one-thread XLA if it is one core.
-    Runs before the worker's first JAX computation, so the backend sizes its pool to it."""
+    """Worker initializer: take the next core set and pin to it (the malloc policy and XLA's
+    flags came in the environment, `train_groups`). Runs before the worker's first JAX
+    computation, so the backend sizes its thread pool to those cores."""
     global _run_fn
     with counter.get_lock():
         mine = sets[counter.value % len(sets)]
@@ -125,17 +126,16 @@ def train_groups(
     if max(map(len, sets)) == 1:
         env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {ONE_THREAD_FLAGS}".strip()
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the workers start with it (read before any import)
-    counter = context.Value("i", 0)
     pool = ProcessPoolExecutor(
         n_workers,
         mp_context=context,
         initializer=_start,
-        initargs=(sets, counter, run_fn),
+        initargs=(sets, context.Value("i", 0), run_fn),
     )
     error: BaseException | None = None
     drained = False  # every future done: shutting down waits for nothing
     try:
+        os.environ.update(env)  # the workers start (at the first submits) with it
         pending = {
             pool.submit(_train_in_worker, group, config): group
             for group in sorted(groups, key=cost, reverse=True)
