@@ -376,10 +376,10 @@ PREFERRED_ARCH = {"modula": "modula"}
 # DEFAULT_LR holds at LR_WIDTH, the cpu preset's width, where it was tuned. Other widths (the
 # accelerator presets, --d-model) carry it over by the transfer sweep's result rather than a
 # re-tuning: standard AdamW's optimum drifts as width ** slope (docs/transfer/summary.json,
-# every seed's slope -0.83..-0.81; a test keeps the two equal); Modula and muP (base width
+# every seed's slope -0.83..-0.80; a test keeps the two equal); Modula and muP (base width
 # LR_WIDTH) keep it, as their parameterisations claim. The others have no transfer result.
 LR_WIDTH = 128
-LR_WIDTH_SLOPE = {"adamw": -0.83}
+LR_WIDTH_SLOPE = {"adamw": -0.81}
 
 
 def default_lr(optimizer: str, d_model: int) -> float:

@@ -433,8 +433,13 @@ def test_workers_split_the_cores():
     assert workers.resolve_workers(4, 2, "cpu") == 2  # never more than the groups
     for k in range(1, n + 1):
         sets = workers.core_sets(k)
-        assert len(sets) == k and sorted(c for s in sets for c in s) == workers.cores()
-        assert max(map(len, sets)) - min(map(len, sets)) <= 1
+        assert len(sets) == k and {len(s) for s in sets} == {n // k}
+        used = [c for s in sets for c in s]
+        assert len(set(used)) == len(used) and set(used) <= set(workers.cores())
+    # Equal sets whatever the machine, so no run's rounding depends on the worker it drew.
+    assert workers.core_sets(9, range(16)) == [[c] for c in range(9)]
+    assert workers.core_sets(2, range(5)) == [[0, 1], [2, 3]]
+    assert workers.core_sets(3, [4, 5, 6, 7, 8, 9]) == [[4, 5], [6, 7], [8, 9]]
     with pytest.raises(ValueError, match="--workers"):
         workers.core_sets(n + 1)
 

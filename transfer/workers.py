@@ -45,23 +45,21 @@ def resolve_workers(workers: int, n_groups: int, platform: str) -> int:
     return max(1, min(workers, n_groups))
 
 
-def core_sets(n_workers: int) -> list[list[int]]:
-    """The cores of each worker: this process's cores split into n_workers contiguous,
-    disjoint sets (the first sets one larger when they do not divide evenly). ValueError if
-    there are fewer cores than workers."""
-    available = cores()
+def core_sets(n_workers: int, available: Sequence[int] | None = None) -> list[list[int]]:
+    """The cores of each worker: n_workers contiguous, disjoint sets of equal size taken from
+    `available` (default: this process's cores); cores left over when they do not divide
+    evenly stay idle. Equal sizes keep a run's numbers independent of which worker trains it:
+    XLA:CPU splits a matmul's sums by its thread count, so one thread and two round
+    differently, and at the top of a learning-rate grid that rounding grows to the size of
+    the seeds' spread (docs/transfer.md). ValueError if there are fewer cores than workers."""
+    available = cores() if available is None else list(available)
     if n_workers > len(available):
         raise ValueError(
             f"--workers {n_workers}: this machine lets the sweep use {len(available)} cores; "
             f"pass --workers {len(available)} or fewer (0 chooses)"
         )
-    size, extra = divmod(len(available), n_workers)
-    sets, start = [], 0
-    for i in range(n_workers):
-        end = start + size + (i < extra)
-        sets.append(available[start:end])
-        start = end
-    return sets
+    size = len(available) // n_workers
+    return [available[i * size : (i + 1) * size] for i in range(n_workers)]
 
 
 def _start(sets: list[list[int]], counter, run_fn) -> None:
@@ -123,7 +121,7 @@ def train_groups(
     context = multiprocessing.get_context("spawn")
     sets = core_sets(n_workers)
     env = {**hostmem.child_env(), "JAX_PLATFORMS": "cpu"}
-    if max(map(len, sets)) == 1:
+    if len(sets[0]) == 1:
         env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {ONE_THREAD_FLAGS}".strip()
     saved = {k: os.environ.get(k) for k in env}
     pool = ProcessPoolExecutor(
