@@ -56,14 +56,17 @@ def all_finite(tree) -> jax.Array:
     )
 
 
-def init_state(params: optim.Params, tx: optax.GradientTransformation) -> dict:
-    """The initial train state; params and EMA are copies (the step donates its state)."""
-    return {
+def init_state(params: optim.Params, tx: optax.GradientTransformation, *, ema: bool = True) -> dict:
+    """The initial train state; params and EMA are copies (the step donates its state). With
+    ema=False the state has no "ema" (for a step made with ema=None)."""
+    state = {
         "params": jax.tree_util.tree_map(jnp.copy, params),
-        "ema": jax.tree_util.tree_map(jnp.copy, params),
         "opt_state": tx.init(params),
         "step": jnp.zeros((), jnp.int32),
     }
+    if ema:
+        state["ema"] = jax.tree_util.tree_map(jnp.copy, params)
+    return state
 
 
 def make_train_step(
@@ -71,10 +74,11 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     seed: int | None,
-    ema: float,
+    ema: float | None,
     mask_id: int,
     objective: str = "mdlm",
     custom_loss: Callable | None = None,
+    guard: bool = True,
 ) -> Callable[[dict, jax.Array], tuple[dict, dict]]:
     """train_step(state, batch int32 [B, L]) -> (state, metrics) for the named objective
     (jif.objectives). The step's key is fold_in(key(seed), step); with seed=None the state
@@ -85,7 +89,13 @@ def make_train_step(
 
     An update is kept only if the loss, the gradient norm and every updated parameter are
     finite; otherwise the step returns the previous params, EMA and optimizer state (the step
-    counter still advances) and metrics["finite"] is False."""
+    counter still advances) and metrics["finite"] is False.
+
+    The sweep, which evaluates the raw weights and ends a run at its first non-finite step,
+    turns both off: ema=None keeps no average (the state from `init_state(..., ema=False)`),
+    and guard=False applies every update as it is (metrics["finite"] still tells). Each
+    rewrites every parameter and optimizer moment once more per step, a sixth of a small
+    model's step on one core (docs/bench.md)."""
     fixed_key = None if seed is None else jax.random.key(seed)
     objective_loss = custom_loss or objectives.OBJECTIVES[objective].loss
 
@@ -98,24 +108,28 @@ def make_train_step(
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": ok}
+        metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
+        new = {"params": params, "opt_state": opt_state}
+        if ema is not None:
+            new["ema"] = _ema_update(state, opt_state, params)
+        if guard:
+            new = jax.tree_util.tree_map(
+                lambda n, o: jnp.where(ok, n, o), new, {k: state[k] for k in new}
+            )
+        return {**state, **new, "step": state["step"] + 1}, metrics
+
+    def _ema_update(state, opt_state, params):
         # The EMA averages the weights that are evaluated (schedule-free: its averaged iterate).
         # Decay warms up as min(ema, (1 + step) / (10 + step)) so that short runs do not
         # evaluate mostly the initial weights (0.995 ** 100 = 0.6).
         target = optim.eval_params(opt_state, params)
         decay = jnp.minimum(ema, (1.0 + state["step"]) / (10.0 + state["step"]))
-        new_ema = jax.tree_util.tree_map(
+        return jax.tree_util.tree_map(
             lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype), state["ema"], target
         )
-        grad_norm = optax.global_norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
-        kept = jax.tree_util.tree_map(
-            lambda new, old: jnp.where(ok, new, old),
-            {"params": params, "ema": new_ema, "opt_state": opt_state},
-            {k: state[k] for k in ("params", "ema", "opt_state")},
-        )
-        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": ok}
-        metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
-        return {**state, **kept, "step": state["step"] + 1}, metrics
 
     return train_step
 

@@ -10,14 +10,15 @@ import subprocess
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_train import FLAGS as TRAIN_FLAGS
-from test_train import TINY
+from test_train import TINY, _tiny_optimizer
 from test_train import _params_np as _params
 
-from jif import checkpoint, objectives, run_folder, train
+from jif import checkpoint, data, loop, objectives, run_folder, train
 
 FLAGS = [*TRAIN_FLAGS, "--n-samples", "0"]
 
@@ -88,6 +89,34 @@ def test_finite_loss_with_nan_gradient_stops_and_keeps_nothing_non_finite(
         np.testing.assert_array_equal(v, init[k], err_msg=k)
     saved = checkpoint.load_for_inference(out + "-skip", ema=False)
     assert saved.step == 3 and all(np.isfinite(v).all() for v in _params(saved.params).values())
+
+
+def test_unguarded_step_without_ema_equals_the_guarded_step_and_applies_a_nan_update():
+    """The sweep's step (ema=None, guard=False) makes the same parameters as jif.train's on
+    finite steps and keeps no EMA; on a NaN gradient it says so and applies the update, where
+    the guarded step keeps the previous state."""
+    tok, unbound, params, tx = _tiny_optimizer("adamw", 1e-2, {}, 3)
+    batch = next(data.TokenBatches("stories", tok, split="train", batch_size=4, seq_len=32))
+
+    def make(**kw):
+        return jax.jit(loop.make_train_step(unbound, tx, seed=0, mask_id=tok.mask_id, **kw))
+
+    guarded, lean = make(ema=0.9), make(ema=None, guard=False)
+    a, b = loop.init_state(params, tx), loop.init_state(params, tx, ema=False)
+    for _ in range(3):
+        a, ma = guarded(a, batch)
+        b, mb = lean(b, batch)
+        assert bool(ma["finite"]) and bool(mb["finite"])
+        assert float(ma["loss"]) == float(mb["loss"])
+    assert "ema" in a and "ema" not in b
+    for k, v in _params(a["params"]).items():
+        np.testing.assert_array_equal(_params(b["params"])[k], v, err_msg=k)
+
+    kept = make(ema=0.9, custom_loss=_nan_gradient)(a, batch)[0]
+    applied, metrics = make(ema=None, guard=False, custom_loss=_nan_gradient)(b, batch)
+    assert not bool(metrics["finite"])
+    assert all(np.isfinite(v).all() for v in _params(kept["params"]).values())
+    assert any(np.isnan(v).any() for v in _params(applied["params"]).values())
 
 
 def test_huge_learning_rate_stops_with_a_command_that_works(tmp_path, capsys):

@@ -52,8 +52,8 @@ class BatchedRuns(runs.CompiledRuns):
             unbound, params = ckpt.init_model(model_config, cfg.seed)
             tx, _ = optim.make_optimizer(cfg.optim, cfg.steps, model_config, params)
             tx = optax.chain(tx, *runs.embed_scale(spec, config, params), runs.scale_by_state_lr())
-            step = loop.make_train_step(
-                unbound, tx, seed=None, ema=cfg.ema, mask_id=tokenizer.mask_id
+            step = loop.make_train_step(  # as CompiledRuns: no EMA, no guard
+                unbound, tx, seed=None, ema=None, mask_id=tokenizer.mask_id, guard=False
             )
             self._shared[key] = dict(
                 model_config=model_config, unbound=unbound, tx=tx, step=jax.jit(jax.vmap(step))
@@ -71,7 +71,7 @@ class BatchedRuns(runs.CompiledRuns):
         for spec in specs:
             _, train_batches, _ = self._data(config, spec.seed)
             _, params = ckpt.init_model(g["model_config"], spec.seed)
-            state = loop.init_state(params, g["tx"])
+            state = loop.init_state(params, g["tx"], ema=False)
             lr = runs._LrState(jnp.asarray(spec.lr, jnp.float32))
             state["opt_state"] = (*state["opt_state"][:-1], lr)
             states.append({**state, "key": jax.random.key(spec.seed)})

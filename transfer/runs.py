@@ -210,8 +210,8 @@ class CompiledRuns:
             unbound, params = ckpt.init_model(model_config, cfg.seed)
             tx, _ = optim.make_optimizer(cfg.optim, cfg.steps, model_config, params)
             tx = optax.chain(tx, *embed_scale(spec, config, params), scale_by_state_lr())
-            step = loop.make_train_step(
-                unbound, tx, seed=cfg.seed, ema=cfg.ema, mask_id=tokenizer.mask_id
+            step = loop.make_train_step(  # raw weights evaluated; a non-finite step ends the run
+                unbound, tx, seed=cfg.seed, ema=None, mask_id=tokenizer.mask_id, guard=False
             )
             self._groups = {key: dict(unbound=unbound, params=params, tx=tx, step=jax.jit(step))}
         return self._groups[key]
@@ -226,7 +226,7 @@ class CompiledRuns:
         snapshots(done, params), if given, is called after every step (done = steps taken)."""
         _, batches, _ = self._data(config, spec.seed)
         g = self._group(spec, config)
-        state = loop.init_state(g["params"], g["tx"])
+        state = loop.init_state(g["params"], g["tx"], ema=False)
         opt_state = state["opt_state"]
         state["opt_state"] = (*opt_state[:-1], _LrState(jnp.asarray(spec.lr, jnp.float32)))
         last = None
