@@ -10,11 +10,15 @@ workers, starting them, as a sweep pays them; the ratios to one at a time are wh
 sweep of that many steps on this machine. At a few steps compilation weighs most, so with
 `sweep_steady_steps` every way also trains that many steps more, and the ratio of the extra
 time (start-up, compilation and evaluation cancel) is the speed-up a long sweep approaches.
+That extra time is the difference of two timings, so a change in the machine's speed between
+them moves it; with `sweep_rounds` > 1 the short and long timings alternate that many times,
+every ratio is taken within one round and the medians are reported, with each round's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 
 from transfer import batched, runs, sweep, workers
@@ -37,6 +41,8 @@ class SweepBench:
     """Training steps per run."""
     sweep_steady_steps: int = 0
     """If > 0, also train sweep_steps + this many steps, for the steady-state speed-ups."""
+    sweep_rounds: int = 1
+    """Rounds of (short, long) timings with sweep_steady_steps; medians over rounds."""
     sweep_workers: int = 0
     """Worker processes for the third way (0: as the sweep's default, one per core, at most
     one per group)."""
@@ -71,36 +77,51 @@ def _time_ways(bench: SweepBench, width: int, steps: int, n_workers: int) -> dic
 
 def run(bench: SweepBench, log=print) -> dict:
     """{"width": {...}, ...}: seconds and runs per hour each way, and the speed-ups over one
-    at a time (and the steady-state ones with sweep_steady_steps)."""
+    at a time (and the steady-state ones with sweep_steady_steps). With sweep_rounds > 1 each
+    figure is the median over rounds and "rounds" holds every round's."""
+    if bench.sweep_rounds < 1:
+        raise ValueError(f"sweep_rounds must be at least 1, got {bench.sweep_rounds}")
     n_groups = len(bench.sweep_optimizers)
     n_workers = workers.resolve_workers(bench.sweep_workers, n_groups, "cpu")
     out = {}
     for width in bench.sweep_widths:
-        t = _time_ways(bench, width, bench.sweep_steps, n_workers)
+        rounds = []
+        for _ in range(bench.sweep_rounds):
+            t = _time_ways(bench, width, bench.sweep_steps, n_workers)
+            one = {f"{way}_s": t[way] for way in WAYS}
+            one["speedup"] = t["one_at_a_time"] / t["batched"]
+            one["speedup_workers"] = t["one_at_a_time"] / t["workers"]
+            if bench.sweep_steady_steps > 0:
+                long = _time_ways(
+                    bench, width, bench.sweep_steps + bench.sweep_steady_steps, n_workers
+                )
+                for way in WAYS:
+                    one[f"steady_{way}_s"] = long[way] - t[way]
+                one["steady_speedup"] = one["steady_one_at_a_time_s"] / one["steady_batched_s"]
+                one["steady_speedup_workers"] = (
+                    one["steady_one_at_a_time_s"] / one["steady_workers_s"]
+                )
+            rounds.append(one)
         n = t["runs"]
         r = out[str(width)] = {"runs": n, "groups": n_groups, "workers": n_workers}
         r["steps"] = bench.sweep_steps
+        r.update({k: statistics.median(x[k] for x in rounds) for k in rounds[0]})
         for way in WAYS:
-            r[f"{way}_s"] = t[way]
-            r[f"runs_per_hour_{way}"] = 3600 * n / t[way]
-        r["speedup"] = t["one_at_a_time"] / t["batched"]
-        r["speedup_workers"] = t["one_at_a_time"] / t["workers"]
+            r[f"runs_per_hour_{way}"] = 3600 * n / r[f"{way}_s"]
         line = (
             f"sweep width {width}: {n} runs; the runs per hour of one at a time x "
             f"{r['speedup']:.2f} batched, x {r['speedup_workers']:.2f} batched in "
             f"{n_workers} workers"
         )
         if bench.sweep_steady_steps > 0:
-            long = _time_ways(bench, width, bench.sweep_steps + bench.sweep_steady_steps, n_workers)
             r["steady_steps"] = bench.sweep_steady_steps
-            for way in WAYS:
-                r[f"steady_{way}_s"] = long[way] - t[way]
-            r["steady_speedup"] = r["steady_one_at_a_time_s"] / r["steady_batched_s"]
-            r["steady_speedup_workers"] = r["steady_one_at_a_time_s"] / r["steady_workers_s"]
             line += (
                 f"; steady state x {r['steady_speedup']:.2f} and "
                 f"x {r['steady_speedup_workers']:.2f}"
             )
+        if bench.sweep_rounds > 1:
+            r["rounds"] = rounds
+            line += f" (medians of {bench.sweep_rounds} rounds)"
         log(line)
     return out
 
