@@ -32,6 +32,10 @@ def test_batched_group_equals_runs_trained_one_at_a_time(name):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (spec, key)
     # The runs differ from each other: each kept its own seed and learning rate.
     assert len({round(r["val_nelbo"], 6) for r in together}) == len(specs) - 1
+    # Both engines time the steps after the first (the benchmark's steady state); a group's
+    # runs share its time.
+    assert all(0 < r["steps_s"] < 60 for r in alone)
+    assert len({r["steps_s"] for r in (*together, bad)}) == 1 and 0 < bad["steps_s"] < 60
 
 
 def test_a_group_needs_one_shape():

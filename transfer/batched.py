@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import TYPE_CHECKING
 
 import jax
@@ -62,7 +63,8 @@ class BatchedRuns(runs.CompiledRuns):
 
     def run_group(self, specs: list[runs.RunSpec], config: SweepConfig) -> list[dict]:
         """Trains `specs` (one optimizer, width and depth; any learning rates and seeds)
-        together; one result dict per spec, as `CompiledRuns.__call__` returns."""
+        together; one result dict per spec, as `CompiledRuns.__call__` returns, with the
+        group's steps_s (the runs train together) in each."""
         shapes = {(s.optimizer, s.width, s.depth) for s in specs}
         if len(shapes) != 1:
             raise ValueError(f"a batched group needs one optimizer, width and depth, got {shapes}")
@@ -80,16 +82,25 @@ class BatchedRuns(runs.CompiledRuns):
         n = len(specs)
         finite = np.ones(n, bool)
         smoothed = np.full(n, np.nan)
+        started = None
         for t in range(data.shape[0]):
             state, metrics = g["step"](state, data[t])
             ok, loss = np.asarray(metrics["finite"]), np.asarray(metrics["loss"], np.float64)
             finite &= ok
             smoothed = np.where(np.isnan(smoothed), loss, 0.95 * smoothed + 0.05 * loss)
+            if started is None:
+                started = time.perf_counter()  # the first step compiles: not in steps_s
+        steps_s = time.perf_counter() - started if data.shape[0] > 1 else math.nan
         results = []
         for k, (spec, params) in enumerate(zip(specs, _unstack(state["params"], n), strict=True)):
             if not finite[k]:
                 results.append(
-                    {"val_nelbo": math.nan, "train_loss_smoothed": math.nan, "diverged": True}
+                    {
+                        "val_nelbo": math.nan,
+                        "train_loss_smoothed": math.nan,
+                        "diverged": True,
+                        "steps_s": steps_s,
+                    }
                 )
                 continue
             tokenizer, _, val = self._data(config, spec.seed)
@@ -102,6 +113,7 @@ class BatchedRuns(runs.CompiledRuns):
                     "val_nelbo": nelbo["nelbo"],
                     "train_loss_smoothed": float(smoothed[k]),
                     "diverged": False,
+                    "steps_s": steps_s,
                 }
             )
         return results

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import io
 import math
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -223,21 +224,28 @@ class CompiledRuns:
         snapshots: Callable[[int, Any], None] | None = None,
     ) -> tuple[Any, dict]:
         """Trains one run: (final parameters or None if diverged, outcome without val_nelbo).
-        snapshots(done, params), if given, is called after every step (done = steps taken)."""
+        snapshots(done, params), if given, is called after every step (done = steps taken).
+        The outcome's steps_s is the time of every step after the first (which may compile),
+        the sweep benchmark's steady-state measure (NaN with one step)."""
         _, batches, _ = self._data(config, spec.seed)
         g = self._group(spec, config)
         state = loop.init_state(g["params"], g["tx"], ema=False)
         opt_state = state["opt_state"]
         state["opt_state"] = (*opt_state[:-1], _LrState(jnp.asarray(spec.lr, jnp.float32)))
-        last = None
+        last = started = None
         try:
             for s in loop.steps(g["step"], state, iter(batches), start=0, stop=len(batches)):
                 last = s
+                if started is None:
+                    started = time.perf_counter()
                 if snapshots is not None:
                     snapshots(s.done, s.state["params"])
         except loop.Diverged:
-            return None, {"train_loss_smoothed": math.nan, "diverged": True}
-        return last.state["params"], {"train_loss_smoothed": last.smoothed, "diverged": False}
+            steps_s = time.perf_counter() - started if started is not None else math.nan
+            return None, {"train_loss_smoothed": math.nan, "diverged": True, "steps_s": steps_s}
+        steps_s = time.perf_counter() - started if len(batches) > 1 else math.nan
+        outcome = {"train_loss_smoothed": last.smoothed, "diverged": False, "steps_s": steps_s}
+        return last.state["params"], outcome
 
     def init_params(self, spec: RunSpec, config: SweepConfig) -> tuple[Any, dict]:
         """(unbound model, initial parameters) of the run's shape and seed."""

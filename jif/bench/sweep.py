@@ -7,12 +7,13 @@ as data), each group as one vmapped program (`--engine batched --workers 1`), an
 side by side in worker processes, the cores split between them (`--engine batched --workers
 N`, transfer/workers.py). Every time includes compilation, the final evaluation and, for the
 workers, starting them, as a sweep pays them; the ratios to one at a time are what each buys a
-sweep of that many steps on this machine. At a few steps compilation weighs most, so with
-`sweep_steady_steps` every way also trains that many steps more, and the ratio of the extra
-time (start-up, compilation and evaluation cancel) is the speed-up a long sweep approaches.
-That extra time is the difference of two timings, so a change in the machine's speed between
-them moves it; with `sweep_rounds` > 1 the short and long timings alternate that many times,
-every ratio is taken within one round and the medians are reported, with each round's.
+sweep of that many steps on this machine. At a few steps compilation weighs most, so each way
+also reports its steady state: the time the engines measure for the steps after each run's
+(or group's) first, the one that compiles, summed over the runs one at a time and over the
+groups in one process, and for the workers the longest worker's share. A long sweep
+approaches its ratios. With `sweep_rounds` > 1 every way is timed that many times,
+alternating, each ratio is taken within one round and the medians are reported, with each
+round's.
 """
 
 from __future__ import annotations
@@ -38,11 +39,9 @@ class SweepBench:
     sweep_seeds: int = 3
     """Seeds per learning rate."""
     sweep_steps: int = 30
-    """Training steps per run."""
-    sweep_steady_steps: int = 0
-    """If > 0, also train sweep_steps + this many steps, for the steady-state speed-ups."""
+    """Training steps per run (the steady state times all but the first)."""
     sweep_rounds: int = 1
-    """Rounds of (short, long) timings with sweep_steady_steps; medians over rounds."""
+    """Rounds, each timing every way once; medians over rounds."""
     sweep_workers: int = 0
     """Worker processes for the third way (0: as the sweep's default, one per core, at most
     one per group)."""
@@ -51,12 +50,13 @@ class SweepBench:
 WAYS = ("one_at_a_time", "batched", "workers")
 
 
-def _time_ways(bench: SweepBench, width: int, steps: int, n_workers: int) -> dict:
-    """{way: seconds} to train one width's groups at `steps`, and the number of runs."""
+def _time_ways(bench: SweepBench, width: int, n_workers: int) -> dict:
+    """One round at one width: {way}_s (wall seconds), steady_{way}_s (the timed steps), the
+    speed-ups over one at a time, and the number of runs."""
     config = sweep.resolve(
         sweep.SweepConfig(
             widths=(width,), n_lrs=bench.sweep_n_lrs, seeds=tuple(range(bench.sweep_seeds)),
-            steps=steps, optimizers=bench.sweep_optimizers, progress=False,
+            steps=bench.sweep_steps, optimizers=bench.sweep_optimizers, progress=False,
         )
     )  # fmt: skip
     specs = sweep.grid(config)
@@ -66,43 +66,40 @@ def _time_ways(bench: SweepBench, width: int, steps: int, n_workers: int) -> dic
         "batched": (groups, batched.BatchedRuns(), 1),
         "workers": (groups, batched.BatchedRuns(), n_workers),
     }
-    seconds = {"runs": len(specs)}
+    out = {"runs": len(specs)}
     for way, (units, run_fn, n) in ways.items():
         start = time.perf_counter()
-        for _ in workers.train_groups(units, config, run_fn, n):
-            pass
-        seconds[way] = time.perf_counter() - start
-    return seconds
+        steps_s = [results[0]["steps_s"] for _, results, _ in workers.train_groups(
+            units, config, run_fn, n
+        )]  # fmt: skip
+        out[f"{way}_s"] = time.perf_counter() - start
+        # In n processes the slowest worker sets the pace; with more units than workers, the
+        # even split is a lower bound (every ratio here has n >= the number of groups).
+        out[f"steady_{way}_s"] = max(max(steps_s), sum(steps_s) / n)
+    for pre in ("", "steady_"):
+        out[f"{pre}speedup"] = out[f"{pre}one_at_a_time_s"] / out[f"{pre}batched_s"]
+        out[f"{pre}speedup_workers"] = out[f"{pre}one_at_a_time_s"] / out[f"{pre}workers_s"]
+    return out
 
 
 def run(bench: SweepBench, log=print) -> dict:
     """{"width": {...}, ...}: seconds and runs per hour each way, and the speed-ups over one
-    at a time (and the steady-state ones with sweep_steady_steps). With sweep_rounds > 1 each
-    figure is the median over rounds and "rounds" holds every round's."""
+    at a time, with and without start-up (steady_*). With sweep_rounds > 1 each figure is the
+    median over rounds and "rounds" holds every round's."""
     if bench.sweep_rounds < 1:
         raise ValueError(f"sweep_rounds must be at least 1, got {bench.sweep_rounds}")
+    if bench.sweep_steps < 2:
+        raise ValueError(
+            f"sweep_steps must be at least 2 (the first compiles), got {bench.sweep_steps}"
+        )
     n_groups = len(bench.sweep_optimizers)
     n_workers = workers.resolve_workers(bench.sweep_workers, n_groups, "cpu")
     out = {}
     for width in bench.sweep_widths:
-        rounds = []
-        for _ in range(bench.sweep_rounds):
-            t = _time_ways(bench, width, bench.sweep_steps, n_workers)
-            one = {f"{way}_s": t[way] for way in WAYS}
-            one["speedup"] = t["one_at_a_time"] / t["batched"]
-            one["speedup_workers"] = t["one_at_a_time"] / t["workers"]
-            if bench.sweep_steady_steps > 0:
-                long = _time_ways(
-                    bench, width, bench.sweep_steps + bench.sweep_steady_steps, n_workers
-                )
-                for way in WAYS:
-                    one[f"steady_{way}_s"] = long[way] - t[way]
-                one["steady_speedup"] = one["steady_one_at_a_time_s"] / one["steady_batched_s"]
-                one["steady_speedup_workers"] = (
-                    one["steady_one_at_a_time_s"] / one["steady_workers_s"]
-                )
-            rounds.append(one)
-        n = t["runs"]
+        rounds = [_time_ways(bench, width, n_workers) for _ in range(bench.sweep_rounds)]
+        n = rounds[0].pop("runs")
+        for one in rounds[1:]:
+            one.pop("runs")
         r = out[str(width)] = {"runs": n, "groups": n_groups, "workers": n_workers}
         r["steps"] = bench.sweep_steps
         r.update({k: statistics.median(x[k] for x in rounds) for k in rounds[0]})
@@ -111,14 +108,9 @@ def run(bench: SweepBench, log=print) -> dict:
         line = (
             f"sweep width {width}: {n} runs; the runs per hour of one at a time x "
             f"{r['speedup']:.2f} batched, x {r['speedup_workers']:.2f} batched in "
-            f"{n_workers} workers"
+            f"{n_workers} workers; steady state x {r['steady_speedup']:.2f} and "
+            f"x {r['steady_speedup_workers']:.2f}"
         )
-        if bench.sweep_steady_steps > 0:
-            r["steady_steps"] = bench.sweep_steady_steps
-            line += (
-                f"; steady state x {r['steady_speedup']:.2f} and "
-                f"x {r['steady_speedup_workers']:.2f}"
-            )
         if bench.sweep_rounds > 1:
             r["rounds"] = rounds
             line += f" (medians of {bench.sweep_rounds} rounds)"
@@ -127,16 +119,14 @@ def run(bench: SweepBench, log=print) -> dict:
 
 
 def format_table(result: dict) -> str:
-    steady = any("steady_speedup" in r for r in result.values())
     lines = [
         f"{'width':>5} {'runs':>4} {'one by one s':>12} {'batched s':>9} {'workers s':>9} "
-        f"{'batched':>7} {'workers':>7}" + ("  steady state: batched workers" if steady else "")
+        f"{'batched':>7} {'workers':>7}  steady state: batched workers"
     ]
     for width, r in result.items():
         lines.append(
             f"{width:>5} {r['runs']:>4} {r['one_at_a_time_s']:>12.1f} {r['batched_s']:>9.1f} "
             f"{r['workers_s']:>9.1f} {r['speedup']:>6.2f}x {r['speedup_workers']:>6.2f}x"
         )
-        if "steady_speedup" in r:
-            lines[-1] += f"  {r['steady_speedup']:>15.2f}x {r['steady_speedup_workers']:>6.2f}x"
+        lines[-1] += f"  {r['steady_speedup']:>15.2f}x {r['steady_speedup_workers']:>6.2f}x"
     return "\n".join(lines)
