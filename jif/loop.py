@@ -95,7 +95,7 @@ def make_train_step(
     turns both off: ema=None keeps no average (the state from `init_state(..., ema=False)`),
     and guard=False applies every update as it is (metrics["finite"] still tells). Each
     rewrites every parameter and optimizer moment once more per step; dropping both saves
-    2-13% of a sweep step on one core (docs/bench.md, "Sweep runs")."""
+    2-13% of a sweep step on one core (docs/bench.md, "Sweep throughput")."""
     fixed_key = None if seed is None else jax.random.key(seed)
     objective_loss = custom_loss or objectives.OBJECTIVES[objective].loss
 

@@ -50,9 +50,9 @@ class SweepBench:
 WAYS = ("one_at_a_time", "batched", "workers")
 
 
-def _time_ways(bench: SweepBench, width: int, n_workers: int) -> dict:
-    """One round at one width: {way}_s (wall seconds), steady_{way}_s (the timed steps), the
-    speed-ups over one at a time, and the number of runs."""
+def _time_ways(bench: SweepBench, width: int, n_workers: int) -> tuple[int, dict]:
+    """One round at one width: the number of runs, and {way}_s (wall seconds), steady_{way}_s
+    (the timed steps) and the speed-ups over one at a time."""
     config = sweep.resolve(
         sweep.SweepConfig(
             widths=(width,), n_lrs=bench.sweep_n_lrs, seeds=tuple(range(bench.sweep_seeds)),
@@ -66,7 +66,7 @@ def _time_ways(bench: SweepBench, width: int, n_workers: int) -> dict:
         "batched": (groups, batched.BatchedRuns(), 1),
         "workers": (groups, batched.BatchedRuns(), n_workers),
     }
-    out = {"runs": len(specs)}
+    out = {}
     for way, (units, run_fn, n) in ways.items():
         start = time.perf_counter()
         steps_s = [results[0]["steps_s"] for _, results, _ in workers.train_groups(
@@ -79,7 +79,7 @@ def _time_ways(bench: SweepBench, width: int, n_workers: int) -> dict:
     for pre in ("", "steady_"):
         out[f"{pre}speedup"] = out[f"{pre}one_at_a_time_s"] / out[f"{pre}batched_s"]
         out[f"{pre}speedup_workers"] = out[f"{pre}one_at_a_time_s"] / out[f"{pre}workers_s"]
-    return out
+    return len(specs), out
 
 
 def run(bench: SweepBench, log=print) -> dict:
@@ -96,10 +96,8 @@ def run(bench: SweepBench, log=print) -> dict:
     n_workers = workers.resolve_workers(bench.sweep_workers, n_groups, "cpu")
     out = {}
     for width in bench.sweep_widths:
-        rounds = [_time_ways(bench, width, n_workers) for _ in range(bench.sweep_rounds)]
-        n = rounds[0].pop("runs")
-        for one in rounds[1:]:
-            one.pop("runs")
+        timed = [_time_ways(bench, width, n_workers) for _ in range(bench.sweep_rounds)]
+        n, rounds = timed[0][0], [one for _, one in timed]
         r = out[str(width)] = {"runs": n, "groups": n_groups, "workers": n_workers}
         r["steps"] = bench.sweep_steps
         r.update({k: statistics.median(x[k] for x in rounds) for k in rounds[0]})
